@@ -1,0 +1,29 @@
+# Two commands a newcomer needs: `make train` and `make test`.
+# Each creates .venv if missing and installs the project with the exact versions
+# pinned in constraints.txt (pyproject.toml holds the ranges users get).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test train bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadgroup -q
+
+train: $(STAMP)
+	$(PY) scripts/train_examples.py
+
+bench: $(STAMP)
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf $(VENV) lightning_logs .pytest_cache

@@ -1,0 +1,94 @@
+"""Autocast for our rules, done the way torch's own kernels get it.
+
+`torch.amp.custom_fwd` cannot be combined with the `setup_context` style that
+torch.func needs (pytorch issue 132388), so we reproduce autocast's casting one
+level up instead: the functional API casts a rule's inputs exactly as autocast
+would cast the inputs of the stock op it replaces (the policy tables below are
+copied from aten/src/ATen/autocast_mode.cpp), then calls the rule on tensors of
+one dtype. The casts are ordinary differentiable `.to()` calls, as in stock
+autograd, so gradients reach fp32 parameters in fp32.
+
+Backward may run while autocast is still on (when `.backward()` is called inside
+the autocast region), so rule backwards use `without_autocast` to compute in the
+dtypes forward saved, never in ones autocast picks.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, TypeVar
+
+import torch
+
+# Policies, named after autocast_mode.cpp.
+LOWER = "lower_precision_fp"  # cast floating inputs to the autocast dtype
+FP32 = "fp32"  # cast floating inputs to float32
+KEEP = "keep"  # op not in autocast's lists: run in the input dtype
+
+# op -> policy, per device type. Ops absent from a table are KEEP.
+_POLICY: dict[str, dict[str, str]] = {
+    "cpu": {
+        "linear": LOWER,
+        "mse_loss": FP32,
+        "binary_cross_entropy": FP32,
+        "binary_cross_entropy_with_logits": FP32,
+        "cross_entropy": FP32,
+    },
+    "cuda": {
+        "linear": LOWER,
+        "softplus": FP32,
+        "softmax": FP32,  # fp32_set_opt_dtype: softmax runs and returns in fp32
+        "mse_loss": FP32,
+        "binary_cross_entropy_with_logits": FP32,
+        "cross_entropy": FP32,  # log_softmax (fp32_set_opt_dtype) + nll_loss (fp32)
+    },
+}
+
+# autocast refuses these outright (aten binary_cross_entropy_banned); so do we.
+_BANNED = {"cuda": {"binary_cross_entropy"}}
+
+_BCE_BANNED_MESSAGE = (
+    "manual_backprop.functional.binary_cross_entropy and BCELoss are unsafe to autocast "
+    "(as in torch). Many models use a sigmoid layer right before the binary cross "
+    "entropy layer; combine the two with binary_cross_entropy_with_logits or "
+    "BCEWithLogitsLoss, which are safe to autocast."
+)
+
+
+def _eligible(t: torch.Tensor | None) -> bool:
+    # autocast casts floating tensors other than float64 (autocast_mode.h is_eligible).
+    return t is not None and t.is_floating_point() and t.dtype is not torch.float64
+
+
+def autocast_inputs(op: str, device: torch.device, *tensors: torch.Tensor | None):
+    """Cast `tensors` as autocast would cast the inputs of the stock `op`.
+
+    Returns the tensors unchanged (and fast) when autocast is off for `device`.
+    """
+    device_type = device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    if op in _BANNED.get(device_type, ()):
+        raise RuntimeError(_BCE_BANNED_MESSAGE)
+    policy = _POLICY.get(device_type, _POLICY["cuda"]).get(op, KEEP)
+    if policy == KEEP:
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type) if policy == LOWER else torch.float32
+    return tuple(t.to(dtype) if _eligible(t) else t for t in tensors)
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def without_autocast(backward: F) -> F:
+    """Run a rule's backward with autocast off for the gradient's device."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        device = next((g.device for g in grads if g is not None), None)
+        if device is not None and torch.is_autocast_enabled(device.type):
+            with torch.autocast(device.type, enabled=False):
+                return backward(ctx, *grads)
+        return backward(ctx, *grads)
+
+    return wrapper  # type: ignore[return-value]

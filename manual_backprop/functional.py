@@ -1,0 +1,276 @@
+"""`torch.nn.functional`, with every gradient from our rules.
+
+Same names, signatures and defaults as torch.nn.functional. Each function checks
+its inputs (metadata only on the hot path; see `_checks`), casts them as autocast
+would cast the stock op's (see `_amp`), and calls its rule in `manual_backprop.rules`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.nn import _reduction
+
+from manual_backprop import _checks, rules
+from manual_backprop._amp import autocast_inputs
+from manual_backprop._checks import InputError, TargetIndexError, shape
+
+__all__ = [
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "elu",
+    "gelu",
+    "leaky_relu",
+    "linear",
+    "mse_loss",
+    "relu",
+    "sigmoid",
+    "silu",
+    "softmax",
+    "softplus",
+    "tanh",
+]
+
+
+# ---------------------------------------------------------------- linear
+
+
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """z = a Wᵀ + b.  Input: (*, in_features); weight: (out, in); bias: (out,). Output: (*, out)."""
+    if weight.dim() != 2:
+        raise InputError(f"linear: weight must be 2-D (out_features, in_features), got shape {shape(weight)}")
+    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
+        raise InputError(
+            f"linear: input's last dimension must equal in_features={weight.shape[1]}, "
+            f"got input of shape {shape(input)} for weight of shape {shape(weight)}"
+        )
+    if bias is not None and shape(bias) != (weight.shape[0],):
+        raise InputError(
+            f"linear: bias must have shape ({weight.shape[0]},) to match weight {shape(weight)}, got {shape(bias)}"
+        )
+    input, weight, bias = autocast_inputs("linear", input.device, input, weight, bias)
+    _checks.same_dtype("linear", input=input, weight=weight, bias=bias)
+    return rules.Linear.apply(input, weight, bias)
+
+
+# ----------------------------------------------------------- activations
+
+
+def _activate(op: str, rule, input: torch.Tensor, inplace: bool, *params) -> torch.Tensor:
+    (input,) = autocast_inputs(op, input.device, input)
+    if inplace:
+        return rules.activations.InplaceElementwise.apply(rule, input, *params)
+    return rule.apply(input, *params)
+
+
+def sigmoid(input: torch.Tensor) -> torch.Tensor:
+    return _activate("sigmoid", rules.Sigmoid, input, False)
+
+
+def tanh(input: torch.Tensor) -> torch.Tensor:
+    return _activate("tanh", rules.Tanh, input, False)
+
+
+def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    return _activate("relu", rules.ReLU, input, inplace)
+
+
+def leaky_relu(input: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False) -> torch.Tensor:
+    return _activate("leaky_relu", rules.LeakyReLU, input, inplace, negative_slope)
+
+
+def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch.Tensor:
+    return _activate("elu", rules.ELU, input, inplace, alpha)
+
+
+def softplus(input: torch.Tensor, beta: float = 1.0, threshold: float = 20.0) -> torch.Tensor:
+    return _activate("softplus", rules.Softplus, input, False, beta, threshold)
+
+
+def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    return _activate("silu", rules.SiLU, input, inplace)
+
+
+def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    if approximate not in ("none", "tanh"):
+        raise InputError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _activate("gelu", rules.GELU, input, False, approximate)
+
+
+def identity(input: torch.Tensor) -> torch.Tensor:
+    return _activate("identity", rules.Identity, input, False)
+
+
+def softmax(
+    input: torch.Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    if dim is None:
+        dim = torch.nn.functional._get_softmax_dim("softmax", input.dim(), _stacklevel)
+    if not -max(input.dim(), 1) <= dim < max(input.dim(), 1):
+        raise InputError(f"softmax: dim={dim} is out of range for input of shape {shape(input)}")
+    if dtype is not None:
+        input = input.to(dtype)
+    else:
+        (input,) = autocast_inputs("softmax", input.device, input)
+    return rules.Softmax.apply(input, dim)
+
+
+# ---------------------------------------------------------------- losses
+
+
+def _reduction_of(op: str, size_average, reduce, reduction: str) -> str:
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    if reduction not in ("none", "mean", "sum"):
+        raise InputError(f"{op}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    return reduction
+
+
+def _constant(op: str, **tensors: torch.Tensor | None) -> None:
+    """Weights are constants in our rules (torch's own kernels do not differentiate them either)."""
+    for name, t in tensors.items():
+        if t is not None and t.requires_grad:
+            raise InputError(f"{op}: {name} requires grad, but the rule treats it as a constant")
+
+
+def _broadcastable(op: str, what: str, a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str) -> None:
+    try:
+        torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        raise InputError(
+            f"{op}: {what}: {a_name} of shape {shape(a)} and {b_name} of shape {shape(b)} do not broadcast"
+        ) from None
+
+
+def mse_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    reduction = _reduction_of("mse_loss", size_average, reduce, reduction)
+    if target.size() != input.size():
+        warnings.warn(
+            f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
+            "This will likely lead to incorrect results due to broadcasting. "
+            "Please ensure they have the same size.",
+            stacklevel=2,
+        )
+    _broadcastable("mse_loss", "sizes differ", input, target, "input", "target")
+    if weight is not None and weight.size() != input.size():
+        raise InputError(f"mse_loss: weight must have the input's shape {shape(input)}, got {shape(weight)}")
+    _constant("mse_loss", weight=weight)
+    input, target, weight = autocast_inputs("mse_loss", input.device, input, target, weight)
+    _checks.floating("mse_loss", "input", input)
+    _checks.same_dtype("mse_loss", input=input, target=target, weight=weight)
+    return rules.MSELoss.apply(input, target, weight, reduction)
+
+
+def binary_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    reduction = _reduction_of("binary_cross_entropy", size_average, reduce, reduction)
+    if target.size() != input.size():
+        raise InputError(
+            f"binary_cross_entropy: target shape {shape(target)} must equal input shape {shape(input)}"
+        )
+    if weight is not None:
+        _broadcastable("binary_cross_entropy", "weight", weight, input, "weight", "input")
+        weight = weight.expand(torch.broadcast_shapes(weight.shape, input.shape))
+    _constant("binary_cross_entropy", weight=weight)
+    input, target, weight = autocast_inputs("binary_cross_entropy", input.device, input, target, weight)
+    _checks.floating("binary_cross_entropy", "input", input)
+    _checks.same_dtype("binary_cross_entropy", input=input, target=target, weight=weight)
+    _checks.check_values(
+        "binary_cross_entropy",
+        input.detach(),
+        lambda p: (p >= 0) & (p <= 1),
+        "input probabilities must lie in [0, 1]",
+    )
+    return rules.BinaryCrossEntropy.apply(input, target, weight, reduction)
+
+
+def binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    pos_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    op = "binary_cross_entropy_with_logits"
+    reduction = _reduction_of(op, size_average, reduce, reduction)
+    if target.size() != input.size():
+        raise InputError(f"{op}: target shape {shape(target)} must equal input shape {shape(input)}")
+    for name, w in (("weight", weight), ("pos_weight", pos_weight)):
+        if w is not None:
+            _broadcastable(op, name, w, input, name, "input")
+    _constant(op, weight=weight, pos_weight=pos_weight)
+    input, target, weight, pos_weight = autocast_inputs(op, input.device, input, target, weight, pos_weight)
+    _checks.floating(op, "input", input)
+    _checks.same_dtype(op, input=input, target=target, weight=weight, pos_weight=pos_weight)
+    return rules.BinaryCrossEntropyWithLogits.apply(input, target, weight, pos_weight, reduction)
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Input: (C), (N, C) or (N, C, d1, ...) logits. Target: class indices of shape (), (N) or
+    (N, d1, ...), or class probabilities shaped like input."""
+    op = "cross_entropy"
+    reduction = _reduction_of(op, size_average, reduce, reduction)
+    if input.dim() == 0:
+        raise InputError(f"{op}: input must have a class dimension, got a 0-d tensor")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise InputError(f"{op}: label_smoothing must lie in [0, 1], got {label_smoothing}")
+    dim = rules.losses.class_dim(input)
+    num_classes = input.shape[dim]
+    if weight is not None and shape(weight) != (num_classes,):
+        raise InputError(f"{op}: weight must have shape ({num_classes},) for {num_classes} classes, got {shape(weight)}")
+    _constant(op, weight=weight)
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise InputError(
+                f"{op}: probability targets must have the input's shape {shape(input)}, got {shape(target)}"
+            )
+    else:
+        if target.dtype not in (torch.int64, torch.uint8):
+            raise InputError(f"{op}: class-index targets must be int64 (or uint8), got dtype {target.dtype}")
+        expected = shape(input)[:dim] + shape(input)[dim + 1 :]
+        if shape(target) != expected:
+            raise InputError(
+                f"{op}: class-index target must have shape {expected} for input of shape {shape(input)}, "
+                f"got {shape(target)}"
+            )
+        _checks.check_values(
+            op,
+            target,
+            lambda t: ((t >= 0) & (t < num_classes)) | (t == ignore_index),
+            f"class indices must lie in [0, {num_classes}) or equal ignore_index={ignore_index}",
+            error=TargetIndexError,
+        )
+    if target.is_floating_point():
+        input, target, weight = autocast_inputs(op, input.device, input, target, weight)
+        _checks.same_dtype(op, input=input, target=target, weight=weight)
+    else:
+        input, weight = autocast_inputs(op, input.device, input, weight)
+        _checks.same_dtype(op, input=input, weight=weight)
+    _checks.floating(op, "input", input)
+    return rules.CrossEntropy.apply(input, target, weight, ignore_index, reduction, label_smoothing)

@@ -1,0 +1,28 @@
+"""Drop-in `torch.nn` modules on our rules.
+
+Each subclasses its torch.nn counterpart and overrides `forward` only: same
+constructor, parameters, state_dict keys and repr, and `isinstance(m, torch.nn.X)`
+still holds. The math lives in `manual_backprop.functional` / `manual_backprop.rules`.
+"""
+
+from manual_backprop.nn.activation import ELU, GELU, LeakyReLU, ReLU, Sigmoid, SiLU, Softmax, Softplus, Tanh
+from manual_backprop.nn.linear import Identity, Linear
+from manual_backprop.nn.loss import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+
+__all__ = [
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "ELU",
+    "GELU",
+    "Identity",
+    "LeakyReLU",
+    "Linear",
+    "MSELoss",
+    "ReLU",
+    "Sigmoid",
+    "SiLU",
+    "Softmax",
+    "Softplus",
+    "Tanh",
+]

@@ -1,0 +1,21 @@
+"""Linear layers on our rules. Same constructor, parameters, state_dict and repr as torch."""
+
+from __future__ import annotations
+
+import torch
+
+from manual_backprop import functional as F
+
+
+class Linear(torch.nn.Linear):
+    """torch.nn.Linear whose backward is the notes' algebra.  Input: (*, H_in); output: (*, H_out)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, self.weight, self.bias)
+
+
+class Identity(torch.nn.Identity):
+    """torch.nn.Identity on our rule (σ(z) = z, σ' = 1), so δ passes through a node of ours."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.identity(input)

@@ -1,0 +1,235 @@
+"""Activations: a(l+1) = σ(z(l+1)), and backward δ(l) = δ ⊙ σ'(z).
+
+Every elementwise activation supplies only σ and σ'; the one shared piece,
+`Elementwise`, saves what σ' needs and applies δ ⊙ σ'. Where the math allows,
+σ' is computed from the saved output a (σ' = a(1−a), tanh' = 1−a², relu' = [a>0]),
+so nothing but a is kept for backward, as in torch. Softmax, not elementwise,
+writes out its Jacobian-vector product.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from manual_backprop._amp import without_autocast
+
+
+class Elementwise(torch.autograd.Function):
+    """a = σ(z, *params);  backward: δ ⊙ σ'(·), from a or from z.
+
+    Subclasses define `sigma(z, *params)`, `sigma_prime(saved, *params)` and
+    `sigma_prime_from`: "a" (σ' from the output), "z" (from the input) or None
+    (σ' is constant; nothing is saved).
+    """
+
+    generate_vmap_rule = True
+    sigma_prime_from: str | None = "z"
+
+    @staticmethod
+    def sigma(z, *params):
+        raise NotImplementedError
+
+    @staticmethod
+    def sigma_prime(saved, *params):
+        raise NotImplementedError
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # autograd.Function wants static forward/backward; bind this subclass's σ, σ' into them.
+        sigma, sigma_prime, source = cls.sigma, cls.sigma_prime, cls.sigma_prime_from
+
+        def forward(z, *params):
+            return sigma(z, *params)
+
+        def setup_context(ctx, inputs, output):
+            z, *params = inputs
+            ctx.params = params
+            ctx.save_for_backward({"a": output, "z": z, None: None}[source])
+
+        @without_autocast
+        def backward(ctx, delta):
+            (saved,) = ctx.saved_tensors
+            return (delta * sigma_prime(saved, *ctx.params), *([None] * len(ctx.params)))
+
+        cls.forward = staticmethod(forward)
+        cls.setup_context = staticmethod(setup_context)
+        cls.backward = staticmethod(backward)
+
+
+class Identity(Elementwise):
+    """a = z;  σ' = 1."""
+
+    sigma_prime_from = None
+
+    @staticmethod
+    def sigma(z):
+        return z.view_as(z)
+
+    @staticmethod
+    def sigma_prime(_):
+        return 1.0
+
+
+class Sigmoid(Elementwise):
+    """a = 1 / (1 + e⁻ᶻ);  σ' = a (1 − a)."""
+
+    sigma_prime_from = "a"
+
+    @staticmethod
+    def sigma(z):
+        return torch.sigmoid(z)
+
+    @staticmethod
+    def sigma_prime(a):
+        return a * (1 - a)
+
+
+class Tanh(Elementwise):
+    """a = tanh z;  σ' = 1 − a²."""
+
+    sigma_prime_from = "a"
+
+    @staticmethod
+    def sigma(z):
+        return torch.tanh(z)
+
+    @staticmethod
+    def sigma_prime(a):
+        return 1 - a * a
+
+
+class ReLU(Elementwise):
+    """a = max(z, 0);  σ' = [a > 0] (0 at z = 0, as torch; the notes leave it undefined)."""
+
+    sigma_prime_from = "a"
+
+    @staticmethod
+    def sigma(z):
+        return torch.relu(z)
+
+    @staticmethod
+    def sigma_prime(a):
+        return (a > 0).to(a.dtype)
+
+
+class LeakyReLU(Elementwise):
+    """a = z for z > 0, slope·z otherwise;  σ' = 1 for z > 0, slope otherwise."""
+
+    @staticmethod
+    def sigma(z, negative_slope):
+        return F.leaky_relu(z, negative_slope)
+
+    @staticmethod
+    def sigma_prime(z, negative_slope):
+        return torch.where(z > 0, 1.0, torch.full_like(z, negative_slope))
+
+
+class ELU(Elementwise):
+    """a = z for z > 0, α(eᶻ − 1) otherwise;  σ' = 1 for z > 0, α eᶻ otherwise."""
+
+    @staticmethod
+    def sigma(z, alpha):
+        return F.elu(z, alpha)
+
+    @staticmethod
+    def sigma_prime(z, alpha):
+        return torch.where(z > 0, 1.0, alpha * torch.exp(z))
+
+
+class Softplus(Elementwise):
+    """a = log(1 + e^{βz}) / β (a = z where βz > threshold);  σ' = sigmoid(βz) (1 past threshold)."""
+
+    @staticmethod
+    def sigma(z, beta, threshold):
+        return F.softplus(z, beta, threshold)
+
+    @staticmethod
+    def sigma_prime(z, beta, threshold):
+        bz = z * beta
+        return torch.where(bz > threshold, 1.0, torch.sigmoid(bz))
+
+
+class SiLU(Elementwise):
+    """a = z sigmoid(z);  σ' = s (1 + z (1 − s)) with s = sigmoid(z)."""
+
+    @staticmethod
+    def sigma(z):
+        return F.silu(z)
+
+    @staticmethod
+    def sigma_prime(z):
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+
+
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
+
+
+class GELU(Elementwise):
+    """approximate="none": a = z Φ(z);  σ' = Φ(z) + z φ(z)   (Φ, φ: normal cdf, pdf).
+    approximate="tanh": a = ½z(1 + tanh u), u = √(2/π)(z + 0.044715 z³);
+                        σ' = ½(1 + tanh u) + ½z (1 − tanh² u) √(2/π)(1 + 3·0.044715 z²).
+    """
+
+    @staticmethod
+    def sigma(z, approximate):
+        return F.gelu(z, approximate=approximate)
+
+    @staticmethod
+    def sigma_prime(z, approximate):
+        if approximate == "tanh":
+            t = torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z**3))
+            return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * z * z)
+        cdf = 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2))))
+        pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+        return cdf + z * pdf
+
+
+class Softmax(torch.autograd.Function):
+    """a = softmax(z) along dim;  δ_z = a ⊙ (δ − Σ_dim δ ⊙ a)   (Jacobian diag(a) − a aᵀ, applied to δ)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z, dim):
+        return torch.softmax(z, dim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dim = inputs[1]
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, delta):
+        (a,) = ctx.saved_tensors
+        return a * (delta - (delta * a).sum(ctx.dim, keepdim=True)), None
+
+
+class InplaceElementwise(torch.autograd.Function):
+    """`inplace=True` for any Elementwise rule: z is overwritten with σ(z).
+
+    Same backward, δ ⊙ σ'; when σ' needs z, a copy of z is kept (as autograd does
+    for torch's own in-place activations). Old-style (ctx in forward) because
+    `mark_dirty` needs it, so torch.func.vmap does not support it; use inplace=False there.
+    """
+
+    @staticmethod
+    def forward(ctx, rule, z, *params):
+        source = rule.sigma_prime_from
+        saved = z.clone() if source == "z" else None
+        z.copy_(rule.sigma(z, *params))
+        ctx.mark_dirty(z)
+        ctx.rule, ctx.params = rule, params
+        ctx.save_for_backward(z if source == "a" else saved)
+        return z
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, delta):
+        (saved,) = ctx.saved_tensors
+        return None, delta * ctx.rule.sigma_prime(saved, *ctx.params), *([None] * len(ctx.params))

@@ -1,0 +1,46 @@
+"""Linear layer: z(l+1) = W(l) a(l) + b(l), in torch's layout z = a Wᵀ + b."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from manual_backprop._amp import without_autocast
+
+
+class Linear(torch.autograd.Function):
+    """z = a Wᵀ + b for a: (*, in), W: (out, in), b: (out,) or None.
+
+    Backward, with δ = ∂J/∂z of shape (*, out) and every leading dimension
+    flattened into one batch dimension n:
+
+        ∂J/∂a = δ W                       the notes' W(l) δ(l+1), row by row
+        ∂J/∂W = Σₙ δₙ aₙᵀ = δᵀ a          outer products summed over the batch
+        ∂J/∂b = Σₙ δₙ
+
+    Only the gradients autograd asks for are computed, and only the tensors they
+    need are saved (a for ∂J/∂W, W for ∂J/∂a).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, W, b):
+        return F.linear(a, W, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, W, b = inputs
+        need_a, need_W, _ = ctx.needs_input_grad
+        ctx.save_for_backward(a if need_W else None, W if need_a else None)
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, delta):
+        a, W = ctx.saved_tensors
+        need_a, need_W, need_b = ctx.needs_input_grad
+        delta_rows = delta.reshape(-1, delta.shape[-1])  # (n, out)
+        grad_a = delta @ W if need_a else None
+        grad_W = delta_rows.T @ a.reshape(-1, a.shape[-1]) if need_W else None
+        grad_b = delta_rows.sum(0) if need_b else None
+        return grad_a, grad_W, grad_b
