@@ -61,7 +61,8 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 def _activate(op: str, rule, input: torch.Tensor, inplace: bool, *params) -> torch.Tensor:
     (input,) = autocast_inputs(op, input.device, input)
     if inplace:
-        return rules.activations.InplaceElementwise.apply(rule, input, *params)
+        z_before = input.clone() if rule.sigma_prime_from == "z" else None
+        return rules.activations.InplaceElementwise.apply(rule, input, z_before, *params)
     return rule.apply(input, *params)
 
 

@@ -213,23 +213,27 @@ class Softmax(torch.autograd.Function):
 class InplaceElementwise(torch.autograd.Function):
     """`inplace=True` for any Elementwise rule: z is overwritten with σ(z).
 
-    Same backward, δ ⊙ σ'; when σ' needs z, a copy of z is kept (as autograd does
-    for torch's own in-place activations). Old-style (ctx in forward) because
-    `mark_dirty` needs it, so torch.func.vmap does not support it; use inplace=False there.
+    Same backward, δ ⊙ σ'. When σ' needs z, the caller passes `z_before = z.clone()`
+    taken with autograd on (as autograd does for torch's own in-place activations), so
+    double backward still sees σ'(z) as a function of z. Old-style (ctx in forward)
+    because `mark_dirty` needs it; torch.func.vmap therefore wants inplace=False.
     """
 
     @staticmethod
-    def forward(ctx, rule, z, *params):
-        source = rule.sigma_prime_from
-        saved = z.clone() if source == "z" else None
-        z.copy_(rule.sigma(z, *params))
+    def forward(ctx, rule, z, z_before, *params):
+        from_output = rule.sigma_prime_from == "a"
+        z.copy_(rule.sigma(z if from_output else z_before, *params))
         ctx.mark_dirty(z)
         ctx.rule, ctx.params = rule, params
-        ctx.save_for_backward(z if source == "a" else saved)
+        ctx.save_for_backward(z if from_output else z_before)
         return z
 
     @staticmethod
     @without_autocast
     def backward(ctx, delta):
         (saved,) = ctx.saved_tensors
-        return None, delta * ctx.rule.sigma_prime(saved, *ctx.params), *([None] * len(ctx.params))
+        grad = delta * ctx.rule.sigma_prime(saved, *ctx.params)
+        unused = [None] * len(ctx.params)
+        if ctx.rule.sigma_prime_from == "a":
+            return None, grad, None, *unused
+        return None, None, grad, *unused  # flows to z through the clone's own graph

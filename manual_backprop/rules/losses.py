@@ -211,7 +211,12 @@ class CrossEntropy(torch.autograd.Function):
         dim = class_dim(z)
         logp = torch.log_softmax(z, dim)
         q, denominator = soft_targets(logp, target, weight, ctx.ignore_index, ctx.label_smoothing)
-        g = grad / denominator if ctx.reduction == "mean" else grad
+        if ctx.reduction == "mean":
+            # With every target ignored, q = 0 and the loss is 0/0 = nan (as torch), but its
+            # gradient is 0 (as torch): divide by 1 there, not by 0.
+            g = grad / (torch.where(denominator == 0, 1, denominator) if torch.is_tensor(denominator) else max(denominator, 1))
+        else:
+            g = grad
         if ctx.reduction == "none":
             g = g.unsqueeze(dim)
         need_z, need_target = ctx.needs_input_grad[:2]

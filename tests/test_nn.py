@@ -1,0 +1,100 @@
+"""Drop-in modules: same constructor, state_dict, repr and isinstance as torch.nn; our rules inside."""
+
+import inspect
+
+import pytest
+import torch
+
+import manual_backprop.functional as MF
+import manual_backprop.nn as mnn
+from tests.cases import DEVICES, FLOAT32, assert_parity
+
+# (our class, torch class, constructor kwargs, input maker, grad_fn of our rule)
+x4 = lambda device: [torch.randn(3, 2, 4, device=device)]  # noqa: E731
+regression = lambda device: [torch.randn(5, 3, device=device), torch.randn(5, 3, device=device)]  # noqa: E731
+probabilities = lambda device: [torch.rand(5, 3, device=device) * 0.9 + 0.05, torch.rand(5, 3, device=device)]  # noqa: E731
+classes = lambda device: [torch.randn(5, 4, device=device), torch.randint(0, 4, (5,), device=device)]  # noqa: E731
+
+MODULES = [
+    (mnn.Linear, torch.nn.Linear, dict(in_features=4, out_features=3), x4, "LinearBackward"),
+    (mnn.Linear, torch.nn.Linear, dict(in_features=4, out_features=3, bias=False), x4, "LinearBackward"),
+    (mnn.Identity, torch.nn.Identity, {}, x4, "IdentityBackward"),
+    (mnn.Sigmoid, torch.nn.Sigmoid, {}, x4, "SigmoidBackward"),
+    (mnn.Tanh, torch.nn.Tanh, {}, x4, "TanhBackward"),
+    (mnn.ReLU, torch.nn.ReLU, {}, x4, "ReLUBackward"),
+    (mnn.LeakyReLU, torch.nn.LeakyReLU, dict(negative_slope=0.2), x4, "LeakyReLUBackward"),
+    (mnn.ELU, torch.nn.ELU, dict(alpha=0.7), x4, "ELUBackward"),
+    (mnn.Softplus, torch.nn.Softplus, dict(beta=2.0, threshold=5.0), x4, "SoftplusBackward"),
+    (mnn.SiLU, torch.nn.SiLU, {}, x4, "SiLUBackward"),
+    (mnn.GELU, torch.nn.GELU, dict(approximate="tanh"), x4, "GELUBackward"),
+    (mnn.Softmax, torch.nn.Softmax, dict(dim=1), x4, "SoftmaxBackward"),
+    (mnn.MSELoss, torch.nn.MSELoss, dict(reduction="sum"), regression, "MSELossBackward"),
+    (mnn.BCELoss, torch.nn.BCELoss, dict(weight=torch.tensor([0.5, 1.0, 2.0])), probabilities, "BinaryCrossEntropyBackward"),
+    (mnn.BCEWithLogitsLoss, torch.nn.BCEWithLogitsLoss, dict(pos_weight=torch.tensor([0.5, 1.0, 2.0])), regression, "BinaryCrossEntropyWithLogitsBackward"),
+    (mnn.CrossEntropyLoss, torch.nn.CrossEntropyLoss, dict(weight=torch.tensor([1.0, 2.0, 0.5, 1.0]), label_smoothing=0.1), classes, "CrossEntropyBackward"),
+]
+IDS = [f"{ours.__name__}-{i}" for i, (ours, *_) in enumerate(MODULES)]
+
+
+def pair(ours_cls, stock_cls, kwargs, device):
+    torch.manual_seed(0)
+    stock = stock_cls(**kwargs).to(device)
+    torch.manual_seed(0)
+    ours = ours_cls(**kwargs).to(device)
+    return ours, stock
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ours_cls,stock_cls,kwargs,inputs,grad_fn", MODULES, ids=IDS)
+def test_module_parity_and_our_rule_runs(ours_cls, stock_cls, kwargs, inputs, grad_fn, device):
+    ours, stock = pair(ours_cls, stock_cls, kwargs, device)
+    assert_parity(ours, stock, inputs(device), grad_fn, **FLOAT32)
+    if not list(stock.parameters()):
+        return
+    data = inputs(device)  # parameter gradients too, through a fresh graph
+    ours(*data).sum().backward()
+    stock(*data).sum().backward()
+    for a, b in zip(ours.parameters(), stock.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, **FLOAT32)
+
+
+@pytest.mark.parametrize("ours_cls,stock_cls,kwargs,inputs,grad_fn", MODULES, ids=IDS)
+def test_drop_in(ours_cls, stock_cls, kwargs, inputs, grad_fn):
+    ours, stock = pair(ours_cls, stock_cls, kwargs, "cpu")
+    assert isinstance(ours, stock_cls)
+    assert repr(ours) == repr(stock)
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    ours.load_state_dict(stock.state_dict())  # strict load across the two
+    assert inspect.signature(ours_cls.__init__) == inspect.signature(stock_cls.__init__)
+    # forward is the only method we override
+    overridden = {k for k, v in vars(ours_cls).items() if callable(v) and not k.startswith("__")}
+    assert overridden == {"forward"}
+
+
+@pytest.mark.parametrize("cls", [mnn.ReLU, mnn.LeakyReLU, mnn.ELU, mnn.SiLU])
+def test_inplace_modules(cls):
+    stock_cls = getattr(torch.nn, cls.__name__)
+    x = torch.randn(4, 3, requires_grad=True)
+    z_ours, z_stock = x * 2, x * 2
+    out = cls(inplace=True)(z_ours)
+    assert out is z_ours and type(out.grad_fn).__name__ == "InplaceElementwiseBackward"
+    torch.testing.assert_close(out, stock_cls(inplace=True)(z_stock))
+
+
+def test_functional_signatures_match_torch():
+    import torch.nn.functional as TF
+
+    for name in MF.__all__:
+        ours, stock = getattr(MF, name), getattr(TF, name)
+        try:
+            expected = inspect.signature(stock)
+        except ValueError:  # a builtin without a signature: read it from the docstring
+            expected = stock.__doc__.strip().splitlines()[0]
+            assert expected.startswith(f"{name}(")
+            params = [p.split("=")[0].strip() for p in expected[len(name) + 1 : expected.index(")")].split(",")]
+            assert list(inspect.signature(ours).parameters) == params, name
+            continue
+        got = inspect.signature(ours)
+        assert [(p.name, p.default, p.kind) for p in got.parameters.values()] == [
+            (p.name, p.default, p.kind) for p in expected.parameters.values()
+        ], name
