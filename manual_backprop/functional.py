@@ -15,6 +15,7 @@ from torch.nn import _reduction
 from manual_backprop import _checks, rules
 from manual_backprop._amp import autocast_inputs
 from manual_backprop._checks import InputError, TargetIndexError, shape
+from manual_backprop.rules._apply import apply_rule
 
 __all__ = [
     "binary_cross_entropy",
@@ -52,7 +53,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         )
     input, weight, bias = autocast_inputs("linear", input.device, input, weight, bias)
     _checks.same_dtype("linear", input=input, weight=weight, bias=bias)
-    return rules.Linear.apply(input, weight, bias)
+    return apply_rule(rules.Linear, input, weight, bias)
 
 
 # ----------------------------------------------------------- activations
@@ -62,8 +63,8 @@ def _activate(op: str, rule, input: torch.Tensor, inplace: bool, *params) -> tor
     (input,) = autocast_inputs(op, input.device, input)
     if inplace:
         z_before = input.clone() if rule.sigma_prime_from == "z" else None
-        return rules.activations.InplaceElementwise.apply(rule, input, z_before, *params)
-    return rule.apply(input, *params)
+        return apply_rule(rules.activations.InplaceElementwise, rule, input, z_before, *params)
+    return apply_rule(rule, input, *params)
 
 
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
@@ -115,7 +116,7 @@ def softmax(
         input = input.to(dtype)
     else:
         (input,) = autocast_inputs("softmax", input.device, input)
-    return rules.Softmax.apply(input, dim)
+    return apply_rule(rules.Softmax, input, dim)
 
 
 # ---------------------------------------------------------------- losses
@@ -161,14 +162,14 @@ def mse_loss(
             "Please ensure they have the same size.",
             stacklevel=2,
         )
-    _broadcastable("mse_loss", "sizes differ", input, target, "input", "target")
+        _broadcastable("mse_loss", "sizes differ", input, target, "input", "target")
     if weight is not None and weight.size() != input.size():
         raise InputError(f"mse_loss: weight must have the input's shape {shape(input)}, got {shape(weight)}")
     _constant("mse_loss", weight=weight)
     input, target, weight = autocast_inputs("mse_loss", input.device, input, target, weight)
     _checks.floating("mse_loss", "input", input)
     _checks.same_dtype("mse_loss", input=input, target=target, weight=weight)
-    return rules.MSELoss.apply(input, target, weight, reduction)
+    return apply_rule(rules.MSELoss, input, target, weight, reduction)
 
 
 def binary_cross_entropy(
@@ -197,7 +198,7 @@ def binary_cross_entropy(
         lambda p: (p >= 0) & (p <= 1),
         "input probabilities must lie in [0, 1]",
     )
-    return rules.BinaryCrossEntropy.apply(input, target, weight, reduction)
+    return apply_rule(rules.BinaryCrossEntropy, input, target, weight, reduction)
 
 
 def binary_cross_entropy_with_logits(
@@ -220,7 +221,7 @@ def binary_cross_entropy_with_logits(
     input, target, weight, pos_weight = autocast_inputs(op, input.device, input, target, weight, pos_weight)
     _checks.floating(op, "input", input)
     _checks.same_dtype(op, input=input, target=target, weight=weight, pos_weight=pos_weight)
-    return rules.BinaryCrossEntropyWithLogits.apply(input, target, weight, pos_weight, reduction)
+    return apply_rule(rules.BinaryCrossEntropyWithLogits, input, target, weight, pos_weight, reduction)
 
 
 def cross_entropy(
@@ -274,4 +275,4 @@ def cross_entropy(
         input, weight = autocast_inputs(op, input.device, input, weight)
         _checks.same_dtype(op, input=input, weight=weight)
     _checks.floating(op, "input", input)
-    return rules.CrossEntropy.apply(input, target, weight, ignore_index, reduction, label_smoothing)
+    return apply_rule(rules.CrossEntropy, input, target, weight, ignore_index, reduction, label_smoothing)
