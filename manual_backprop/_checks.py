@@ -66,6 +66,16 @@ def same_dtype(op: str, **tensors: torch.Tensor | None) -> None:
         raise InputError(f"{op}: inputs must share one dtype, got {described}")
 
 
+def promote(*tensors: torch.Tensor | None, to: torch.dtype | None = None) -> tuple:
+    """Cast to one dtype where torch's own kernel promotes (by type promotion, or to `to`)."""
+    if to is None:
+        present = [t for t in tensors if t is not None]
+        to = present[0].dtype
+        for t in present[1:]:
+            to = torch.promote_types(to, t.dtype)
+    return tuple(t if t is None or t.dtype == to else t.to(to) for t in tensors)
+
+
 def floating(op: str, name: str, t: torch.Tensor) -> None:
     if not t.is_floating_point():
         raise InputError(f"{op}: {name} must be a floating point tensor, got dtype {t.dtype}")

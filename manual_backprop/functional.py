@@ -168,7 +168,7 @@ def mse_loss(
     _constant("mse_loss", weight=weight)
     input, target, weight = autocast_inputs("mse_loss", input.device, input, target, weight)
     _checks.floating("mse_loss", "input", input)
-    _checks.same_dtype("mse_loss", input=input, target=target, weight=weight)
+    input, target, weight = _checks.promote(input, target, weight)  # torch promotes here
     return apply_rule(rules.MSELoss, input, target, weight, reduction)
 
 
@@ -191,7 +191,8 @@ def binary_cross_entropy(
     _constant("binary_cross_entropy", weight=weight)
     input, target, weight = autocast_inputs("binary_cross_entropy", input.device, input, target, weight)
     _checks.floating("binary_cross_entropy", "input", input)
-    _checks.same_dtype("binary_cross_entropy", input=input, target=target, weight=weight)
+    _checks.same_dtype("binary_cross_entropy", input=input, target=target)  # torch refuses to mix these
+    (weight,) = _checks.promote(weight, to=input.dtype)  # and casts the weight
     _checks.check_values(
         "binary_cross_entropy",
         input.detach(),
@@ -220,7 +221,8 @@ def binary_cross_entropy_with_logits(
     _constant(op, weight=weight, pos_weight=pos_weight)
     input, target, weight, pos_weight = autocast_inputs(op, input.device, input, target, weight, pos_weight)
     _checks.floating(op, "input", input)
-    _checks.same_dtype(op, input=input, target=target, weight=weight, pos_weight=pos_weight)
+    input, target = _checks.promote(input, target)  # torch promotes input and target
+    weight, pos_weight = _checks.promote(weight, pos_weight, to=input.dtype)
     return apply_rule(rules.BinaryCrossEntropyWithLogits, input, target, weight, pos_weight, reduction)
 
 
@@ -270,9 +272,9 @@ def cross_entropy(
         )
     if target.is_floating_point():
         input, target, weight = autocast_inputs(op, input.device, input, target, weight)
-        _checks.same_dtype(op, input=input, target=target, weight=weight)
+        input, target, weight = _checks.promote(input, target, weight)  # torch promotes here
     else:
         input, weight = autocast_inputs(op, input.device, input, weight)
-        _checks.same_dtype(op, input=input, weight=weight)
+        _checks.same_dtype(op, input=input, weight=weight)  # torch refuses to mix these
     _checks.floating(op, "input", input)
     return apply_rule(rules.CrossEntropy, input, target, weight, ignore_index, reduction, label_smoothing)

@@ -28,7 +28,7 @@ BAD_INPUTS = {
     "linear_bias_shape": (lambda: MF.linear(t(3, 5), t(4, 5), t(3)), InputError, r"\(4,\).*\(3,\)"),
     "linear_mixed_dtypes": (lambda: MF.linear(t(3, 5, dtype=f64), t(4, 5)), InputError, r"input=torch.float64, weight=torch.float32"),
     "mse_not_broadcastable": (lambda: MF.mse_loss(t(3, 2), t(4)), InputError, r"\(3, 2\).*\(4,\)"),
-    "mse_mixed_dtypes": (lambda: MF.mse_loss(t(3), t(3, dtype=f64)), InputError, r"input=torch.float32, target=torch.float64"),
+    "bce_mixed_dtypes": (lambda: MF.binary_cross_entropy(t(3), t(3, dtype=f64)), InputError, r"input=torch.float32, target=torch.float64"),
     "mse_weight_shape": (lambda: MF.mse_loss(t(3, 2), t(3, 2), weight=t(2)), InputError, r"\(3, 2\).*\(2,\)"),
     "mse_bad_reduction": (lambda: MF.mse_loss(t(3), t(3), reduction="avg"), InputError, r"'avg'"),
     "bce_target_shape": (lambda: MF.binary_cross_entropy(t(3), t(4)), InputError, r"\(4,\).*\(3,\)"),
@@ -38,7 +38,6 @@ BAD_INPUTS = {
     "bce_weight_requires_grad": (lambda: MF.binary_cross_entropy(t(3), t(3), weight=t(3, requires_grad=True)), InputError, r"weight requires grad"),
     "bce_logits_target_shape": (lambda: MF.binary_cross_entropy_with_logits(t(3), t(3, 1)), InputError, r"\(3, 1\).*\(3,\)"),
     "bce_logits_pos_weight_shape": (lambda: MF.binary_cross_entropy_with_logits(t(3, 4), t(3, 4), pos_weight=t(5)), InputError, r"pos_weight.*\(5,\).*\(3, 4\)"),
-    "bce_logits_mixed_dtypes": (lambda: MF.binary_cross_entropy_with_logits(t(3), t(3, dtype=f64)), InputError, r"float64"),
     "ce_index_too_large": (lambda: MF.cross_entropy(t(3, 4), idx(0, 4, 1)), TargetIndexError, r"\[0, 4\).*\b4\b.*\(1,\)"),
     "ce_index_negative": (lambda: MF.cross_entropy(t(3, 4), idx(0, -1, 1)), TargetIndexError, r"-1 at index \(1,\)"),
     "ce_index_2d": (lambda: MF.cross_entropy(t(2, 4, 3), idx([0, 1, 7], [0, 0, 0])), TargetIndexError, r"7 at index \(0, 2\)"),
@@ -60,6 +59,31 @@ def test_bad_input_is_named(name):
     with pytest.raises(error) as info:
         call()
     assert re.search(pattern, str(info.value)), str(info.value)
+
+
+# Where torch's kernel promotes mixed dtypes, so do we (same result dtype); where it refuses, we refuse above.
+PROMOTING = {
+    "mse_f32_f64": lambda F: F.mse_loss(t(3, 2), t(3, 2, dtype=f64)),
+    "mse_f64_f32_weight": lambda F: F.mse_loss(t(3, 2, dtype=f64), t(3, 2), weight=t(3, 2)),
+    "mse_int_target": lambda F: F.mse_loss(t(3, 2), torch.ones(3, 2, dtype=torch.long)),
+    "bce_weight_f64": lambda F: F.binary_cross_entropy(t(3, 2), t(3, 2), weight=t(2, dtype=f64)),
+    "bce_logits_f32_f64": lambda F: F.binary_cross_entropy_with_logits(t(3, 2), t(3, 2, dtype=f64)),
+    "bce_logits_pos_weight_f32": lambda F: F.binary_cross_entropy_with_logits(t(3, 2, dtype=f64), t(3, 2, dtype=f64), pos_weight=t(2)),
+    "bce_logits_weight_f64": lambda F: F.binary_cross_entropy_with_logits(t(3, 2), t(3, 2), weight=t(2, dtype=f64)),
+    "ce_soft_f64_target": lambda F: F.cross_entropy(t(3, 2), t(3, 2, dtype=f64)),
+}
+
+
+@pytest.mark.parametrize("name", PROMOTING)
+def test_mixed_dtypes_promote_where_torch_does(name):
+    import torch.nn.functional as TF
+
+    torch.manual_seed(0)
+    stock = PROMOTING[name](TF)
+    torch.manual_seed(0)
+    ours = PROMOTING[name](MF)
+    assert ours.dtype == stock.dtype
+    torch.testing.assert_close(ours, stock)
 
 
 def test_errors_are_catchable_as_torch_raises_them():

@@ -1,0 +1,133 @@
+"""`manual-backprop-parity`: check a model of yours on our rules against stock autograd.
+
+    manual-backprop-parity mypkg.models:make_mlp --input-shape 8,20 --loss ce
+    manual-backprop-parity mypkg.models:Net --kwargs '{"hidden": 64}' --input-shape 4,16,32 --loss mse --via manual_functions
+
+Loads the factory (called with no arguments, or with --kwargs), makes random inputs of
+each --input-shape and a random target for --loss, runs `testing.grad_parity`, prints
+what runs where and the per-tensor table, and exits 1 if any tensor differs (2 on bad usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Sequence
+
+import torch
+
+from manual_backprop.testing import VIAS, grad_parity
+
+# Loss modules, so convert puts the loss on our rules too (and the mode catches their F call).
+LOSSES = {
+    "mse": torch.nn.MSELoss,
+    "bce": torch.nn.BCELoss,  # the model's output must be probabilities (e.g. it ends in Sigmoid)
+    "bce-logits": torch.nn.BCEWithLogitsLoss,
+    "ce": torch.nn.CrossEntropyLoss,
+}
+
+
+def load_object(path: str):
+    """'pkg.module:attr.attr' → the object."""
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"expected an import path 'pkg.module:factory', got {path!r}")
+    obj = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(n) for n in text.replace("x", ",").split(",") if n.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input shape must be integers like 8,20, got {text!r}") from None
+    if not shape or any(n <= 0 for n in shape):
+        raise argparse.ArgumentTypeError(f"input shape must be positive integers like 8,20, got {text!r}")
+    return shape
+
+
+def make_target(loss: str, output: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    if loss == "ce":
+        if output.dim() < 1:
+            raise ValueError(f"--loss ce needs outputs with a class dimension, got shape {tuple(output.shape)}")
+        class_dim = 0 if output.dim() == 1 else 1
+        shape = output.shape[:class_dim] + output.shape[class_dim + 1 :]
+        return torch.randint(output.shape[class_dim], shape, generator=generator).to(output.device)
+    if loss in ("bce", "bce-logits"):
+        return torch.randint(2, output.shape, generator=generator).to(output.device, output.dtype)
+    return torch.randn(output.shape, generator=generator, dtype=output.dtype).to(output.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="manual-backprop-parity", description="Compare a model's gradients on manual rules with stock autograd."
+    )
+    parser.add_argument("factory", help="import path 'pkg.module:factory' of a model factory, class or instance")
+    parser.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments for the factory")
+    parser.add_argument(
+        "--input-shape", type=parse_shape, action="append", required=True, help="e.g. 8,20; repeat for several inputs"
+    )
+    parser.add_argument("--loss", choices=sorted(LOSSES), default="mse")
+    parser.add_argument("--via", choices=VIAS, default="convert")
+    parser.add_argument("--registry", default=None, help="a rule set name, e.g. feedback_alignment")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rtol", type=float, default=None)
+    parser.add_argument("--atol", type=float, default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        kwargs = json.loads(args.kwargs)
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"--kwargs must be a JSON object, got {args.kwargs!r}")
+        factory = load_object(args.factory)
+    except (ValueError, ImportError, AttributeError) as error:
+        parser.error(str(error))
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    if isinstance(factory, torch.nn.Module):
+        if kwargs:
+            parser.error(f"{args.factory} is a module instance; --kwargs needs a factory or class")
+        model = factory
+    else:
+        model = factory(**kwargs)
+    if not isinstance(model, torch.nn.Module):
+        parser.error(f"{args.factory} returned {type(model).__name__}, not a torch.nn.Module")
+    model = model.to(device=args.device, dtype=dtype)
+    generator = torch.Generator().manual_seed(args.seed)
+    inputs = [torch.randn(shape, generator=generator, dtype=dtype).to(args.device) for shape in args.input_shape]
+    with torch.no_grad():
+        output = model(*inputs)
+    target = make_target(args.loss, output, generator)
+    result = grad_parity(
+        model,
+        inputs,
+        target,
+        LOSSES[args.loss](),
+        rtol=args.rtol,
+        atol=args.atol,
+        registry=args.registry,
+        via=args.via,
+        seed=args.seed,
+    )
+    if result.conversion is not None:
+        print(result.conversion, end="\n\n")
+    if result.routed:
+        print("routed to manual rules: " + ", ".join(f"{n}×{k}" for n, k in sorted(result.routed.items())), end="\n\n")
+    print(result)
+    verdict = "OK" if result.ok else f"FAIL: {len(result.failures)} tensor(s) differ" if result.failures else "FAIL: no manual rule ran"
+    print(verdict)
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

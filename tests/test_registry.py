@@ -1,0 +1,249 @@
+"""The registry: registering rules, predicates, separate registries, and plugins from real entry points."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import manual_backprop as mb
+import manual_backprop.nn as mnn
+from manual_backprop.registry import ENTRY_POINT_GROUP, Registry
+from manual_backprop.testing import rule_nodes
+
+BUILTIN_PAIRS = {
+    nn.Linear: mnn.Linear,
+    nn.Identity: mnn.Identity,
+    nn.Sigmoid: mnn.Sigmoid,
+    nn.Tanh: mnn.Tanh,
+    nn.ReLU: mnn.ReLU,
+    nn.LeakyReLU: mnn.LeakyReLU,
+    nn.ELU: mnn.ELU,
+    nn.Softplus: mnn.Softplus,
+    nn.SiLU: mnn.SiLU,
+    nn.GELU: mnn.GELU,
+    nn.Softmax: mnn.Softmax,
+    nn.MSELoss: mnn.MSELoss,
+    nn.BCELoss: mnn.BCELoss,
+    nn.BCEWithLogitsLoss: mnn.BCEWithLogitsLoss,
+    nn.CrossEntropyLoss: mnn.CrossEntropyLoss,
+}
+
+
+class ManualHardtanh(nn.Hardtanh):
+    """A rule a user adds: Hardtanh on our Elementwise machinery would go here; forward only."""
+
+    def forward(self, input):
+        return mnn.Identity.forward(self, input).clamp(self.min_val, self.max_val)
+
+
+def test_default_registry_holds_the_builtin_pairs():
+    registry = Registry(builtins=True)
+    assert {rule.stock: rule.manual for rule in registry} == BUILTIN_PAIRS
+    assert all(rule.source == "builtin" for rule in registry)
+    default = {rule.stock: rule.manual for rule in mb.default_registry()}
+    assert all(default[stock] is manual for stock, manual in BUILTIN_PAIRS.items())
+
+
+def test_register_as_decorator_and_call():
+    registry = Registry()
+
+    @registry.register(nn.Hardtanh)
+    class Decorated(nn.Hardtanh):
+        pass
+
+    assert registry.rule_for(nn.Hardtanh).manual is Decorated
+    assert registry.register(nn.Linear, mnn.Linear) is mnn.Linear
+    assert nn.Linear in registry and nn.ReLU not in registry and len(registry) == 2
+
+
+def test_duplicate_registration_raises_unless_override():
+    registry = Registry(builtins=True)
+
+    class Other(nn.Linear):
+        pass
+
+    with pytest.raises(ValueError, match=r"torch.nn.Linear already has a rule \(manual_backprop.nn.Linear, from builtin\)"):
+        registry.register(nn.Linear, Other)
+    registry.register(nn.Linear, Other, override=True)
+    assert registry.rule_for(nn.Linear).manual is Other
+    assert registry.rule_of_manual(mnn.Linear) is None  # the replaced counterpart is forgotten
+
+
+@pytest.mark.parametrize(
+    "stock, manual, message",
+    [
+        (nn.Linear, nn.Linear, "strict subclass"),
+        (nn.Linear, mnn.ReLU, "strict subclass"),
+        (nn.Linear, int, "torch.nn.Module subclass"),
+        ("Linear", mnn.Linear, "torch.nn.Module subclass"),
+    ],
+)
+def test_register_rejects_pairs_convert_cannot_swap(stock, manual, message):
+    with pytest.raises(TypeError, match=message):
+        Registry().register(stock, manual)
+
+
+def test_predicate_reason_keeps_a_configuration_stock():
+    registry = Registry(builtins=True)
+    registry.register(
+        nn.Linear,
+        mnn.Linear,
+        supports=lambda m: None if m.out_features < 10 else f"out_features={m.out_features} is too wide",
+        override=True,
+    )
+    model = mb.convert(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 12)), registry=registry)
+    assert type(model[0]) is mnn.Linear and type(model[1]) is nn.Linear
+    report = mb.report(model, registry=registry)
+    assert report.row("1").reason == "unsupported configuration: out_features=12 is too wide"
+
+
+def test_boolean_predicates_are_accepted():
+    registry = Registry()
+    registry.register(nn.Linear, mnn.Linear, supports=lambda m: m.bias is not None)
+    model = mb.convert(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2, bias=False)), registry=registry)
+    assert [type(m) for m in model] == [mnn.Linear, nn.Linear]
+    assert "not supported by manual_backprop.nn.Linear" in mb.report(model, registry=registry).row("1").reason
+
+
+def test_a_separate_registry_changes_nothing_global():
+    registry = Registry(builtins=True)
+    registry.register(nn.Hardtanh, ManualHardtanh)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Hardtanh())
+    assert type(mb.convert(model, registry=registry)[1]) is ManualHardtanh
+    assert type(mb.convert(model)[1]) is nn.Hardtanh
+    assert nn.Hardtanh not in mb.default_registry()
+
+
+def test_top_level_register_uses_the_default_registry():
+    try:
+        mb.register(nn.Hardtanh)(ManualHardtanh)
+        assert type(mb.convert(nn.Hardtanh())) is ManualHardtanh
+        with pytest.raises(ValueError, match="already has a rule"):
+            mb.register(nn.Hardtanh, ManualHardtanh)
+    finally:
+        mb.default_registry().unregister(nn.Hardtanh)
+    assert nn.Hardtanh not in mb.default_registry()
+
+
+def test_copy_is_independent():
+    copy = mb.default_registry().copy()
+    copy.unregister(nn.Linear)
+    assert nn.Linear in mb.default_registry() and nn.Linear not in copy
+    assert type(mb.convert(nn.Linear(2, 2), registry=copy)) is nn.Linear
+
+
+def test_unknown_rule_set_names_the_known_ones():
+    with pytest.raises(KeyError, match="feedback_alignment"):
+        mb.convert(nn.Linear(2, 2), registry="no_such_rules")
+    with pytest.raises(TypeError, match="registry must be"):
+        mb.convert(nn.Linear(2, 2), registry=3)
+
+
+# ------------------------------------------------------------------- plugins
+
+GOOD_PLUGIN = '''
+    import torch
+    import manual_backprop.nn as mnn
+
+    class Hardtanh(torch.nn.Hardtanh):
+        def forward(self, input):
+            return mnn.Identity.forward(self, input).clamp(self.min_val, self.max_val)
+
+    def register(registry):
+        registry.register(torch.nn.Hardtanh, Hardtanh)
+'''
+BROKEN_PLUGIN = """
+    raise ImportError("this plugin is broken on purpose")
+"""
+HALF_PLUGIN = """
+    import torch
+
+    class Hardswish(torch.nn.Hardswish):
+        pass
+
+    def register(registry):
+        registry.register(torch.nn.Hardswish, Hardswish)
+        registry.register(torch.nn.Linear, Hardswish)  # invalid: must not leave Hardswish behind
+"""
+
+
+def _install_fake_distribution(root, name, modules: dict[str, str], entry_points: dict[str, str]):
+    """What pip writes for a package: its modules plus a dist-info folder with entry_points.txt."""
+    for module, source in modules.items():
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{name}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    lines = "\n".join(f"{ep} = {target}" for ep, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{lines}\n")
+
+
+@pytest.fixture
+def plugin_path(tmp_path, monkeypatch):
+    """A folder on sys.path for fake distributions; the default registry loads its plugins before, never these."""
+    len(mb.default_registry())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for name in ("fake_hardtanh_rules", "fake_broken_rules", "fake_half_rules", "fake_clash_rules"):
+        sys.modules.pop(name, None)
+
+
+def test_plugin_from_a_real_entry_point(plugin_path):
+    _install_fake_distribution(plugin_path, "fake_plugin", {"fake_hardtanh_rules": GOOD_PLUGIN}, {"hardtanh": "fake_hardtanh_rules"})
+    registry = Registry(builtins=True, plugins=True)  # lazy: nothing loaded until first use
+    assert "fake_hardtanh_rules" not in sys.modules
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mb.PluginWarning)
+        model = mb.convert(nn.Sequential(nn.Linear(3, 3), nn.Hardtanh()), registry=registry)
+    assert type(model[1]).__module__ == "fake_hardtanh_rules"
+    assert registry.rule_for(nn.Hardtanh).source == "plugin:hardtanh"
+    x = torch.randn(4, 3, requires_grad=True)
+    assert "IdentityBackward" in rule_nodes(model(x).sum())
+    assert "feedback_alignment" in registry.rule_set_names()  # this package's own entry point
+
+
+def test_broken_plugin_warns_by_name_and_convert_still_works(plugin_path):
+    _install_fake_distribution(plugin_path, "fake_broken", {"fake_broken_rules": BROKEN_PLUGIN}, {"broken": "fake_broken_rules"})
+    registry = Registry(builtins=True, plugins=True)
+    with pytest.warns(mb.PluginWarning, match=r"plugin 'broken' \(fake_broken_rules\) failed to load.*broken on purpose"):
+        model = mb.convert(nn.Sequential(nn.Linear(3, 3)), registry=registry)
+    assert type(model[0]) is mnn.Linear
+    assert "feedback_alignment" in registry.rule_set_names()  # the other plugins still loaded
+
+
+def test_failing_plugin_leaves_nothing_half_registered(plugin_path):
+    _install_fake_distribution(plugin_path, "fake_half", {"fake_half_rules": HALF_PLUGIN}, {"half": "fake_half_rules"})
+    registry = Registry(builtins=True, plugins=True)
+    with pytest.warns(mb.PluginWarning, match="'half'.*strict subclass"):
+        assert nn.Hardswish not in registry
+    assert registry.rule_for(nn.Linear).manual is mnn.Linear
+
+
+def test_reload_plugins_picks_up_a_newly_installed_one(plugin_path):
+    registry = Registry(builtins=True, plugins=True)
+    assert nn.Hardtanh not in registry  # loads the installed plugins now
+    _install_fake_distribution(plugin_path, "fake_plugin", {"fake_hardtanh_rules": GOOD_PLUGIN}, {"hardtanh": "fake_hardtanh_rules"})
+    assert nn.Hardtanh not in registry  # loaded once, lazily
+    registry.reload_plugins()
+    assert nn.Hardtanh in registry
+    registry.reload_plugins()  # reloading does not trip over the plugin's own earlier registration
+    assert registry.rule_for(nn.Hardtanh).source == "plugin:hardtanh"
+
+
+def test_plugin_clashing_with_a_builtin_is_skipped_with_a_warning(plugin_path):
+    clash = """
+        import torch
+        class Linear(torch.nn.Linear):
+            pass
+        def register(registry):
+            registry.register(torch.nn.Linear, Linear)
+    """
+    _install_fake_distribution(plugin_path, "fake_clash", {"fake_clash_rules": clash}, {"clash": "fake_clash_rules"})
+    registry = Registry(builtins=True, plugins=True)
+    with pytest.warns(mb.PluginWarning, match="'clash'.*already has a rule"):
+        assert registry.rule_for(nn.Linear).manual is mnn.Linear

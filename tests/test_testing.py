@@ -1,0 +1,182 @@
+"""The parity tools: assert_grad_parity for users' pytest, and the manual-backprop-parity command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from manual_backprop import parity_cli, rules
+from manual_backprop.registry import Registry
+from manual_backprop.testing import assert_grad_parity, grad_parity
+
+
+class SlightlyWrongLinear(rules.Linear):
+    """Our Linear rule with ∂J/∂W off by 0.1%: the kind of bug parity tools exist to catch."""
+
+    @staticmethod
+    def backward(ctx, delta):
+        grad_a, grad_W, grad_b = rules.Linear.backward(ctx, delta)
+        return grad_a, None if grad_W is None else grad_W * 1.001, grad_b
+
+
+class WrongLinear(nn.Linear):
+    def forward(self, input):
+        return SlightlyWrongLinear.apply(input, self.weight, self.bias)
+
+
+def _wrong_registry() -> Registry:
+    registry = Registry(builtins=True)
+    registry.register(nn.Linear, WrongLinear, override=True)
+    return registry
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Dropout(0.3), nn.Linear(5, 3)).double()
+
+
+def _data():
+    return torch.randn(6, 4, dtype=torch.float64), torch.randint(3, (6,))
+
+
+def test_parity_passes_and_returns_the_table():
+    x, y = _data()
+    model = _mlp()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    result = assert_grad_parity(model, x, y, nn.CrossEntropyLoss())  # dropout: both runs draw the same mask
+    assert [r.name for r in result.rows] == [
+        "loss", "output[0]", "grad input[0]", "grad 0.weight", "grad 0.bias", "grad 3.weight", "grad 3.bias"
+    ]
+    assert result.ok and result.rule_nodes["LinearBackward"] == 2 and result.rule_nodes["CrossEntropyBackward"] == 1
+    assert result.conversion.row("2").status == "stock"  # Dropout
+    assert "grad 3.weight" in str(result) and "OK" in str(result)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # caller's model untouched
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_wrong_gradient_is_named_with_its_errors():
+    x, y = _data()
+    with pytest.raises(AssertionError) as error:
+        assert_grad_parity(_mlp(), x, y, nn.CrossEntropyLoss(), registry=_wrong_registry())
+    message = str(error.value)
+    assert "grad 0.weight (5, 4): max abs err" in message and "grad 3.weight (3, 5)" in message
+    assert "max rel err 1.000e-03" in message
+    assert "grad 0.bias" not in message and "loss" not in message  # only the wrong tensors are named
+
+
+def test_tolerances_are_honoured():
+    x, y = _data()
+    assert_grad_parity(_mlp(), x, y, nn.CrossEntropyLoss(), registry=_wrong_registry(), rtol=2e-3, atol=0)
+
+
+def test_nothing_converted_cannot_pass():
+    model = nn.Sequential(nn.LayerNorm(4))
+    with pytest.raises(AssertionError, match="no manual rule ran"):
+        assert_grad_parity(model, torch.randn(3, 4), None, lambda out, _: out.pow(2).sum())
+
+
+def test_parity_through_the_mode_with_a_functional_loss():
+    x, y = _data()
+    result = assert_grad_parity(_mlp(), x, y, nn.functional.cross_entropy, via="manual_functions")
+    assert result.routed == {"linear": 2, "relu": 1, "cross_entropy": 1}
+    assert result.conversion is None
+    with pytest.raises(ValueError, match="via must be one of"):
+        grad_parity(_mlp(), x, y, nn.functional.cross_entropy, via="magic")
+
+
+def test_several_inputs_and_integer_inputs():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(5, 3)
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, a, ids):
+            return self.lin(a + self.embed(ids))
+
+    result = assert_grad_parity(TwoInputs(), (torch.randn(4, 3), torch.tensor([0, 1, 4, 2])), torch.randn(4, 2), nn.MSELoss())
+    assert "grad input[0]" in [r.name for r in result.rows] and "grad input[1]" not in [r.name for r in result.rows]
+    assert "grad embed.weight" in [r.name for r in result.rows]
+
+
+# ------------------------------------------------------------------- the CLI
+
+FACTORY = """
+    import torch
+    from torch import nn
+
+    def make(hidden=5, classes=3):
+        return nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, classes))
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, a, b):
+            return torch.sigmoid(self.lin(a) + self.lin(b))
+
+    instance = make()
+"""
+
+
+@pytest.fixture
+def factory_module(tmp_path, monkeypatch):
+    (tmp_path / "parity_factories.py").write_text(textwrap.dedent(FACTORY))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "parity_factories"
+    sys.modules.pop("parity_factories", None)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["parity_factories:make", "--input-shape", "6,4", "--loss", "ce"],
+        ["parity_factories:make", "--kwargs", '{"hidden": 7, "classes": 2}', "--input-shape", "3x5x4", "--loss", "mse"],
+        ["parity_factories:make", "--input-shape", "6,4", "--loss", "bce-logits", "--dtype", "float32"],
+        ["parity_factories:instance", "--input-shape", "6,4", "--loss", "ce", "--via", "manual_functions"],
+        ["parity_factories:Pair", "--input-shape", "6,4", "--input-shape", "6,4", "--loss", "bce"],
+    ],
+)
+def test_cli_prints_the_table_and_exits_zero(factory_module, capsys, args):
+    assert parity_cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "max abs err" in out and "grad input[0]" in out and out.rstrip().endswith("OK")
+    assert "FAIL" not in out
+
+
+def test_cli_exits_nonzero_when_gradients_differ(factory_module, capsys):
+    assert parity_cli.main(["parity_factories:make", "--input-shape", "6,4", "--registry", "feedback_alignment"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "FeedbackLinearBackward" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["no_colon", "--input-shape", "2,4"], "pkg.module:factory"),
+        (["parity_factories:missing", "--input-shape", "2,4"], "missing"),
+        (["parity_factories:make", "--input-shape", "2,a"], "input shape"),
+        (["parity_factories:make", "--input-shape", "2,4", "--kwargs", "[1]"], "JSON object"),
+        (["parity_factories:instance", "--input-shape", "2,4", "--kwargs", "{\"hidden\": 2}"], "module instance"),
+    ],
+)
+def test_cli_usage_errors(factory_module, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        parity_cli.main(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_console_script(tmp_path):
+    (tmp_path / "parity_factories.py").write_text(textwrap.dedent(FACTORY))
+    script = os.path.join(os.path.dirname(sys.executable), "manual-backprop-parity")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    done = subprocess.run([script, "parity_factories:make", "--input-shape", "4,4"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "grad 2.weight" in done.stdout
