@@ -1,0 +1,315 @@
+"""Data modules over in-memory tables: scikit-learn's bundled datasets, or a user's CSV.
+
+Both read their data in `__init__` (small tables), so bad input fails before any
+training starts and `num_features` / `num_targets` / `num_classes` are known before
+`setup`, which lets the CLI link them into the model. `setup` splits the rows into
+train / validation / test (stratified by class for classification) and fits the
+feature scaler, and for regression the target scaler, on the training split only.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from sklearn import datasets as sklearn_datasets
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+TASKS = ("regression", "binary", "multiclass")
+
+
+class TableDataModule(pl.LightningDataModule):
+    """Features X (n, d) and targets y, split and standardized; the shared part of the data modules.
+
+    Targets in batches: regression float (B, u), standardized when `standardize`;
+    binary float (B,) in {0, 1}; multi-class int64 (B,) in [0, K).
+    """
+
+    def __init__(
+        self,
+        task: str,
+        batch_size: int = 32,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 42,
+        standardize: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(map(repr, TASKS))}; got {task!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+        for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 < fraction < 1:
+                raise ValueError(f"{name} must lie strictly between 0 and 1; got {fraction!r}")
+        if val_fraction + test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction + test_fraction must leave rows to train on; got {val_fraction} + {test_fraction} >= 1"
+            )
+        self.task = task
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.standardize = standardize
+        self.num_workers = num_workers
+        self.features = np.empty((0, 0), dtype=np.float64)
+        self.targets = np.empty((0,), dtype=np.float64)
+        self.classes: Optional[np.ndarray] = None  # original labels; column j of predictions is classes[j]
+        self.target_mean: Optional[np.ndarray] = None
+        self.target_scale: Optional[np.ndarray] = None
+        self.splits: dict[str, TensorDataset] = {}
+
+    # -------------------------------------------------------------- shapes
+
+    @property
+    def num_features(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def num_targets(self) -> int:
+        """Target columns: u for regression, 1 for classification."""
+        return self.targets.shape[1] if self.targets.ndim == 2 else 1
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """K for classification (2 for binary); None for regression."""
+        return None if self.classes is None else len(self.classes)
+
+    def set_table(self, features: np.ndarray, targets: np.ndarray, describe: Callable[[int], str]) -> None:
+        """Check the targets fit `task` and store the table. `describe(i)` names row i in errors."""
+        features = np.asarray(features, dtype=np.float64)
+        targets = np.asarray(targets, dtype=np.float64)
+        if self.task == "regression":
+            self.targets = targets.reshape(len(targets), -1)
+        else:
+            if targets.ndim == 2 and targets.shape[1] != 1:
+                raise ValueError(f"{self.task} classification takes one target column; got {targets.shape[1]}")
+            targets = targets.reshape(-1)
+            if self.task == "binary":
+                bad = np.flatnonzero((targets != 0) & (targets != 1))
+                if len(bad):
+                    raise ValueError(
+                        f"binary targets must be 0 or 1; {describe(bad[0])} holds {targets[bad[0]]:g} "
+                        f"({len(bad)} such rows)"
+                    )
+                self.classes = np.array([0, 1])
+                self.targets = targets
+            else:
+                bad = np.flatnonzero(targets != np.round(targets))
+                if len(bad):
+                    raise ValueError(
+                        f"multiclass labels must be integers; {describe(bad[0])} holds {targets[bad[0]]:g} "
+                        f"({len(bad)} such rows)"
+                    )
+                # Any integer labels (e.g. 1..K or −1/1) become class indices 0..K−1, in sorted order.
+                self.classes, self.targets = np.unique(targets.astype(np.int64), return_inverse=True)
+                if len(self.classes) < 2:
+                    raise ValueError(f"multiclass labels take at least 2 values; got only {self.classes.tolist()}")
+        self.features = features
+
+    # -------------------------------------------------------------- splits
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.splits:  # once: every stage sees the same split and scalers
+            return
+        rows = np.arange(len(self.features))
+        stratify = None if self.task == "regression" else self.targets
+        train_val, test = train_test_split(rows, test_size=self.test_fraction, random_state=self.seed, stratify=stratify)
+        stratify = None if stratify is None else self.targets[train_val]
+        train, val = train_test_split(
+            train_val,
+            test_size=self.val_fraction / (1 - self.test_fraction),
+            random_state=self.seed,
+            stratify=stratify,
+        )
+        x, y = self.features, self.targets
+        if self.standardize:
+            x = StandardScaler().fit(x[train]).transform(x)
+            if self.task == "regression":
+                target_scaler = StandardScaler().fit(y[train])
+                y = target_scaler.transform(y)
+                self.target_mean, self.target_scale = target_scaler.mean_, target_scaler.scale_
+        y_dtype = torch.int64 if self.task == "multiclass" else torch.float32
+        for name, index in (("train", train), ("val", val), ("test", test)):
+            self.splits[name] = TensorDataset(
+                torch.as_tensor(x[index], dtype=torch.float32), torch.as_tensor(y[index], dtype=y_dtype)
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        # A DistributedSampler even on one process: its shuffle is seeded by (seed, epoch), so a run
+        # resumed from a checkpoint sees the same batches as an uninterrupted one, and on N processes
+        # with batch B the global batches equal one process with batch N·B.
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = DistributedSampler(
+            self.split("train"), num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed
+        )
+        return self._loader("train", sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split's rows (predictions in the targets' units, in row order)."""
+        return self._loader("test")
+
+    def split(self, name: str) -> TensorDataset:
+        """The "train", "val" or "test" rows (splitting first if `setup` has not run)."""
+        if not self.splits:
+            self.setup()
+        return self.splits[name]
+
+    def _loader(self, split: str, sampler: Optional[DistributedSampler] = None) -> DataLoader:
+        return DataLoader(
+            self.split(split),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+# name -> (task, loader). All ship inside scikit-learn: nothing is downloaded.
+SKLEARN_DATASETS: dict[str, tuple[str, Callable]] = {
+    "diabetes": ("regression", sklearn_datasets.load_diabetes),
+    "linnerud": ("regression", sklearn_datasets.load_linnerud),
+    "breast_cancer": ("binary", sklearn_datasets.load_breast_cancer),
+    "iris": ("multiclass", sklearn_datasets.load_iris),
+    "wine": ("multiclass", sklearn_datasets.load_wine),
+    "digits": ("multiclass", sklearn_datasets.load_digits),
+}
+
+
+class SklearnDataModule(TableDataModule):
+    """One of scikit-learn's bundled datasets; the task (regression / binary / multiclass) follows from it.
+
+    diabetes (442 × 10 → 1), linnerud (20 × 3 → 3), breast_cancer (569 × 30 → {0, 1}),
+    iris (150 × 4 → 3 classes), wine (178 × 13 → 3 classes), digits (1797 × 64 → 10 classes).
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        batch_size: int = 32,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 42,
+        standardize: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        if dataset not in SKLEARN_DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(SKLEARN_DATASETS)}")
+        task, load = SKLEARN_DATASETS[dataset]
+        super().__init__(task, batch_size, val_fraction, test_fraction, seed, standardize, num_workers)
+        self.save_hyperparameters()
+        self.dataset = dataset
+        bunch = load()
+        self.set_table(bunch.data, bunch.target, describe=lambda i: f"{dataset}: row {i + 1}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.dataset!r})"
+
+
+class CSVDataModule(TableDataModule):
+    """A numeric CSV with a header row: `target_columns` are the targets, the other
+    columns (or `feature_columns`) the features.
+
+    task: "regression" (any number of target columns), "binary" (one column of 0/1)
+    or "multiclass" (one column of integer labels; sorted labels become classes 0..K−1,
+    kept in `classes`).
+    """
+
+    def __init__(
+        self,
+        path: Union[str, os.PathLike],
+        target_columns: Union[str, Sequence[str]],
+        task: str = "regression",
+        feature_columns: Optional[Sequence[str]] = None,
+        batch_size: int = 32,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 42,
+        standardize: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(task, batch_size, val_fraction, test_fraction, seed, standardize, num_workers)
+        # Plain values, so hparams and checkpoints hold no Path or tuple.
+        path = str(path)
+        target_columns = [target_columns] if isinstance(target_columns, str) else list(target_columns)
+        feature_columns = None if feature_columns is None else list(feature_columns)
+        self.save_hyperparameters()
+        self.path = Path(path)
+        header, rows, lines = read_numeric_csv(self.path)
+        if not target_columns:
+            raise ValueError("target_columns must name at least one column")
+        missing = [c for c in target_columns + (feature_columns or []) if c not in header]
+        if missing:
+            raise ValueError(f"{self.path}: no column {missing[0]!r}; the columns are: {', '.join(header)}")
+        if feature_columns is None:
+            feature_columns = [c for c in header if c not in target_columns]
+        if not feature_columns:
+            raise ValueError(f"{self.path}: no feature columns left once the targets {target_columns} are taken")
+        self.target_columns, self.feature_columns = target_columns, feature_columns
+        table = np.array(rows, dtype=np.float64)
+        column = {name: j for j, name in enumerate(header)}
+        self.set_table(
+            table[:, [column[c] for c in feature_columns]],
+            table[:, [column[c] for c in target_columns]],
+            describe=lambda i: f"{self.path}: row {i + 1} (line {lines[i]}), column {target_columns[0]!r}",
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+
+def read_numeric_csv(path: Path) -> tuple[list[str], list[list[float]], list[int]]:
+    """Header, rows of finite numbers and each row's line in the file; errors name the file, row, line and column."""
+    if not path.exists():
+        raise FileNotFoundError(f"CSV file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file")
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or not any(cell.strip() for cell in header):
+            raise ValueError(f"{path} is empty: expected a header row of column names, then rows of numbers")
+        header = [name.strip() for name in header]
+        duplicates = sorted({name for name in header if header.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"{path}: duplicate column names {duplicates}")
+        rows, lines = [], []
+        for cells in reader:
+            line = reader.line_num
+            if not cells or not any(cell.strip() for cell in cells):
+                continue  # blank lines, e.g. a trailing newline
+            i = len(rows) + 1
+            if len(cells) != len(header):
+                raise ValueError(f"{path}: row {i} (line {line}) has {len(cells)} cells; the header has {len(header)}")
+            row = []
+            for name, cell in zip(header, cells):
+                where = f"{path}: row {i} (line {line}), column {name!r}"
+                try:
+                    value = float(cell)
+                except ValueError:
+                    raise ValueError(f"{where} holds {cell!r}, which is not a number") from None
+                if not math.isfinite(value):
+                    raise ValueError(f"{where} holds {cell.strip()!r}; NaN and infinite values are not allowed")
+                row.append(value)
+            rows.append(row)
+            lines.append(line)
+    if not rows:
+        raise ValueError(f"{path} has a header but no data rows")
+    return header, rows, lines

@@ -1,0 +1,313 @@
+"""The notes' three problems as LightningModules sharing one base.
+
+    RegressionTask              y ∈ ℝᵘ       MSE on standardized targets     δ(L) = 2 (ŷ − y) / N
+    BinaryClassificationTask    y ∈ {0, 1}   BCE on logits                   δ(L) = σ(z) − y = ŷ − y
+    MulticlassClassificationTask y ∈ {0..K−1} cross-entropy on logits        δ(L) = softmax(z) − y
+
+With backend="manual" the network and the loss run on `manual_backprop` (every
+backward is ours); with backend="autograd" the same network and loss come from
+stock torch, for comparison.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torchmetrics
+from torchmetrics import classification, regression
+
+import manual_backprop.nn as mnn
+from lightning_modules.network import build_network, check_backend
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TaskModule(pl.LightningModule):
+    """What the three tasks share: network, loss, per-stage metrics, logging, optimizer.
+
+    Subclasses set `task` and `main_metric` and supply the loss, the metric collection
+    and how network outputs become loss inputs, metric inputs and predictions.
+
+    The network is built from in_features, hidden_sizes, activation and backend, unless
+    `net` (any torch.nn.Module) is given: then it is used as is for backend "autograd"
+    and through `manual_backprop.convert` (a converted copy) for backend "manual".
+    """
+
+    task: str = ""
+    main_metric: str = "loss"  # the metric plotted next to the loss
+
+    def __init__(
+        self,
+        in_features: Optional[int],
+        out_features: int,
+        hidden_sizes: Sequence[int],
+        activation: str,
+        backend: str,
+        lr: float,
+        weight_decay: float,
+        net: Optional[torch.nn.Module],
+    ) -> None:
+        super().__init__()
+        self._save_plain_hparams(inspect.currentframe().f_back)
+        check_backend(backend)
+        if lr <= 0:
+            raise ValueError(f"lr must be positive; got {lr!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0; got {weight_decay!r}")
+        if net is None:
+            if in_features is None:
+                raise ValueError(
+                    f"{type(self).__name__} needs in_features to build its network (or a `net` module); "
+                    "the CLI links it from the data module's num_features"
+                )
+            self.net = build_network(in_features, hidden_sizes, out_features, activation, backend)
+        elif not isinstance(net, torch.nn.Module):
+            raise TypeError(f"net must be a torch.nn.Module; got {type(net).__name__}")
+        elif backend == "manual":
+            import manual_backprop  # convert lands with issue 3; imported here so the rest works without it
+
+            self.net = manual_backprop.convert(net)
+        else:
+            self.net = net
+        self.loss_fn = self.make_loss(backend)
+        metrics = self.make_metrics()
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def _save_plain_hparams(self, subclass_frame: Any) -> None:
+        """Save the subclass's init arguments (all plain values; `net` is not saved, so a
+        checkpoint loads with weights_only=True; pass `net` again to load_from_checkpoint)."""
+        self.save_hyperparameters(ignore=["net"], frame=subclass_frame)
+        # LightningCLI records every applied link, also ones this class does not take
+        # (num_targets → out_features on a classifier); keep only real arguments.
+        accepted = inspect.signature(type(self).__init__).parameters
+        for key in [k for k in self.hparams if k not in accepted and not k.startswith("_")]:
+            del self.hparams[key]
+
+    # ------------------------------------------------------------ per task
+
+    def make_loss(self, backend: str) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def make_metrics(self) -> torchmetrics.MetricCollection:
+        raise NotImplementedError
+
+    def loss_inputs(self, output: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return output, y
+
+    def metric_inputs(self, output: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def predictions(self, output: torch.Tensor) -> torch.Tensor:
+        """Network output → predictions in the target's units."""
+        raise NotImplementedError
+
+    def check_data(self, datamodule: Any) -> None:
+        """Raise before training when the data module's shapes do not fit this model."""
+
+    # ------------------------------------------------------------ shared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def setup(self, stage: str) -> None:
+        # Runs after the data module's setup and before any batch: mismatches fail here, not mid-epoch.
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        data_task = getattr(datamodule, "task", None)
+        if data_task is not None and data_task != self.task:
+            raise ValueError(
+                f"{type(self).__name__} trains on {self.task} data, but {type(datamodule).__name__} "
+                f"holds a {data_task} task; pick the matching task class"
+            )
+        self.check_data(datamodule)
+
+    def _step(self, batch: Batch, metrics: torchmetrics.MetricCollection, stage: str) -> torch.Tensor:
+        x, y = batch
+        output = self(x)
+        loss = self.loss_fn(*self.loss_inputs(output, y))
+        metrics.update(*self.metric_inputs(output.detach(), y))
+        on_step = stage == "train"  # a per-step loss in the progress bar while training; epoch means everywhere
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(x))
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=len(x))
+        return loss
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, self.train_metrics, "train")
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.predictions(self(x))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # Used when the CLI config has no `optimizer:` section; one there replaces this.
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+def _loss(backend: str, manual: type[torch.nn.Module], stock: type[torch.nn.Module]) -> torch.nn.Module:
+    return manual() if backend == "manual" else stock()
+
+
+class RegressionTask(TaskModule):
+    """Regression with u = out_features outputs and mean squared error.
+
+    The data module standardizes targets on the training split; the loss works on
+    those standardized targets, while the logged MSE / MAE / R² and `predict` are in
+    the targets' original units (the data module's target scaler, copied into the
+    `target_mean` / `target_scale` buffers so checkpoints predict on their own).
+    MSE and MAE average over all outputs; R² is the uniform average over outputs.
+    """
+
+    task = "regression"
+    main_metric = "r2"
+
+    def __init__(
+        self,
+        in_features: Optional[int] = None,
+        out_features: int = 1,
+        hidden_sizes: Sequence[int] = (64,),
+        activation: str = "relu",
+        backend: str = "manual",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        net: Optional[torch.nn.Module] = None,
+    ) -> None:
+        hidden_sizes = list(hidden_sizes)  # plain list in hparams and checkpoints
+        self.out_features = out_features
+        super().__init__(in_features, out_features, hidden_sizes, activation, backend, lr, weight_decay, net)
+        self.register_buffer("target_mean", torch.zeros(out_features))
+        self.register_buffer("target_scale", torch.ones(out_features))
+
+    def make_loss(self, backend: str) -> torch.nn.Module:
+        return _loss(backend, mnn.MSELoss, torch.nn.MSELoss)
+
+    def make_metrics(self) -> torchmetrics.MetricCollection:
+        return torchmetrics.MetricCollection(
+            {"mse": regression.MeanSquaredError(), "mae": regression.MeanAbsoluteError(), "r2": regression.R2Score()}
+        )
+
+    def check_data(self, datamodule: Any) -> None:
+        num_targets = getattr(datamodule, "num_targets", None)
+        if num_targets is not None and num_targets != self.out_features:
+            raise ValueError(f"RegressionTask has out_features={self.out_features} but the data has {num_targets} targets")
+        mean, scale = getattr(datamodule, "target_mean", None), getattr(datamodule, "target_scale", None)
+        if mean is not None and scale is not None:
+            self.target_mean.copy_(torch.as_tensor(mean))
+            self.target_scale.copy_(torch.as_tensor(scale))
+
+    def to_target_units(self, standardized: torch.Tensor) -> torch.Tensor:
+        return standardized * self.target_scale + self.target_mean
+
+    def metric_inputs(self, output: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        preds, target = self.to_target_units(output), self.to_target_units(y)
+        # R2Score takes (N,) for one output and (N, u) for several.
+        return (preds.squeeze(-1), target.squeeze(-1)) if self.out_features == 1 else (preds, target)
+
+    def predictions(self, output: torch.Tensor) -> torch.Tensor:
+        return self.to_target_units(output)
+
+
+class BinaryClassificationTask(TaskModule):
+    """Binary classification: one logit z, BCE on logits (δ(L) = σ(z) − y), predictions P(y = 1)."""
+
+    task = "binary"
+    main_metric = "accuracy"
+
+    def __init__(
+        self,
+        in_features: Optional[int] = None,
+        hidden_sizes: Sequence[int] = (64,),
+        activation: str = "relu",
+        backend: str = "manual",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        net: Optional[torch.nn.Module] = None,
+    ) -> None:
+        hidden_sizes = list(hidden_sizes)
+        super().__init__(in_features, 1, hidden_sizes, activation, backend, lr, weight_decay, net)
+
+    def make_loss(self, backend: str) -> torch.nn.Module:
+        return _loss(backend, mnn.BCEWithLogitsLoss, torch.nn.BCEWithLogitsLoss)
+
+    def make_metrics(self) -> torchmetrics.MetricCollection:
+        return torchmetrics.MetricCollection(
+            {
+                "accuracy": classification.BinaryAccuracy(),
+                "auroc": classification.BinaryAUROC(),
+                "f1": classification.BinaryF1Score(),
+            }
+        )
+
+    def check_data(self, datamodule: Any) -> None:
+        num_targets = getattr(datamodule, "num_targets", None)
+        if num_targets not in (None, 1):
+            raise ValueError(f"BinaryClassificationTask needs one target column; the data has {num_targets}")
+
+    def loss_inputs(self, output: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return output.squeeze(-1), y.to(output.dtype)
+
+    def metric_inputs(self, output: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.sigmoid(output.squeeze(-1).float()), y.long()
+
+    def predictions(self, output: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(output.squeeze(-1))
+
+
+class MulticlassClassificationTask(TaskModule):
+    """K-class classification: K logits, cross-entropy (δ(L) = softmax(z) − y), predictions class probabilities."""
+
+    task = "multiclass"
+    main_metric = "accuracy"
+
+    def __init__(
+        self,
+        in_features: Optional[int] = None,
+        num_classes: Optional[int] = None,
+        hidden_sizes: Sequence[int] = (64,),
+        activation: str = "relu",
+        backend: str = "manual",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        net: Optional[torch.nn.Module] = None,
+    ) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2; got {num_classes!r}")
+        hidden_sizes = list(hidden_sizes)
+        self.num_classes = num_classes
+        super().__init__(in_features, num_classes, hidden_sizes, activation, backend, lr, weight_decay, net)
+
+    def make_loss(self, backend: str) -> torch.nn.Module:
+        return _loss(backend, mnn.CrossEntropyLoss, torch.nn.CrossEntropyLoss)
+
+    def make_metrics(self) -> torchmetrics.MetricCollection:
+        k = self.num_classes
+        return torchmetrics.MetricCollection(
+            {
+                "accuracy": classification.MulticlassAccuracy(num_classes=k, average="micro"),
+                "f1_macro": classification.MulticlassF1Score(num_classes=k, average="macro"),
+            }
+        )
+
+    def check_data(self, datamodule: Any) -> None:
+        num_classes = getattr(datamodule, "num_classes", None)
+        if num_classes is not None and num_classes != self.num_classes:
+            raise ValueError(
+                f"MulticlassClassificationTask has num_classes={self.num_classes} but the data has {num_classes} classes"
+            )
+
+    def metric_inputs(self, output: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.softmax(output.float(), dim=-1), y
+
+    def predictions(self, output: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(output, dim=-1)
