@@ -8,6 +8,7 @@ still holds. The math lives in `manual_backprop.functional` / `manual_backprop.r
 from manual_backprop.nn.activation import ELU, GELU, LeakyReLU, ReLU, Sigmoid, SiLU, Softmax, Softplus, Tanh
 from manual_backprop.nn.linear import Identity, Linear
 from manual_backprop.nn.loss import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from manual_backprop.nn.mlp import MLP
 
 __all__ = [
     "BCELoss",
@@ -18,6 +19,7 @@ __all__ = [
     "Identity",
     "LeakyReLU",
     "Linear",
+    "MLP",
     "MSELoss",
     "ReLU",
     "Sigmoid",

@@ -29,6 +29,7 @@ from manual_backprop.rules.activations import (
     Tanh,
 )
 from manual_backprop.rules.linear import Linear
+from manual_backprop.rules.mlp import MLP
 from manual_backprop.rules.losses import (
     BinaryCrossEntropy,
     BinaryCrossEntropyWithLogits,
@@ -46,6 +47,7 @@ __all__ = [
     "Identity",
     "LeakyReLU",
     "Linear",
+    "MLP",
     "MSELoss",
     "ReLU",
     "Sigmoid",

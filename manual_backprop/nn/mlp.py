@@ -1,0 +1,194 @@
+"""MLP: a fully connected network run by one fused rule (`manual_backprop.rules.mlp.MLP`).
+
+Parameters live in `layers`, a ModuleList of Linear layers, so the state_dict keys
+are `layers.{k}.weight` / `layers.{k}.bias` for the k-th Linear. The equivalent
+`nn.Sequential(Linear, act, Linear, act, …, Linear[, out_act])` numbers its Linears
+by position instead (`0.weight`, `2.weight`, …); `load_sequential_state_dict`,
+`from_sequential` and `to_sequential` convert between the two.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from manual_backprop import _checks, rules
+from manual_backprop._amp import autocast_inputs
+from manual_backprop._checks import InputError
+from manual_backprop.nn.linear import Linear
+from manual_backprop.rules.mlp import activation as layer_activation
+from manual_backprop.rules.mlp import mlp
+
+# name -> (our rule, torch's module, a module's settings: the rule's extra arguments, also
+# the module's constructor arguments in the same order)
+_ACTIVATIONS: dict[str, tuple[type, type[torch.nn.Module], object]] = {
+    "sigmoid": (rules.Sigmoid, torch.nn.Sigmoid, lambda m: ()),
+    "tanh": (rules.Tanh, torch.nn.Tanh, lambda m: ()),
+    "relu": (rules.ReLU, torch.nn.ReLU, lambda m: ()),
+    "leaky_relu": (rules.LeakyReLU, torch.nn.LeakyReLU, lambda m: (m.negative_slope,)),
+    "elu": (rules.ELU, torch.nn.ELU, lambda m: (m.alpha,)),
+    "softplus": (rules.Softplus, torch.nn.Softplus, lambda m: (m.beta, m.threshold)),
+    "silu": (rules.SiLU, torch.nn.SiLU, lambda m: ()),
+    "gelu": (rules.GELU, torch.nn.GELU, lambda m: (m.approximate,)),
+    "identity": (rules.Identity, torch.nn.Identity, lambda m: ()),
+}
+
+
+def _resolve(activation) -> torch.nn.Module:
+    """A name, an Elementwise rule or an activation module -> a stock torch.nn module holding its settings."""
+    if isinstance(activation, str):
+        if activation not in _ACTIVATIONS:
+            raise InputError(f"MLP: unknown activation {activation!r}; choose one of {sorted(_ACTIVATIONS)}")
+        return _ACTIVATIONS[activation][1]()
+    for rule, module, settings in _ACTIVATIONS.values():
+        if activation is rule:
+            return module()
+        if isinstance(activation, module):  # torch's module or ours (a subclass): keep its settings
+            return module(*settings(activation))
+    raise InputError(
+        f"MLP: activation must be one of {sorted(_ACTIVATIONS)}, an Elementwise rule of "
+        f"manual_backprop.rules or a matching torch.nn activation module, got {activation!r}"
+    )
+
+
+def _name_of(module: torch.nn.Module) -> str:
+    return next(name for name, (_, cls, _) in _ACTIVATIONS.items() if type(module) is cls)
+
+
+def _rule_of(module: torch.nn.Module | None):
+    if module is None:
+        return None
+    rule, _, settings = _ACTIVATIONS[_name_of(module)]
+    return layer_activation(rule, *settings(module))
+
+
+class MLP(torch.nn.Module):
+    """Linear → activation → … → Linear [→ output_activation], forward and backward in one rule.
+
+    Args:
+        sizes: layer widths [in, hidden…, out]; at least two.
+        activation: hidden activation: a name ("sigmoid", "tanh", "relu", "leaky_relu",
+            "elu", "softplus", "silu", "gelu", "identity"), an Elementwise rule
+            (`manual_backprop.rules.Sigmoid`) or an activation module (`torch.nn.LeakyReLU(0.2)`).
+        output_activation: the same choices, or None for raw outputs (logits for the
+            *WithLogits / CrossEntropy losses).
+        bias: whether every Linear has a bias.
+
+    Shape: input (*, sizes[0]); output (*, sizes[-1]).
+
+    Parameters are initialised as torch.nn.Linear does, in the same order, so with the
+    same seed an MLP starts from the same weights as the equivalent nn.Sequential.
+    """
+
+    def __init__(self, sizes: Sequence[int], activation="relu", output_activation=None, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        sizes = list(sizes)
+        if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in sizes):
+            raise InputError(f"MLP: sizes must list at least two non-negative int widths [in, ..., out], got {sizes}")
+        self.sizes = sizes
+        # Kept in a list, not as submodules: they hold settings only, and the fused rule runs them.
+        self._activations = [_resolve(activation), None if output_activation is None else _resolve(output_activation)]
+        self.bias = bias
+        self.layers = torch.nn.ModuleList(
+            Linear(n_in, n_out, bias=bias, device=device, dtype=dtype) for n_in, n_out in zip(sizes, sizes[1:])
+        )
+        hidden = _rule_of(self.activation)
+        self._rule_layers = (hidden,) * (len(sizes) - 2) + (_rule_of(self.output_activation),)
+
+    @property
+    def activation(self) -> torch.nn.Module:
+        """The hidden activation, as the equivalent torch.nn module (settings only; the rule runs it)."""
+        return self._activations[0]
+
+    @property
+    def output_activation(self) -> torch.nn.Module | None:
+        return self._activations[1]
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() == 0 or input.shape[-1] != self.sizes[0]:
+            raise InputError(
+                f"MLP: input's last dimension must equal sizes[0]={self.sizes[0]}, got input of shape {tuple(input.shape)}"
+            )
+        weights_and_biases = [p for layer in self.layers for p in (layer.weight, layer.bias)]
+        # Autocast casts every Linear's inputs; the activations then run in that dtype, as after a stock Linear.
+        input, *weights_and_biases = autocast_inputs("linear", input.device, input, *weights_and_biases)
+        if input.dtype != weights_and_biases[0].dtype:
+            _checks.same_dtype("MLP", input=input, weight=weights_and_biases[0])
+        return mlp(input, self._rule_layers, *weights_and_biases)
+
+    def extra_repr(self) -> str:
+        out = "None" if self.output_activation is None else repr(self.output_activation)
+        return f"sizes={self.sizes}, activation={self.activation!r}, output_activation={out}, bias={self.bias}"
+
+    # ------------------------------------------------ the equivalent nn.Sequential
+
+    def to_sequential(self) -> torch.nn.Sequential:
+        """The equivalent stock `nn.Sequential` (torch's modules), with a copy of these parameters."""
+        modules: list[torch.nn.Module] = []
+        for k, layer in enumerate(self.layers):
+            linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=self.bias,
+                                     device=layer.weight.device, dtype=layer.weight.dtype)
+            modules.append(linear)
+            if k < len(self.layers) - 1:
+                modules.append(_resolve(self.activation))
+        if self.output_activation is not None:
+            modules.append(_resolve(self.output_activation))
+        sequential = torch.nn.Sequential(*modules)
+        sequential.load_state_dict(self.sequential_state_dict())
+        return sequential
+
+    def sequential_state_dict(self) -> dict[str, torch.Tensor]:
+        """This state_dict under the keys of `to_sequential()`: `0.weight`, `0.bias`, `2.weight`, …"""
+        return {f"{2 * k}.{name}": tensor.detach().clone() for k, layer in enumerate(self.layers)
+                for name, tensor in layer.state_dict().items()}
+
+    def load_sequential_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
+        """Load the state_dict of an equivalent nn.Sequential.
+
+        Its Linear layers are found by position: the k-th distinct module prefix that
+        holds a `weight` becomes `layers.{k}`, whatever sits between them (activations,
+        Dropout…). Returns what `load_state_dict` returns.
+        """
+        prefixes = list(dict.fromkeys(key.rsplit(".", 1)[0] for key in state_dict if key.endswith(".weight")))
+        if strict and len(prefixes) != len(self.layers):
+            raise InputError(
+                f"MLP: the state_dict holds {len(prefixes)} weighted layers ({prefixes}), "
+                f"this MLP has {len(self.layers)} Linear layers"
+            )
+        renamed = {f"layers.{prefixes.index(prefix)}.{name}": tensor
+                   for key, tensor in state_dict.items()
+                   for prefix, name in [key.rsplit(".", 1)] if prefix in prefixes}
+        return self.load_state_dict(renamed, strict=strict)
+
+    @classmethod
+    def from_sequential(cls, sequential: torch.nn.Sequential) -> "MLP":
+        """An MLP equal to `sequential` = (Linear, act, Linear, act, …, Linear[, out_act]), parameters copied.
+
+        The hidden activations must all be the same module type and settings; an
+        `nn.Sequential` of our modules (`manual_backprop.nn`) works as well as torch's.
+        """
+        modules = list(sequential)
+        linears = [m for m in modules if isinstance(m, torch.nn.Linear)]
+        layout = "Linear, act, Linear, act, ..., Linear[, out_act]"
+        if not linears or not isinstance(modules[0], torch.nn.Linear):
+            raise InputError(f"MLP.from_sequential: expected {layout}, got {sequential}")
+        hidden = [modules[i + 1] for i, m in enumerate(modules[:-1]) if isinstance(m, torch.nn.Linear)
+                  and m is not linears[-1]]
+        output = modules[-1] if not isinstance(modules[-1], torch.nn.Linear) else None
+        expected_len = 2 * len(linears) - 1 + (output is not None)
+        if len(modules) != expected_len or any(isinstance(m, torch.nn.Linear) for m in hidden):
+            raise InputError(f"MLP.from_sequential: expected {layout}, got {sequential}")
+        resolved = [_resolve(m) for m in hidden]
+        if len({(type(m), _rule_of(m)[3]) for m in resolved}) > 1:
+            raise InputError(f"MLP.from_sequential: hidden activations differ ({hidden}); the MLP uses one")
+        biases = {m.bias is not None for m in linears}
+        if len(biases) != 1:
+            raise InputError("MLP.from_sequential: either every Linear has a bias or none does")
+        sizes = [linears[0].in_features] + [m.out_features for m in linears]
+        weight = linears[0].weight
+        network = cls(sizes, activation=resolved[0] if resolved else "identity", output_activation=output,
+                  bias=biases.pop(), device=weight.device, dtype=weight.dtype)
+        network.load_sequential_state_dict(sequential.state_dict())
+        return network

@@ -1,0 +1,147 @@
+"""The whole network as one rule: the notes' forward and backward loops, fused.
+
+    forward    z(l+1) = a(l) W(l)ᵀ + b(l),   a(l+1) = σ(z(l+1))          l = 0 … L−1
+    backward   δ(L) = ∂J/∂z(L)  (from the loss, through the output σ' if any)
+               ∂J/∂W(l) = δ(l+1)ᵀ a(l),   ∂J/∂b(l) = Σₙ δ(l+1)
+               δ(l) = (δ(l+1) W(l)) ⊙ σ'(·)                            l = L−1 … 0
+
+One autograd node for the network instead of two per layer. Only what the math
+needs is kept: the activations a(l) (σ' from a where the activation allows: sigmoid
+a(1−a), tanh 1−a², relu [a>0], identity 1) and z(l) only for activations whose σ'
+needs it. σ and σ' come from the `Elementwise` rules in `activations`.
+
+The hidden a(l) and z(l) are returned as extra outputs (the caller keeps only the
+first) for one reason: double backward. Saved as outputs they stay attached to the
+graph, so the second derivative through σ'(a(l)) reaches W and the input; the
+incoming gradients for them (None in ordinary training) are added where the loop
+passes a(l) and z(l).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch._C._functorch import is_functorch_wrapped_tensor
+
+from manual_backprop._amp import without_autocast
+from manual_backprop.rules._apply import apply_rule
+
+
+def activation(rule: type, *params) -> tuple:
+    """One layer's activation for `MLP`: an Elementwise rule's σ, σ', where σ' reads from, and
+    its extra arguments (LeakyReLU's slope…). Plain functions and values, so torch.compile
+    traces them as constants."""
+    return (rule.sigma, rule.sigma_prime, rule.sigma_prime_from, params)
+
+
+def _sigma_prime_source(activation) -> str | None:
+    return None if activation is None else activation[2]
+
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """(*, features) -> (n, features): every leading dimension flattened into one."""
+    return t if t is None or t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _by_layer(layers, kept) -> list:
+    """The z(l+1) (or their gradients) kept for layers whose σ' reads z, by layer; None elsewhere."""
+    kept = iter(kept)
+    return [next(kept, None) if _sigma_prime_source(activation) == "z" else None for activation in layers]
+
+
+def _times_sigma_prime(grad_a, activation, a, z, in_place: bool):
+    """δ = ∂J/∂a ⊙ σ'(a or z), with σ' from the layer's Elementwise rule."""
+    if activation is None or grad_a is None:
+        return grad_a
+    _, sigma_prime, source, params = activation
+    slope = sigma_prime(a if source == "a" else z, *params)  # source None: a constant, saved nothing
+    if isinstance(slope, float) and slope == 1.0:
+        return grad_a
+    if in_place and not is_functorch_wrapped_tensor(grad_a):
+        return grad_a.mul_(slope)
+    return grad_a * slope
+
+
+def _plus(x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:
+    return y if x is None else x if y is None else x + y
+
+
+class MLP(torch.autograd.Function):
+    """out = σ_L(… σ_1(a W₀ᵀ + b₀) …)  for a: (*, in); `layers`: per layer, the activation
+    made by `activation(rule, *params)`, or None (z is the layer's output);
+    then W₀, b₀, W₁, b₁, … (W: (out, in) in torch's layout, b: (out,) or None).
+
+    Returns (out, a(1) … a(L−1), the z(l) of activations whose σ' needs z); every
+    tensor but `out` is (n, features) with the leading dimensions of `a` flattened to n.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, layers, *weights_and_biases):
+        leading = a.shape[:-1]
+        a = _rows(a)
+        activations, zs = [], []
+        for activation, W, b in zip(layers, weights_and_biases[0::2], weights_and_biases[1::2]):
+            z = F.linear(a, W, b)
+            if activation is None:
+                a = z
+            else:
+                sigma, _, source, params = activation
+                a = sigma(z, *params)
+                if source == "z":
+                    zs.append(z)
+            activations.append(a)
+        out = activations.pop()
+        return (out.reshape(*leading, out.shape[-1]) if len(leading) != 1 else out, *activations, *zs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        a, layers, *weights_and_biases = inputs
+        out, *kept = outputs
+        ctx.layers, ctx.input_shape = layers, a.shape
+        # Unused extra outputs get None, not zero-filled tensors of every hidden size.
+        ctx.set_materialize_grads(False)
+        need_a0, _, *need_params = ctx.needs_input_grad
+        # δ must travel down to the lowest layer with a parameter that wants a gradient (or to a(0)).
+        wanted = [l for l in range(len(layers)) if need_params[2 * l] or need_params[2 * l + 1]]
+        ctx.lowest = 0 if need_a0 else min(wanted, default=len(layers))
+        # W(l) carries δ below layer l; a(0) gives ∂J/∂W(0); the output gives σ' on the last layer.
+        Ws = [W if l > ctx.lowest or need_a0 else None for l, W in enumerate(weights_and_biases[0::2])]
+        from_a = _sigma_prime_source(layers[-1]) == "a"
+        ctx.save_for_backward(a if need_params[0] else None, out if from_a else None, *Ws, *kept)
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, grad_out, *grad_kept):
+        layers, L = ctx.layers, len(ctx.layers)
+        a0, out, *saved = ctx.saved_tensors
+        W = saved[:L]
+        a = [_rows(a0), *saved[L : 2 * L - 1], _rows(out)]  # a[l] = a(l), the input of layer l; a[L] the output
+        z, grad_z = _by_layer(layers, saved[2 * L - 1 :]), _by_layer(layers, grad_kept[L - 1 :])
+        grad_hidden = [*grad_kept[: L - 1], None]  # gradients that reached a(l+1) directly (double backward)
+        need_a0, _, *need = ctx.needs_input_grad
+        in_place = not torch.is_grad_enabled()  # on tensors made here, and only when no graph is recorded
+
+        grads = [None] * (2 * L)
+        grad_a, owned = (None if grad_out is None else _rows(grad_out)), False  # ∂J/∂a(L)
+        for l in reversed(range(L)):
+            if grad_hidden[l] is not None:
+                grad_a, owned = _plus(grad_a, grad_hidden[l]), False
+            delta = _plus(_times_sigma_prime(grad_a, layers[l], a[l + 1], z[l], owned and in_place), grad_z[l])
+            grad_a, owned = None, False
+            if delta is None:
+                continue
+            if need[2 * l]:
+                grads[2 * l] = delta.t().mm(a[l])  # ∂J/∂W(l) = δ(l+1)ᵀ a(l)
+            if need[2 * l + 1]:
+                grads[2 * l + 1] = delta.sum(0)  # ∂J/∂b(l) = Σₙ δ(l+1)
+            if l > ctx.lowest or need_a0:
+                grad_a, owned = delta.mm(W[l]), True  # ∂J/∂a(l) = δ(l+1) W(l)
+        grad_input = grad_a.reshape(ctx.input_shape) if need_a0 and grad_a is not None else None
+        return grad_input, None, *grads
+
+
+def mlp(a: torch.Tensor, layers: tuple, *weights_and_biases: torch.Tensor | None) -> torch.Tensor:
+    """The network's output, `MLP.apply(a, layers, *weights_and_biases)[0]`."""
+    return apply_rule(MLP, a, layers, *weights_and_biases)[0]

@@ -1,0 +1,464 @@
+"""Training-step speed and memory of our rules against stock autograd, in one process.
+
+    python scripts/bench.py                     # full grid, CPU (+ CUDA where available)
+    python scripts/bench.py --quick --out /tmp  # tiny grid, few repeats: a smoke test
+
+Contenders, all started from the same parameters and fed the same batch:
+    stock      torch.nn.Sequential(Linear, act, …): stock autograd
+    per-layer  the same Sequential of manual_backprop.nn modules: two of our nodes per layer
+    fused      manual_backprop.nn.MLP: one node for the network
+    compiled   the fused step (MLP + loss) under torch.compile
+    peers      a plain per-layer autograd.Function without fusion, in the style of
+               peer projects (old-style ctx, saves the inputs, recomputes σ in backward)
+    matmuls    the step's matrix products alone (3 per layer: forward, grad-input,
+               grad-weight; the first layer's grad-input is left out because x needs
+               no gradient and no contender computes it): the roofline
+
+One step = zero grads (set to None), forward, loss, backward. Contenders are timed
+in turn, sample by sample, so drifting machine load hits them all alike; each
+sample runs enough steps to last about a millisecond. The table reports the median
+step time, and each ratio as the median over rounds of the ratio within a round. Loss: BCEWithLogits for one output, CrossEntropy for more; torch's
+for every contender, so the ratios compare the networks alone (--our-loss gives our
+contenders manual_backprop's losses instead).
+
+Saved bytes: every tensor autograd packs during one forward + loss is seen by a
+`torch.autograd.graph.saved_tensors_hooks` pack hook; we sum the sizes of the
+distinct storages among them (a tensor and its views count once), leaving out the
+parameters' storages (they live anyway and every contender saves the same weights).
+Peak memory: CUDA: torch.cuda.max_memory_allocated during one step, above what was
+allocated before it. CPU: the CPU build keeps no allocator statistics, so the peak
+column is left empty there and the saved bytes stand for the memory a step holds.
+
+Exits non-zero only when a contender's gradients differ from stock autograd's;
+a missed speed or memory target prints MISSED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import manual_backprop.nn as mnn
+
+# ------------------------------------------------------------------ the peers' style
+
+
+class PeerLinear(torch.autograd.Function):
+    """The classic hand-written Linear: old-style ctx, saves input, weight and bias."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias):
+        ctx.save_for_backward(input, weight, bias)
+        return input.mm(weight.t()) + bias
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, bias = ctx.saved_tensors
+        return grad_output.mm(weight), grad_output.t().mm(input), grad_output.sum(0)
+
+
+class PeerActivation(torch.autograd.Function):
+    """The classic hand-written activation: saves the input z, recomputes σ'(z) in backward."""
+
+    @staticmethod
+    def forward(ctx, z, name):
+        ctx.save_for_backward(z)
+        ctx.name = name
+        return PEER_SIGMA[name](z)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (z,) = ctx.saved_tensors
+        return grad_output * PEER_SIGMA_PRIME[ctx.name](z), None
+
+
+PEER_SIGMA = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
+PEER_SIGMA_PRIME = {
+    "sigmoid": lambda z: torch.sigmoid(z) * (1 - torch.sigmoid(z)),
+    "tanh": lambda z: 1 - torch.tanh(z) ** 2,
+    "relu": lambda z: (z > 0).to(z.dtype),
+}
+
+
+class PeerNet(nn.Module):
+    def __init__(self, stock: nn.Sequential, activation: str):
+        super().__init__()
+        self.linears = nn.ModuleList(m for m in stock if isinstance(m, nn.Linear))
+        self.activation = activation
+
+    def forward(self, x):
+        for k, linear in enumerate(self.linears):
+            x = PeerLinear.apply(x, linear.weight, linear.bias)
+            if k < len(self.linears) - 1:
+                x = PeerActivation.apply(x, self.activation)
+        return x
+
+
+# ------------------------------------------------------------------ the grid
+
+STOCK_ACTIVATION = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
+OUR_ACTIVATION = {"sigmoid": mnn.Sigmoid, "tanh": mnn.Tanh, "relu": mnn.ReLU}
+
+# (sizes, batch, GEMM-bound). GEMM-bound, as the issue names it, is the largest size: there the
+# matrix products take about 90% of a stock step (a quarter less at 256→512→512→10).
+FULL_GRID = [
+    ((4, 8, 8, 1), 32, False),
+    ((64, 128, 128, 10), 128, False),
+    ((256, 512, 512, 10), 256, False),
+    ((784, 1024, 1024, 10), 512, True),
+]
+QUICK_GRID = [((4, 8, 8, 1), 8, False), ((16, 32, 10), 16, True)]
+CONTENDERS = ["stock", "per-layer", "fused", "compiled", "peers"]
+
+
+@dataclass(eq=False)
+class Case:
+    device: str
+    sizes: tuple
+    batch: int
+    activation: str
+    gemm_bound: bool
+    times: dict = field(default_factory=dict)  # contender -> seconds per step (median)
+    rounds: dict = field(default_factory=dict)  # contender -> seconds per step, one per timing round
+    saved: dict = field(default_factory=dict)  # contender -> bytes saved for backward
+    peak: dict = field(default_factory=dict)  # contender -> peak bytes during a step (CUDA)
+    flops: float = 0.0
+
+    @property
+    def network(self) -> str:
+        return "→".join(map(str, self.sizes))
+
+    def ratio(self, name: str, to: str = "stock") -> float:
+        """Step time of `name` ÷ that of `to`: the median over timing rounds of the ratio within a
+        round, so load that drifts between rounds cancels out."""
+        if not self.rounds:
+            return self.times[name] / self.times[to]
+        return statistics.median(t / u for t, u in zip(self.rounds[name], self.rounds[to]))
+
+
+def build(case: Case, compile_backend: str, our_loss_for_ours: bool = False):
+    """Every contender's step function and parameters, all from one stock network's parameters."""
+    device, sizes, act = case.device, case.sizes, case.activation
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for k, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if k < len(sizes) - 2:
+            layers.append(STOCK_ACTIVATION[act]())
+    stock = nn.Sequential(*layers).to(device)
+    per_layer = nn.Sequential(
+        *[mnn.Linear(m.in_features, m.out_features) if isinstance(m, nn.Linear) else OUR_ACTIVATION[act]() for m in stock]
+    ).to(device)
+    per_layer.load_state_dict(stock.state_dict())
+    fused = mnn.MLP.from_sequential(stock)
+    compiled_model = mnn.MLP.from_sequential(stock)
+    peers = PeerNet(copy.deepcopy(stock), act)  # its own copy of the parameters
+
+    x = torch.randn(case.batch, sizes[0], device=device)
+    if sizes[-1] == 1:
+        y = torch.randint(0, 2, (case.batch, 1), device=device).float()
+        stock_loss, our_loss = nn.BCEWithLogitsLoss(), mnn.BCEWithLogitsLoss()
+    else:
+        y = torch.randint(0, sizes[-1], (case.batch,), device=device)
+        stock_loss, our_loss = nn.CrossEntropyLoss(), mnn.CrossEntropyLoss()
+    if not our_loss_for_ours:  # one loss for all: the ratios then compare the networks alone
+        our_loss = stock_loss
+
+    compiled_forward = torch.compile(lambda x, y: our_loss(compiled_model(x), y), backend=compile_backend)
+    forwards = {
+        "stock": (lambda: stock_loss(stock(x), y), stock),
+        "per-layer": (lambda: our_loss(per_layer(x), y), per_layer),
+        "fused": (lambda: our_loss(fused(x), y), fused),
+        "compiled": (lambda: compiled_forward(x, y), compiled_model),
+        "peers": (lambda: stock_loss(peers(x), y), peers),
+    }
+    steps, params = {}, {}
+    for name, (forward, model) in forwards.items():
+        params[name] = list(model.parameters())
+        steps[name] = make_step(forward, params[name])
+    steps["matmuls"], case.flops = matmul_step(stock, x)
+    return forwards, steps, params
+
+
+def make_step(forward, params):
+    def step():
+        for p in params:
+            p.grad = None
+        forward().backward()
+
+    return step
+
+
+def matmul_step(stock: nn.Sequential, x: torch.Tensor):
+    """The step's matrix products alone, on tensors of the step's shapes; and their FLOPs."""
+    products = []
+    n = x.shape[0]
+    for k, linear in enumerate(m for m in stock if isinstance(m, nn.Linear)):
+        W = linear.weight.detach()
+        a = torch.randn(n, linear.in_features, device=x.device)
+        delta = torch.randn(n, linear.out_features, device=x.device)
+        products.append((a, W.t()))  # forward: a Wᵀ
+        products.append((delta.t(), a))  # grad-weight: δᵀ a
+        if k > 0:
+            products.append((delta, W))  # grad-input: δ W (not for the first layer: x needs no grad)
+    flops = sum(2 * p.shape[0] * p.shape[1] * q.shape[1] for p, q in products)
+
+    def step():
+        for p, q in products:
+            torch.mm(p, q)
+
+    return step, flops
+
+
+# ------------------------------------------------------------------ measurements
+
+
+def check_gradients(case: Case, forwards, params) -> list[str]:
+    """Each contender's loss and gradients against stock autograd's, from the same parameters."""
+    errors = []
+    reference = None
+    for name, (forward, _) in forwards.items():
+        for p in params[name]:
+            p.grad = None
+        loss = forward()
+        loss.backward()
+        got = [loss.detach()] + [p.grad for p in params[name]]
+        if reference is None:
+            reference = got
+            continue
+        for i, (g, r) in enumerate(zip(got, reference)):
+            if g is None or not torch.allclose(g, r, rtol=1e-4, atol=1e-5):
+                worst = float("nan") if g is None else (g - r).abs().max().item()
+                errors.append(f"{case.device} {case.network} {case.activation} {name}: tensor {i} differs (max |Δ| {worst:.3g})")
+    return errors
+
+
+def count_saved_bytes(forward, params) -> int:
+    parameter_storages = {p.untyped_storage().data_ptr() for p in params}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in parameter_storages:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = forward()
+    del loss
+    return sum(storages.values())
+
+
+def peak_bytes(step, device: str) -> int | None:
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def time_all(steps: dict, device: str, samples: int, target_s: float = 1e-3) -> dict:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    inner = {}
+    for name, step in steps.items():  # warm up (compiles too; 3 steps and at least 50 ms) and size each sample
+        start, done = time.perf_counter(), 0
+        while done < 3 or time.perf_counter() - start < 0.05:
+            step()
+            done += 1
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        inner[name] = max(1, min(200, int(target_s / max(time.perf_counter() - start, 1e-7))))
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for sample in range(samples):
+        for name in names[sample % len(names) :] + names[: sample % len(names)]:  # rotate who goes first
+            step, n = steps[name], inner[name]
+            sync()
+            start = time.perf_counter()
+            for _ in range(n):
+                step()
+            sync()
+            times[name].append((time.perf_counter() - start) / n)
+    return times
+
+
+# ------------------------------------------------------------------ report
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def table(cases: list[Case]) -> str:
+    lines = [
+        "| device | network | batch | act | contender | step ms | × stock | GFLOP/s | roofline / step | saved KiB | peak KiB |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in cases:
+        for name in CONTENDERS + ["matmuls"]:
+            t = c.times[name]
+            saved = c.saved.get(name)
+            peak = c.peak.get(name)
+            lines.append(
+                f"| {c.device} | {c.network} | {c.batch} | {c.activation} | {name} | {t * 1e3:.3f} | {c.ratio(name):.2f} "
+                f"| {c.flops / t / 1e9:.1f} | {c.ratio('matmuls', name):.2f} | {'' if saved is None else f'{saved / 1024:.1f}'} "
+                f"| {'' if peak is None else f'{peak / 1024:.1f}'} |"
+            )
+    return "\n".join(lines)
+
+
+def summary(cases: list[Case]) -> str:
+    """Step time ÷ stock per size, geometric mean over the activations."""
+    names = [n for n in CONTENDERS if n != "stock"] + ["matmuls"]
+    lines = ["| device | network | batch | stock ms | " + " | ".join(names) + " |",
+             "|---|---|---|---:|" + "---:|" * len(names)]
+    for group in dict.fromkeys((c.device, c.network, c.batch) for c in cases):
+        on = [c for c in cases if (c.device, c.network, c.batch) == group]
+        ratios = [geomean(c.ratio(n) for c in on) for n in names]
+        stock = geomean(c.times["stock"] for c in on)
+        lines.append(f"| {group[0]} | {group[1]} | {group[2]} | {stock * 1e3:.3f} | "
+                     + " | ".join(f"{r:.2f}×" for r in ratios) + " |")
+    return "\n".join(lines)
+
+
+def targets(cases: list[Case]) -> list[tuple[bool, str]]:
+    results = []
+    for device in dict.fromkeys(c.device for c in cases):
+        on = [c for c in cases if c.device == device]
+        ratio = {name: {c: c.ratio(name) for c in on} for name in CONTENDERS}
+        fused = ratio["fused"]
+        worst = max(on, key=lambda c: fused[c])
+        results.append((geomean(fused.values()) <= 1.00,
+                        f"{device}: fused ≤ 1.00× stock, geomean over the grid: {geomean(fused.values()):.2f}×"))
+        results.append((fused[worst] <= 1.05,
+                        f"{device}: fused ≤ 1.05× stock at every size: worst {fused[worst]:.2f}× "
+                        f"({worst.network} {worst.activation})"))
+        smallest = [c for c in on if c.sizes == on[0].sizes]
+        gemm = [c for c in on if c.gemm_bound]
+        per_layer_gemm = max((ratio["per-layer"][c] for c in gemm), default=float("nan"))
+        per_layer_small = max(ratio["per-layer"][c] for c in smallest)
+        results.append((per_layer_gemm <= 1.10, f"{device}: per-layer ≤ 1.10× stock at GEMM-bound sizes: worst {per_layer_gemm:.2f}×"))
+        results.append((per_layer_small <= 1.5, f"{device}: per-layer ≤ 1.5× stock at the smallest size: worst {per_layer_small:.2f}×"))
+        roofline = max((c.ratio("fused", "matmuls") for c in gemm), default=float("nan"))
+        stock_roofline = max((c.ratio("stock", "matmuls") for c in gemm), default=float("nan"))
+        results.append((roofline <= 1.10, f"{device}: fused within 1.10× of the matmul roofline at GEMM-bound sizes: "
+                                          f"worst {roofline:.2f}× (stock autograd: {stock_roofline:.2f}×)"))
+        over = [f"{c.network} {c.activation} {name}" for c in on for name in ("per-layer", "fused")
+                if c.saved.get(name) is not None and c.saved[name] > c.saved["stock"]]
+        results.append((not over, f"{device}: saved bytes never above stock: {'ok' if not over else 'above in ' + ', '.join(over)}"))
+        compiled = max(c.ratio("compiled") for c in smallest)
+        results.append((compiled < 1.0, f"{device}: compiled fused faster than eager stock at the smallest size: worst {compiled:.2f}×"))
+    return results
+
+
+def chart(cases: list[Case], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys((c.device, c.network, c.batch) for c in cases))
+    names = [n for n in CONTENDERS if n != "stock"] + ["matmuls"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(groups)), 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [geomean(c.ratio(name) for c in cases if (c.device, c.network, c.batch) == g)
+                  for g in groups]
+        ax.bar([j + i * width for j in range(len(groups))], values, width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax.set_xticklabels([f"{d}\n{n}\nbatch {b}" for d, n, b in groups], fontsize=8)
+    ax.set_ylabel("step time ÷ stock autograd")
+    ax.set_title("One training step against stock autograd (geometric mean over activations)", fontsize=9)
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny grid, few samples: checks correctness, not speed")
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
+                        help="all: cpu, and cuda where available (default)")
+    parser.add_argument("--out", type=Path, default=Path("bench_results"), help="folder for bench.md and bench.png")
+    parser.add_argument("--samples", type=int, default=None, help="timing samples per contender (default 15, quick 3)")
+    parser.add_argument("--activations", nargs="+", default=None, choices=sorted(STOCK_ACTIVATION))
+    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor, quick aot_eager)")
+    parser.add_argument("--our-loss", action="store_true",
+                        help="per-layer, fused and compiled use manual_backprop's loss (default: torch's, for all)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice, one per core)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    if not devices:
+        parser.error("--device cuda: CUDA is not available")
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    activations = args.activations or (["sigmoid", "relu"] if args.quick else ["sigmoid", "tanh", "relu"])
+    samples = args.samples or (3 if args.quick else 15)
+    backend = args.compile_backend or ("aot_eager" if args.quick else "inductor")
+
+    start = time.perf_counter()
+    cases, errors = [], []
+    for device in devices:
+        for sizes, batch, gemm_bound in grid:
+            for act in activations:
+                case = Case(device, sizes, batch, act, gemm_bound)
+                torch._dynamo.reset()  # one compiled graph per case; never hit the recompile limit
+                forwards, steps, params = build(case, backend, args.our_loss)
+                errors += check_gradients(case, forwards, params)
+                for name, (forward, _) in forwards.items():
+                    try:
+                        case.saved[name] = count_saved_bytes(forward, params[name])
+                    except Exception:  # saved-tensor hooks under torch.compile may be refused: leave it blank
+                        case.saved[name] = None
+                    case.peak[name] = peak_bytes(steps[name], device)
+                case.rounds = time_all(steps, device, samples)
+                case.times = {name: statistics.median(ts) for name, ts in case.rounds.items()}
+                cases.append(case)
+                print(f"{device} {case.network} batch {batch} {act}: "
+                      + ", ".join(f"{n} {t * 1e3:.3f} ms" for n, t in case.times.items()), flush=True)
+
+    environment = (f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
+                   f"compile backend {backend}, {samples} samples per contender, "
+                   f"{'our' if args.our_loss else 'torch'} loss for our contenders; "
+                   + ("CUDA: " + torch.cuda.get_device_name() if "cuda" in devices else "CPU only"))
+    report = [f"Benchmark ({environment}); wall time {time.perf_counter() - start:.0f} s", "",
+              "Step time ÷ stock autograd, geometric mean over the activations:", "", summary(cases), "",
+              "Every case:", "", table(cases), "", "Targets:"]
+    for met, text in targets(cases):
+        report.append(f"- {'met' if met else 'MISSED'}: {text}")
+    markdown = "\n".join(report)
+    print(markdown)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.md").write_text(markdown + "\n")
+    chart(cases, args.out / "bench.png")
+    print(f"wrote {args.out / 'bench.md'} and {args.out / 'bench.png'}")
+    if errors:
+        print("WRONG GRADIENTS:\n" + "\n".join(errors), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""scripts/bench.py on a tiny grid: its correctness (gradient check, counting, report), not its timing."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_quick_run_writes_table_chart_and_targets(bench, tmp_path, capsys):
+    assert bench.main(["--quick", "--device", "cpu", "--samples", "1", "--activations", "sigmoid", "--out", str(tmp_path)]) == 0
+    markdown = (tmp_path / "bench.md").read_text()
+    summary_rows = [line for line in markdown.split("Every case:")[0].splitlines() if line.startswith("| cpu |")]
+    assert len(summary_rows) == len(bench.QUICK_GRID)
+    rows = [line for line in markdown.split("Every case:")[1].splitlines() if line.startswith("| cpu |")]
+    contenders = bench.CONTENDERS + ["matmuls"]
+    assert len(rows) == len(bench.QUICK_GRID) * len(contenders)
+    assert [row.split("|")[5].strip() for row in rows[: len(contenders)]] == contenders
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert float(cells[5]) > 0 and float(cells[6]) >= 0  # step ms, × stock
+        if cells[4] == "stock":
+            assert cells[6] == "1.00"
+    assert markdown.count("- met:") + markdown.count("- MISSED:") == 7
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "bench.md" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_wrong_gradients_fail_the_run(bench, tmp_path, monkeypatch):
+    monkeypatch.setitem(bench.PEER_SIGMA_PRIME, "sigmoid", lambda z: torch.sigmoid(z))  # σ' wrong on purpose
+    argv = ["--quick", "--device", "cpu", "--samples", "1", "--activations", "sigmoid", "--out", str(tmp_path)]
+    assert bench.main(argv) == 1
+
+
+def test_saved_bytes_count_each_storage_once(bench):
+    x = torch.randn(4, 8, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(3, 8))
+
+    def forward():
+        a = torch.sigmoid(x)  # saves its output a: 4·8 floats
+        z = a @ weight.t()  # saves a (already counted) and weight (a parameter: left out)
+        return (z * z[:, :1]).sum()  # saves z and its view z[:, :1]: one storage of 4·3 floats
+
+    assert bench.count_saved_bytes(forward, [weight]) == (4 * 8 + 4 * 3) * 4
+
+
+def test_matmul_roofline_counts_the_step_products(bench):
+    stock = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Sigmoid(), torch.nn.Linear(8, 2))
+    _, flops = bench.matmul_step(stock, torch.randn(16, 4))
+    # layer 1: forward + grad-weight; layer 2: forward + grad-weight + grad-input
+    assert flops == 2 * 16 * (4 * 8 * 2 + 8 * 2 * 3)
+
+
+def test_targets_report_met_and_missed(bench):
+    def case(sizes, gemm_bound, fused, saved_fused):
+        c = bench.Case("cpu", sizes, 8, "relu", gemm_bound)
+        c.times = {"stock": 1.0, "per-layer": 1.0, "fused": fused, "compiled": 0.5, "peers": 1.2, "matmuls": fused / 1.05}
+        c.saved = {"stock": 100, "per-layer": 100, "fused": saved_fused}
+        return c
+
+    good = bench.targets([case((4, 8, 1), False, 0.9, 100), case((64, 64, 10), True, 0.95, 90)])
+    assert all(met for met, _ in good), good
+    bad = dict((text.split(":")[1].strip(), met) for met, text in
+               bench.targets([case((4, 8, 1), False, 1.2, 120), case((64, 64, 10), True, 1.0, 90)]))
+    assert not bad["fused ≤ 1.00× stock, geomean over the grid"]
+    assert not bad["fused ≤ 1.05× stock at every size"]
+    assert not bad["saved bytes never above stock"]
+    assert bad["per-layer ≤ 1.10× stock at GEMM-bound sizes"]
+
+
+def test_ratios_pair_contenders_within_each_round(bench):
+    case = bench.Case("cpu", (4, 8, 1), 8, "relu", False)
+    case.rounds = {"stock": [1.0, 2.0, 3.0], "fused": [1.5, 2.2, 9.0]}
+    case.times = {name: sorted(ts)[1] for name, ts in case.rounds.items()}
+    assert case.ratio("fused") == pytest.approx(1.5)  # median of 1.5, 1.1, 3.0; not 2.2 / 2.0
