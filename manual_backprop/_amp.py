@@ -85,6 +85,8 @@ def without_autocast(backward: F) -> F:
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
+        if not torch._C._is_any_autocast_enabled():  # the common case: one cheap check
+            return backward(ctx, *grads)
         device = next((g.device for g in grads if g is not None), None)
         if device is not None and torch.is_autocast_enabled(device.type):
             with torch.autocast(device.type, enabled=False):

@@ -198,6 +198,7 @@ def binary_cross_entropy(
         input.detach(),
         lambda p: (p >= 0) & (p <= 1),
         "input probabilities must lie in [0, 1]",
+        within=(0, 1),
     )
     return apply_rule(rules.BinaryCrossEntropy, input, target, weight, reduction)
 
@@ -269,6 +270,7 @@ def cross_entropy(
             lambda t: ((t >= 0) & (t < num_classes)) | (t == ignore_index),
             f"class indices must lie in [0, {num_classes}) or equal ignore_index={ignore_index}",
             error=TargetIndexError,
+            within=(0, num_classes - 1),
         )
     if target.is_floating_point():
         input, target, weight = autocast_inputs(op, input.device, input, target, weight)

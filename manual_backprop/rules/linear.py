@@ -39,8 +39,9 @@ class Linear(torch.autograd.Function):
     def backward(ctx, delta):
         a, W = ctx.saved_tensors
         need_a, need_W, need_b = ctx.needs_input_grad
-        delta_rows = delta.reshape(-1, delta.shape[-1])  # (n, out)
         grad_a = delta @ W if need_a else None
-        grad_W = delta_rows.T @ a.reshape(-1, a.shape[-1]) if need_W else None
-        grad_b = delta_rows.sum(0) if need_b else None
+        if delta.dim() != 2:  # (*, out) -> (n, out): the outer products sum over every leading dim
+            delta, a = delta.reshape(-1, delta.shape[-1]), None if a is None else a.reshape(-1, a.shape[-1])
+        grad_W = delta.T @ a if need_W else None
+        grad_b = delta.sum(0) if need_b else None
         return grad_a, grad_W, grad_b

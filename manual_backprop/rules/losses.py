@@ -150,6 +150,17 @@ def class_dim(z: torch.Tensor) -> int:
     return 0 if z.dim() == 1 else 1
 
 
+def picked_targets(z, target, weight, ignore_index):
+    """Class indices without label smoothing, the notes' case: each sample's target class
+    as an index into z's class dimension, whether it is kept (not ignore_index), and its
+    weight w_{yₙ} (0 where ignored). The "mean" denominator is Σₙ w_{yₙ} (torch's nll_loss rule)."""
+    dim = class_dim(z)
+    kept = target != ignore_index
+    index = torch.where(kept, target, 0).long()
+    w_y = kept.to(z.dtype) if weight is None else torch.where(kept, weight[index], 0.0)
+    return index.unsqueeze(dim), kept, w_y
+
+
 def soft_targets(z, target, weight, ignore_index, label_smoothing):
     """The notes' y as a distribution q over classes, shaped like z, with the class
     weights and label smoothing folded in, plus the "mean" denominator.
@@ -165,21 +176,28 @@ def soft_targets(z, target, weight, ignore_index, label_smoothing):
         q = target * (1 - label_smoothing) + label_smoothing / num_classes if label_smoothing else target
         q = q if w is None else q * w
         return q, z.numel() // max(num_classes, 1)  # an int: no host-to-device copy
-    kept = (target != ignore_index).unsqueeze(dim)
-    index = torch.where(kept, target.unsqueeze(dim), 0).long()
+    index, kept, w_y = picked_targets(z, target, weight, ignore_index)
     onehot = torch.zeros_like(z).scatter(dim, index, 1.0)
-    q = onehot * (1 - label_smoothing) + label_smoothing / num_classes if label_smoothing else onehot
+    q = onehot * (1 - label_smoothing) + label_smoothing / num_classes
     q = q if w is None else q * w
-    q = torch.where(kept, q, 0.0)
-    per_sample = kept.to(z.dtype) if w is None else (onehot * w * kept).sum(dim, keepdim=True)
-    return q, per_sample.sum()
+    return torch.where(kept.unsqueeze(dim), q, 0.0), w_y.sum()
+
+
+def _mean_scale(grad, denominator):
+    """g / denominator for reduction="mean". With every target ignored the loss is 0/0 = nan
+    (as torch) but its gradient is 0 (as torch): divide by 1 there, not by 0."""
+    if torch.is_tensor(denominator):
+        return grad / torch.where(denominator == 0, 1, denominator)
+    return grad / max(denominator, 1)
 
 
 class CrossEntropy(torch.autograd.Function):
-    """J = −Σ_c q_c log softmax(z)_c per sample, q from `soft_targets`.
+    """J = −Σ_c q_c log softmax(z)_c per sample, q the target distribution.
 
-    δ = ∂J/∂z = (S p − q) · g,  p = softmax(z), S = Σ_c q_c  (S = 1 without class weights,
-    giving the notes' δ(L) = softmax(z) − y);  for probability targets ∂J/∂y = −(1 − ε) w_c log p · g.
+    Class indices, no smoothing (the notes' case):  J = −w_y log p_y,  δ = w_y (p − onehot(y)) · g
+    General (`soft_targets`):  δ = ∂J/∂z = (S p − q) · g,  p = softmax(z), S = Σ_c q_c
+    (S = 1 without class weights: the notes' δ(L) = softmax(z) − y);
+    for probability targets ∂J/∂y = −(1 − ε) w_c log p · g.
     g is the incoming gradient, divided by the denominator for reduction="mean".
     """
 
@@ -189,19 +207,22 @@ class CrossEntropy(torch.autograd.Function):
     def forward(z, target, weight, ignore_index, reduction, label_smoothing):
         dim = class_dim(z)
         logp = torch.log_softmax(z, dim)
-        q, denominator = soft_targets(z, target, weight, ignore_index, label_smoothing)
         if not target.is_floating_point() and not label_smoothing:
-            # Read log p only where q is nonzero, so a −inf logit elsewhere gives no 0·(−inf).
-            per_sample = -(q * torch.where(q != 0, logp, 0.0)).sum(dim)
+            index, kept, w_y = picked_targets(z, target, weight, ignore_index)
+            # where(): an ignored sample reads no log p, so a −inf logit gives no 0·(−inf).
+            per_sample = -w_y * torch.where(kept, logp.gather(dim, index).squeeze(dim), 0.0)
+            denominator = w_y.sum()
         else:
+            q, denominator = soft_targets(z, target, weight, ignore_index, label_smoothing)
             per_sample = -(q * logp).sum(dim)
-        loss = per_sample.sum() / denominator if reduction == "mean" else reduce(per_sample, reduction)
-        return loss
+        if reduction == "mean":
+            return per_sample.sum() / denominator
+        return reduce(per_sample, reduction)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         z, target, weight, ctx.ignore_index, ctx.reduction, ctx.label_smoothing = inputs
-        # Save z and recompute log p: double backward must see p as a function of z.
+        # Save z, not p: double backward must see p as a function of z.
         ctx.save_for_backward(z, target, weight)
 
     @staticmethod
@@ -209,21 +230,20 @@ class CrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         z, target, weight = ctx.saved_tensors
         dim = class_dim(z)
+        need_z, need_target = ctx.needs_input_grad[:2]
+        if not target.is_floating_point() and not ctx.label_smoothing:
+            index, _, w_y = picked_targets(z, target, weight, ctx.ignore_index)
+            g = _mean_scale(grad, w_y.sum()) if ctx.reduction == "mean" else grad
+            scale = (w_y * g).unsqueeze(dim)  # w_y · g per sample
+            grad_z = (torch.softmax(z, dim) * scale).scatter_add(dim, index, -scale) if need_z else None
+            return grad_z, None, None, None, None, None
         logp = torch.log_softmax(z, dim)
-        q, denominator = soft_targets(logp, target, weight, ctx.ignore_index, ctx.label_smoothing)
-        if ctx.reduction == "mean":
-            # With every target ignored, q = 0 and the loss is 0/0 = nan (as torch), but its
-            # gradient is 0 (as torch): divide by 1 there, not by 0.
-            g = grad / (torch.where(denominator == 0, 1, denominator) if torch.is_tensor(denominator) else max(denominator, 1))
-        else:
-            g = grad
+        q, denominator = soft_targets(z, target, weight, ctx.ignore_index, ctx.label_smoothing)
+        g = _mean_scale(grad, denominator) if ctx.reduction == "mean" else grad
         if ctx.reduction == "none":
             g = g.unsqueeze(dim)
-        need_z, need_target = ctx.needs_input_grad[:2]
-        grad_z = grad_target = None
-        if need_z:
-            p = logp.exp()
-            grad_z = (q.sum(dim, keepdim=True) * p - q) * g
+        grad_z = (q.sum(dim, keepdim=True) * logp.exp() - q) * g if need_z else None
+        grad_target = None
         if need_target:
             w = 1.0 if weight is None else weight.reshape((-1,) + (1,) * (logp.dim() - dim - 1))
             grad_target = -(1 - ctx.label_smoothing) * w * logp * g

@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch._C._functorch import is_functorch_wrapped_tensor
 
 from manual_backprop._amp import without_autocast
 from manual_backprop.rules._apply import apply_rule
 
 
 def activation(rule: type, *params) -> tuple:
-    """One layer's activation for `MLP`: an Elementwise rule's σ, σ', where σ' reads from, and
+    """One layer's activation for `MLP`: an Elementwise rule's σ, δ ⊙ σ', where σ' reads from, and
     its extra arguments (LeakyReLU's slope…). Plain functions and values, so torch.compile
     traces them as constants."""
-    return (rule.sigma, rule.sigma_prime, rule.sigma_prime_from, params)
+    return (rule.sigma, rule.delta_sigma_prime, rule.sigma_prime_from, params)
 
 
 def _sigma_prime_source(activation) -> str | None:
@@ -49,17 +48,12 @@ def _by_layer(layers, kept) -> list:
     return [next(kept, None) if _sigma_prime_source(activation) == "z" else None for activation in layers]
 
 
-def _times_sigma_prime(grad_a, activation, a, z, in_place: bool):
-    """δ = ∂J/∂a ⊙ σ'(a or z), with σ' from the layer's Elementwise rule."""
+def _times_sigma_prime(grad_a, activation, a, z):
+    """δ = ∂J/∂a ⊙ σ'(a or z), by the layer's Elementwise rule."""
     if activation is None or grad_a is None:
         return grad_a
-    _, sigma_prime, source, params = activation
-    slope = sigma_prime(a if source == "a" else z, *params)  # source None: a constant, saved nothing
-    if isinstance(slope, float) and slope == 1.0:
-        return grad_a
-    if in_place and not is_functorch_wrapped_tensor(grad_a):
-        return grad_a.mul_(slope)
-    return grad_a * slope
+    _, delta_sigma_prime, source, params = activation
+    return delta_sigma_prime(grad_a, a if source == "a" else z, *params)  # source None: saved nothing
 
 
 def _plus(x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:
@@ -121,15 +115,14 @@ class MLP(torch.autograd.Function):
         z, grad_z = _by_layer(layers, saved[2 * L - 1 :]), _by_layer(layers, grad_kept[L - 1 :])
         grad_hidden = [*grad_kept[: L - 1], None]  # gradients that reached a(l+1) directly (double backward)
         need_a0, _, *need = ctx.needs_input_grad
-        in_place = not torch.is_grad_enabled()  # on tensors made here, and only when no graph is recorded
 
         grads = [None] * (2 * L)
-        grad_a, owned = (None if grad_out is None else _rows(grad_out)), False  # ∂J/∂a(L)
+        grad_a = None if grad_out is None else _rows(grad_out)  # ∂J/∂a(L)
         for l in reversed(range(L)):
             if grad_hidden[l] is not None:
-                grad_a, owned = _plus(grad_a, grad_hidden[l]), False
-            delta = _plus(_times_sigma_prime(grad_a, layers[l], a[l + 1], z[l], owned and in_place), grad_z[l])
-            grad_a, owned = None, False
+                grad_a = _plus(grad_a, grad_hidden[l])
+            delta = _plus(_times_sigma_prime(grad_a, layers[l], a[l + 1], z[l]), grad_z[l])
+            grad_a = None
             if delta is None:
                 continue
             if need[2 * l]:
@@ -137,7 +130,7 @@ class MLP(torch.autograd.Function):
             if need[2 * l + 1]:
                 grads[2 * l + 1] = delta.sum(0)  # ∂J/∂b(l) = Σₙ δ(l+1)
             if l > ctx.lowest or need_a0:
-                grad_a, owned = delta.mm(W[l]), True  # ∂J/∂a(l) = δ(l+1) W(l)
+                grad_a = delta.mm(W[l])  # ∂J/∂a(l) = δ(l+1) W(l)
         grad_input = grad_a.reshape(ctx.input_shape) if need_a0 and grad_a is not None else None
         return grad_input, None, *grads
 
