@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lightning_modules.callbacks import TrainingCurves
 from lightning_modules.data import SKLEARN_DATASETS, CSVDataModule, SklearnDataModule, TableDataModule
-from lightning_modules.network import ACTIVATIONS, BACKENDS, build_network
+from lightning_modules.network import ACTIVATIONS, BACKENDS, build_network, state_dict_for_backend
 from lightning_modules.tasks import (
     BinaryClassificationTask,
     MulticlassClassificationTask,
@@ -47,4 +47,5 @@ __all__ = [
     "TrainingCurves",
     "build_network",
     "config_path",
+    "state_dict_for_backend",
 ]

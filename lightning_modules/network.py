@@ -2,34 +2,29 @@
 
     z(l+1) = W(l) a(l) + b(l),   a(l+1) = σ(z(l+1)),   the last layer linear (σ = identity)
 
-`build_network` is the one place that builds it, so switching the manual backend to
-a fused whole-network rule later is a change here only. Both backends build the same
-`nn.Sequential` (Linear, activation, Linear, ...), so their state_dict keys match and
-weights can be copied between them.
+`build_network` is the one place that builds it. Backend "manual" builds
+`manual_backprop.nn.MLP`: the whole network as one rule running the notes' backward
+loop (measured faster than a Sequential of our per-layer modules at every size
+`scripts/bench.py` covers). Backend "autograd" builds the equivalent stock
+`nn.Sequential(Linear, σ, Linear, …)`. With the same seed both start from the same weights.
+
+Their state_dict keys differ: the MLP's k-th Linear is `layers.{k}`, the Sequential's
+is `{2k}` (activations sit in between). `state_dict_for_backend` renames one layout to
+the other, and the tasks apply it when loading a checkpoint, so a checkpoint of either
+backend loads into a task of either backend.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import re
+from typing import Mapping, Sequence
 
 import torch
 
 import manual_backprop.nn as mnn
+from manual_backprop.nn.activation import ACTIVATIONS
 
 BACKENDS = ("manual", "autograd")
-
-# name -> (module on our rules, stock torch module). One table for every name we accept.
-ACTIVATIONS: dict[str, tuple[type[torch.nn.Module], type[torch.nn.Module]]] = {
-    "sigmoid": (mnn.Sigmoid, torch.nn.Sigmoid),
-    "tanh": (mnn.Tanh, torch.nn.Tanh),
-    "relu": (mnn.ReLU, torch.nn.ReLU),
-    "leaky_relu": (mnn.LeakyReLU, torch.nn.LeakyReLU),
-    "elu": (mnn.ELU, torch.nn.ELU),
-    "softplus": (mnn.Softplus, torch.nn.Softplus),
-    "silu": (mnn.SiLU, torch.nn.SiLU),
-    "gelu": (mnn.GELU, torch.nn.GELU),
-    "identity": (mnn.Identity, torch.nn.Identity),
-}
 
 
 def check_backend(backend: str) -> str:
@@ -38,11 +33,10 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def activation_class(name: str, backend: str) -> type[torch.nn.Module]:
+def check_activation(name: str) -> str:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}")
-    manual, stock = ACTIVATIONS[name]
-    return manual if check_backend(backend) == "manual" else stock
+    return name
 
 
 def check_sizes(in_features: int, hidden_sizes: Sequence[int], out_features: int) -> list[int]:
@@ -63,19 +57,54 @@ def build_network(
     out_features: int,
     activation: str = "relu",
     backend: str = "manual",
-) -> torch.nn.Sequential:
+) -> torch.nn.Module:
     """Linear → σ → ... → Linear with widths [in_features, *hidden_sizes, out_features].
 
-    backend "manual" uses `manual_backprop.nn` (every backward ours); "autograd" the same
-    layers from `torch.nn`. The output layer has no activation: the loss applies the
-    output nonlinearity (sigmoid / softmax), which is what gives δ(L) = ŷ − y.
+    backend "manual": `manual_backprop.nn.MLP` (one fused rule, every backward ours);
+    "autograd": the equivalent stock `torch.nn.Sequential`. The output layer has no
+    activation: the loss applies the output nonlinearity (sigmoid / softmax), which is
+    what gives δ(L) = ŷ − y.
     """
     sizes = check_sizes(in_features, hidden_sizes, out_features)
-    act = activation_class(activation, backend)
-    linear = mnn.Linear if backend == "manual" else torch.nn.Linear
-    layers: list[torch.nn.Module] = []
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(linear(fan_in, fan_out))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return torch.nn.Sequential(*layers)
+    check_activation(activation)
+    check_backend(backend)
+    network = mnn.MLP(sizes, activation=activation)
+    # to_sequential copies the MLP's freshly drawn weights, which are torch.nn.Linear's own
+    # initialisation in the same order: one seed, one starting point, whichever the backend.
+    return network if backend == "manual" else network.to_sequential()
+
+
+# The k-th Linear of the built-in network is `layers.{k}` in the MLP and `{2k}` in the Sequential.
+_MLP_KEY = re.compile(r"layers\.(\d+)\.(weight|bias)")
+_SEQUENTIAL_KEY = re.compile(r"(\d+)\.(weight|bias)")
+
+
+def _renamed(name: str, backend: str) -> str:
+    if backend == "autograd" and (match := _MLP_KEY.fullmatch(name)):
+        return f"{2 * int(match[1])}.{match[2]}"
+    if backend == "manual" and (match := _SEQUENTIAL_KEY.fullmatch(name)) and int(match[1]) % 2 == 0:
+        return f"layers.{int(match[1]) // 2}.{match[2]}"
+    return name
+
+
+def state_dict_for_backend(
+    state_dict: Mapping[str, torch.Tensor], backend: str, prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """The built-in network's state_dict, saved by either backend, under `backend`'s keys.
+
+    Keys `{prefix}layers.{k}.weight` (manual, MLP) and `{prefix}{2k}.weight` (autograd,
+    nn.Sequential) both name the k-th Linear; this renames them to `backend`'s layout
+    and leaves every other key (and keys already in that layout) as they are. With
+    prefix "net." it works on a task's state_dict or checkpoint["state_dict"]:
+
+        task.load_state_dict(state_dict_for_backend(checkpoint["state_dict"], "autograd", "net."))
+
+    The tasks do this themselves when they load a checkpoint (`load_from_checkpoint`,
+    `ckpt_path=`), so `RegressionTask.load_from_checkpoint(path, backend="autograd")`
+    loads a manual run's checkpoint.
+    """
+    check_backend(backend)
+    return {
+        prefix + _renamed(key.removeprefix(prefix), backend) if key.startswith(prefix) else key: value
+        for key, value in state_dict.items()
+    }

@@ -5,8 +5,9 @@
     MulticlassClassificationTask y ∈ {0..K−1} cross-entropy on logits        δ(L) = softmax(z) − y
 
 With backend="manual" the network and the loss run on `manual_backprop` (every
-backward is ours); with backend="autograd" the same network and loss come from
-stock torch, for comparison.
+backward is ours; the built-in network is the fused `manual_backprop.nn.MLP`); with
+backend="autograd" the same network (an `nn.Sequential`) and loss come from stock
+torch, for comparison. A checkpoint of either backend loads into either.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torchmetrics
 from torchmetrics import classification, regression
 
 import manual_backprop.nn as mnn
-from lightning_modules.network import build_network, check_backend
+from lightning_modules.network import build_network, check_backend, state_dict_for_backend
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -31,7 +32,8 @@ class TaskModule(pl.LightningModule):
     Subclasses set `task` and `main_metric` and supply the loss, the metric collection
     and how network outputs become loss inputs, metric inputs and predictions.
 
-    The network is built from in_features, hidden_sizes, activation and backend, unless
+    The network is built from in_features, hidden_sizes, activation and backend
+    (`build_network`: an MLP on backend "manual", an nn.Sequential on "autograd"), unless
     `net` (any torch.nn.Module) is given: then it is used as is for backend "autograd"
     and through `manual_backprop.convert` (a converted copy) for backend "manual".
     """
@@ -57,6 +59,7 @@ class TaskModule(pl.LightningModule):
             raise ValueError(f"lr must be positive; got {lr!r}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0; got {weight_decay!r}")
+        self._builtin_network = net is None
         if net is None:
             if in_features is None:
                 raise ValueError(
@@ -87,6 +90,13 @@ class TaskModule(pl.LightningModule):
         accepted = inspect.signature(type(self).__init__).parameters
         for key in [k for k in self.hparams if k not in accepted and not k.startswith("_")]:
             del self.hparams[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The built-in network's keys depend on the backend (MLP `net.layers.{k}.` vs Sequential
+        # `net.{2k}.`): rename them to ours, so a checkpoint of either backend loads here.
+        # Lightning calls this before it loads checkpoint["state_dict"], on every load path.
+        if self._builtin_network:
+            checkpoint["state_dict"] = state_dict_for_backend(checkpoint["state_dict"], self.hparams.backend, "net.")
 
     # ------------------------------------------------------------ per task
 

@@ -1,10 +1,11 @@
 """`make train`: train the three example tasks on our rules and check their test metrics.
 
 For each shipped config (regression on diabetes, binary on breast_cancer, multi-class
-on digits) this runs the `manual-backprop` CLI's fit with backend manual, tests the
-final model on the held-out test split, prints one table of test metrics, and exits
-non-zero when a metric misses its floor. Logs, checkpoints and each run's
-training_curves.png go under lightning_logs/examples/<config>/.
+on digits) this runs the `manual-backprop` CLI's fit with backend manual (the network
+is `manual_backprop.nn.MLP`, one fused rule; with --backend autograd the stock
+nn.Sequential), tests the final model on the held-out test split, prints one table of
+test metrics, and exits non-zero when a metric misses its floor. Logs, checkpoints and
+each run's training_curves.png go under lightning_logs/examples/<config>/.
 
     .venv/bin/python scripts/train_examples.py [--backend autograd] [--max_epochs N]
 """
@@ -26,7 +27,9 @@ EXAMPLES = [
 ]
 
 
-def train_and_test(config: str, backend: str, root: Path, max_epochs: int | None) -> tuple[dict[str, float], float, Path]:
+def train_and_test(
+    config: str, backend: str, root: Path, max_epochs: int | None
+) -> tuple[dict[str, float], float, Path, str]:
     from lightning_modules import config_path
     from lightning_modules.cli import build_cli
 
@@ -46,7 +49,8 @@ def train_and_test(config: str, backend: str, root: Path, max_epochs: int | None
     (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     seconds = time.perf_counter() - start
     curves = next(cb.path for cb in cli.trainer.callbacks if hasattr(cb, "history"))
-    return {k.removeprefix("test/"): float(v) for k, v in results.items()}, seconds, curves
+    network = type(cli.model.net).__name__  # MLP on backend manual, Sequential on autograd
+    return {k.removeprefix("test/"): float(v) for k, v in results.items()}, seconds, curves, network
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     # These networks are at most 64 wide: one intra-op thread beats several (no sync per tiny matmul).
     torch.set_num_threads(options.threads)
 
-    rows, failures, total = [], [], time.perf_counter()
+    rows, failures, networks, total = [], [], set(), time.perf_counter()
     for config, metric, floor in EXAMPLES:
         print(f"training {config} (backend {options.backend}) ...", file=sys.stderr, flush=True)
-        results, seconds, curves = train_and_test(config, options.backend, options.root, options.max_epochs)
+        results, seconds, curves, network = train_and_test(config, options.backend, options.root, options.max_epochs)
+        networks.add(network)
         value = results[metric]
         ok = value >= floor
         if not ok:
@@ -87,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     print(line.format(*("-" * w for w in widths)))
     for row in rows:
         print(line.format(*row))
-    print(f"total {time.perf_counter() - total:.0f}s; backend {options.backend}; regression metrics in the target's units")
+    print(
+        f"total {time.perf_counter() - total:.0f}s; backend {options.backend} (network: {', '.join(sorted(networks))}); "
+        "regression metrics in the target's units"
+    )
     for failure in failures:
         print(f"FLOOR MISSED: {failure}", file=sys.stderr)
     return 1 if failures else 0

@@ -55,7 +55,7 @@ def test_shipped_config_fits_with_fast_dev_run_and_links_data_shapes(tmp_path, c
     assert cli.model.hparams["backend"] == "manual"
     for key, value in linked.items():
         assert cli.model.hparams[key] == value
-    assert type(cli.model.net[0]) is mnn.Linear
+    assert type(cli.model.net) is mnn.MLP
     assert cli.trainer.global_step == 1
     # hparams hold only the model's own arguments: no link the model does not take.
     assert set(cli.model.hparams) - {"_class_path", "_instantiator"} <= set(
@@ -83,7 +83,7 @@ def test_backend_switch_and_optimizer_section_from_the_command_line(tmp_path):
         f"--trainer.default_root_dir={tmp_path}",
     ]  # fmt: skip
     cli = build_cli(args + QUIET)
-    assert type(cli.model.net[0]) is torch.nn.Linear
+    assert type(cli.model.net) is torch.nn.Sequential and type(cli.model.net[0]) is torch.nn.Linear
     (optimizer,) = cli.trainer.optimizers
     assert type(optimizer) is torch.optim.SGD and optimizer.param_groups[0]["initial_lr"] == 0.05
     (scheduler,) = cli.trainer.lr_scheduler_configs
@@ -102,7 +102,9 @@ def test_bf16_mixed_from_the_command_line_trains_on_our_rules(tmp_path):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = cli.model.loss_fn(*cli.model.loss_inputs(cli.model(x), y))
     assert type(loss.grad_fn).__name__ == "MSELossBackward" and torch.isfinite(loss)
-    assert type(loss.grad_fn.next_functions[0][0]).__name__ == "ToCopyBackward0"  # bf16 output cast up for the loss
+    cast = loss.grad_fn.next_functions[0][0]
+    assert type(cast).__name__ == "ToCopyBackward0"  # bf16 output cast up for the loss
+    assert type(cast.next_functions[0][0]).__name__ == "MLPBackward"  # the network: our fused rule, in bf16
     assert torch.isfinite(torch.as_tensor(float(cli.trainer.callback_metrics["train/loss_epoch"])))
 
 
@@ -133,7 +135,7 @@ def test_csv_config_fits_then_test_and_predict_subcommands_use_the_checkpoint(tm
     test = build_cli(["test", *common, f"--ckpt_path={checkpoint}", *QUIET])
     assert "test/r2" in test.trainer.callback_metrics
     predict = build_cli(["predict", *common, f"--ckpt_path={checkpoint}", *QUIET])
-    torch.testing.assert_close(predict.model.net[0].weight, fit.model.net[0].weight)
+    torch.testing.assert_close(predict.model.net.layers[0].weight, fit.model.net.layers[0].weight)
     validate = build_cli(["validate", *common, f"--ckpt_path={checkpoint}", *QUIET])
     assert "val/loss" in validate.trainer.callback_metrics
 

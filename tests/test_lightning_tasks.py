@@ -21,6 +21,7 @@ from lightning_modules import (
     SklearnDataModule,
     TrainingCurves,
     build_network,
+    state_dict_for_backend,
 )
 
 
@@ -77,26 +78,43 @@ def make_task(task_cls, data: SklearnDataModule, extra: dict, **kwargs):
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
-def test_backends_build_the_same_network_from_different_modules(activation):
+def test_backends_build_the_same_network_fused_and_stock(activation):
     torch.manual_seed(0)
     manual = build_network(4, [5, 6], 3, activation, "manual")
     torch.manual_seed(0)
     stock = build_network(4, [5, 6], 3, activation, "autograd")
-    assert list(manual.state_dict()) == list(stock.state_dict()) == [
-        "0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"
-    ]  # fmt: skip
-    for key, value in manual.state_dict().items():
+    assert type(manual) is mnn.MLP and manual.sizes == [4, 5, 6, 3] and manual.output_activation is None
+    assert type(manual.activation) is ACTIVATIONS[activation].stock
+    assert [type(m) for m in stock] == [torch.nn.Linear, ACTIVATIONS[activation].stock] * 2 + [torch.nn.Linear]
+    # Same seed, same weights: the MLP's k-th Linear is the Sequential's module 2k.
+    assert list(manual.state_dict()) == [f"layers.{k}.{p}" for k in range(3) for p in ("weight", "bias")]
+    assert list(stock.state_dict()) == [f"{2 * k}.{p}" for k in range(3) for p in ("weight", "bias")]
+    for key, value in manual.sequential_state_dict().items():
         torch.testing.assert_close(value, stock.state_dict()[key], rtol=0, atol=0)
-    assert [type(m) for m in manual] == [mnn.Linear, ACTIVATIONS[activation][0]] * 2 + [mnn.Linear]
-    assert [type(m) for m in stock] == [torch.nn.Linear, ACTIVATIONS[activation][1]] * 2 + [torch.nn.Linear]
     x = torch.randn(7, 4)
     torch.testing.assert_close(manual(x), stock(x))
-    assert "LinearBackward" in graph_names(manual(x)) and "LinearBackward" not in graph_names(stock(x))
+    assert type(manual(x).grad_fn).__name__ == "MLPBackward"  # the fused rule, one node for the network
+    assert not {"MLPBackward", "LinearBackward"} & graph_names(stock(x))
 
 
 def test_no_hidden_layer_is_one_linear_layer():
     net = build_network(4, [], 2, "relu", "manual")
-    assert len(net) == 1 and type(net[0]) is mnn.Linear
+    assert net.sizes == [4, 2] and len(net.layers) == 1
+    assert len(build_network(4, [], 2, "relu", "autograd")) == 1
+
+
+@pytest.mark.parametrize("source, target", [("manual", "autograd"), ("autograd", "manual")])
+def test_state_dict_for_backend_renames_the_network_keys_only(source, target):
+    torch.manual_seed(0)
+    saved = build_network(4, [5, 6], 3, "tanh", source)
+    state = {f"net.{k}": v for k, v in saved.state_dict().items()} | {"target_mean": torch.zeros(1)}
+    renamed = state_dict_for_backend(state, target, prefix="net.")
+    network = build_network(4, [5, 6], 3, "tanh", target)
+    network.load_state_dict({k.removeprefix("net."): v for k, v in renamed.items() if k.startswith("net.")})
+    assert renamed["target_mean"] is state["target_mean"]
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(network(x), saved(x), rtol=0, atol=0)
+    assert state_dict_for_backend(state, source, prefix="net.") == state  # already in that layout
 
 
 @pytest.mark.parametrize(
@@ -149,11 +167,11 @@ def test_loss_and_network_run_our_rules_only_on_manual(task_cls, dataset, extra,
     names = graph_names(loss)
     if backend == "manual":
         assert type(loss.grad_fn).__name__ == ours
-        assert {"LinearBackward", "TanhBackward"} <= names
+        assert "MLPBackward" in names  # the built-in network is the fused MLP rule
         assert not any(name.endswith("Backward0") for name in names), names  # nothing fell back to stock
     else:
         assert type(loss.grad_fn).__name__ == stock
-        assert "LinearBackward" not in names
+        assert not {"MLPBackward", "LinearBackward", "TanhBackward"} & names
 
 
 def test_binary_output_error_is_prediction_minus_target():
@@ -291,9 +309,11 @@ def test_manual_and_autograd_backends_train_to_equal_weights_in_float64(tmp_path
         model = make_task(task_cls, data, extra, backend=backend, lr=0.01)
         trainer = quiet_trainer(tmp_path, max_steps=12, precision="64-true", limit_val_batches=0)
         trainer.fit(model, datamodule=data)
-        weights[backend] = model.net.state_dict()
+        # Compare under the Sequential's keys: the MLP's k-th Linear is the Sequential's module 2k.
+        weights[backend] = model.net.sequential_state_dict() if backend == "manual" else model.net.state_dict()
         assert all(w.dtype == torch.float64 for w in weights[backend].values())
-    initial = make_task(task_cls, data, extra).net.state_dict()  # a different draw: training must have moved
+    assert type(model.net) is torch.nn.Sequential and len(weights["manual"]) == len(weights["autograd"]) == 4
+    initial = make_task(task_cls, data, extra).net.sequential_state_dict()  # a different draw: training must have moved
     for key, value in weights["manual"].items():
         torch.testing.assert_close(value, weights["autograd"][key], rtol=1e-10, atol=1e-12)
         assert not torch.allclose(value.float(), initial[key])
@@ -318,7 +338,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     for key, value in uninterrupted.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
     # The comparison can fail: two more epochs moved the weights.
-    assert not torch.allclose(interrupted.net[0].weight, uninterrupted.net[0].weight)
+    assert not torch.allclose(interrupted.net.layers[0].weight, uninterrupted.net.layers[0].weight)
 
 
 class RecordingTask(BinaryClassificationTask):
@@ -339,11 +359,11 @@ def test_bf16_mixed_trains_with_our_rules(tmp_path):
     trainer.fit(model, datamodule=data)
     names, output_dtype, loss = model.recorded
     assert output_dtype == torch.bfloat16  # autocast ran the linear layers in bf16
-    assert {"BinaryCrossEntropyWithLogitsBackward", "LinearBackward", "ReLUBackward"} <= names
-    assert not {"AddmmBackward0", "BinaryCrossEntropyWithLogitsBackward0"} & names
+    assert {"BinaryCrossEntropyWithLogitsBackward", "MLPBackward"} <= names
+    assert not {"AddmmBackward0", "ReluBackward0", "BinaryCrossEntropyWithLogitsBackward0"} & names
     assert torch.isfinite(loss)
     assert all(v.dtype == torch.float32 for v in model.net.state_dict().values())  # master weights stay fp32
-    assert not torch.equal(before["0.weight"], model.net[0].weight)
+    assert not torch.equal(before["layers.0.weight"], model.net.layers[0].weight)
     (results,) = trainer.test(model, datamodule=data, verbose=False)
     assert results["test/accuracy"] > 0.85
 
@@ -389,4 +409,29 @@ def test_builtin_network_checkpoint_loads_weights_only_and_restores_target_scale
     }  # fmt: skip
     restored = RegressionTask.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=True)
     torch.testing.assert_close(restored.target_mean, torch.tensor(data.target_mean, dtype=torch.float32))
-    assert type(restored.net[0]) is mnn.Linear
+    assert type(restored.net) is mnn.MLP
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(restored.state_dict()[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("source, target", [("manual", "autograd"), ("autograd", "manual")])
+def test_checkpoint_of_one_backend_loads_into_the_other(tmp_path, source, target):
+    pl.seed_everything(0)
+    data = SklearnDataModule("wine", batch_size=16)
+    model = MulticlassClassificationTask(data.num_features, data.num_classes, hidden_sizes=[8], backend=source)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="model")
+    trainer = quiet_trainer(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=[checkpoint])
+    trainer.fit(model, datamodule=data)
+    (tested,) = trainer.test(model, datamodule=data, verbose=False)
+
+    path = tmp_path / "model.ckpt"
+    restored = MulticlassClassificationTask.load_from_checkpoint(path, backend=target, weights_only=True)
+    assert restored.hparams.backend == target and type(restored.net) is (mnn.MLP if target == "manual" else torch.nn.Sequential)
+    x = data.splits["test"].tensors[0]
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x))
+    # The trainer's load path (`ckpt_path=`, as the CLI's test/predict use it) renames too.
+    fresh = MulticlassClassificationTask(data.num_features, data.num_classes, hidden_sizes=[8], backend=target)
+    (retested,) = quiet_trainer(tmp_path).test(fresh, datamodule=data, ckpt_path=path, verbose=False, weights_only=True)
+    assert retested["test/accuracy"] == pytest.approx(tested["test/accuracy"])
+    assert retested["test/loss"] == pytest.approx(tested["test/loss"], rel=1e-5)

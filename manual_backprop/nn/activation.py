@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from manual_backprop import functional as F
+from manual_backprop import rules
+from manual_backprop.nn.linear import Identity
 
 
 class Sigmoid(torch.nn.Sigmoid):
@@ -50,3 +54,42 @@ class GELU(torch.nn.GELU):
 class Softmax(torch.nn.Softmax):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.softmax(input, self.dim, _stacklevel=5)
+
+
+# ------------------------------------------------ the activations a network may use, by name
+
+
+class Activation(NamedTuple):
+    """One elementwise activation: our module, its rule, and which of its settings the rule takes.
+
+    `settings` names the module's attributes that are the rule's extra arguments; they are
+    also torch's constructor arguments, in the same order. torch's module is the class ours
+    subclasses, so it is not stored: `stock`.
+    """
+
+    module: type[torch.nn.Module]
+    rule: type[rules.Elementwise]
+    settings: tuple[str, ...] = ()
+
+    @property
+    def stock(self) -> type[torch.nn.Module]:
+        """torch's module for this activation (the base class of ours)."""
+        return self.module.__bases__[0]
+
+    def settings_of(self, module: torch.nn.Module) -> tuple:
+        """`module`'s settings (ours or torch's), as the rule's extra arguments."""
+        return tuple(getattr(module, name) for name in self.settings)
+
+
+# name -> Activation. The one table of names that MLP, the Lightning tasks and their configs accept.
+ACTIVATIONS: dict[str, Activation] = {
+    "sigmoid": Activation(Sigmoid, rules.Sigmoid),
+    "tanh": Activation(Tanh, rules.Tanh),
+    "relu": Activation(ReLU, rules.ReLU),
+    "leaky_relu": Activation(LeakyReLU, rules.LeakyReLU, ("negative_slope",)),
+    "elu": Activation(ELU, rules.ELU, ("alpha",)),
+    "softplus": Activation(Softplus, rules.Softplus, ("beta", "threshold")),
+    "silu": Activation(SiLU, rules.SiLU),
+    "gelu": Activation(GELU, rules.GELU, ("approximate",)),
+    "identity": Activation(Identity, rules.Identity),
+}

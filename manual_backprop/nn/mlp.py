@@ -13,54 +13,37 @@ from typing import Mapping, Sequence
 
 import torch
 
-from manual_backprop import _checks, rules
+from manual_backprop import _checks
 from manual_backprop._amp import autocast_inputs
 from manual_backprop._checks import InputError
+from manual_backprop.nn.activation import ACTIVATIONS
 from manual_backprop.nn.linear import Linear
 from manual_backprop.rules.mlp import activation as layer_activation
 from manual_backprop.rules.mlp import mlp
-
-# name -> (our rule, torch's module, a module's settings: the rule's extra arguments, also
-# the module's constructor arguments in the same order)
-_ACTIVATIONS: dict[str, tuple[type, type[torch.nn.Module], object]] = {
-    "sigmoid": (rules.Sigmoid, torch.nn.Sigmoid, lambda m: ()),
-    "tanh": (rules.Tanh, torch.nn.Tanh, lambda m: ()),
-    "relu": (rules.ReLU, torch.nn.ReLU, lambda m: ()),
-    "leaky_relu": (rules.LeakyReLU, torch.nn.LeakyReLU, lambda m: (m.negative_slope,)),
-    "elu": (rules.ELU, torch.nn.ELU, lambda m: (m.alpha,)),
-    "softplus": (rules.Softplus, torch.nn.Softplus, lambda m: (m.beta, m.threshold)),
-    "silu": (rules.SiLU, torch.nn.SiLU, lambda m: ()),
-    "gelu": (rules.GELU, torch.nn.GELU, lambda m: (m.approximate,)),
-    "identity": (rules.Identity, torch.nn.Identity, lambda m: ()),
-}
 
 
 def _resolve(activation) -> torch.nn.Module:
     """A name, an Elementwise rule or an activation module -> a stock torch.nn module holding its settings."""
     if isinstance(activation, str):
-        if activation not in _ACTIVATIONS:
-            raise InputError(f"MLP: unknown activation {activation!r}; choose one of {sorted(_ACTIVATIONS)}")
-        return _ACTIVATIONS[activation][1]()
-    for rule, module, settings in _ACTIVATIONS.values():
-        if activation is rule:
-            return module()
-        if isinstance(activation, module):  # torch's module or ours (a subclass): keep its settings
-            return module(*settings(activation))
+        if activation not in ACTIVATIONS:
+            raise InputError(f"MLP: unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+        return ACTIVATIONS[activation].stock()
+    for entry in ACTIVATIONS.values():
+        if activation is entry.rule:
+            return entry.stock()
+        if isinstance(activation, entry.stock):  # torch's module or ours (a subclass): keep its settings
+            return entry.stock(*entry.settings_of(activation))
     raise InputError(
-        f"MLP: activation must be one of {sorted(_ACTIVATIONS)}, an Elementwise rule of "
+        f"MLP: activation must be one of {sorted(ACTIVATIONS)}, an Elementwise rule of "
         f"manual_backprop.rules or a matching torch.nn activation module, got {activation!r}"
     )
-
-
-def _name_of(module: torch.nn.Module) -> str:
-    return next(name for name, (_, cls, _) in _ACTIVATIONS.items() if type(module) is cls)
 
 
 def _rule_of(module: torch.nn.Module | None):
     if module is None:
         return None
-    rule, _, settings = _ACTIVATIONS[_name_of(module)]
-    return layer_activation(rule, *settings(module))
+    entry = next(entry for entry in ACTIVATIONS.values() if type(module) is entry.stock)
+    return layer_activation(entry.rule, *entry.settings_of(module))
 
 
 class MLP(torch.nn.Module):
