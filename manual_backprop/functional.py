@@ -279,4 +279,5 @@ def cross_entropy(
         input, weight = autocast_inputs(op, input.device, input, weight)
         _checks.same_dtype(op, input=input, weight=weight)  # torch refuses to mix these
     _checks.floating(op, "input", input)
-    return apply_rule(rules.CrossEntropy, input, target, weight, ignore_index, reduction, label_smoothing)
+    loss, _ = apply_rule(rules.CrossEntropy, input, target, weight, ignore_index, reduction, label_smoothing)
+    return loss

@@ -199,6 +199,11 @@ class CrossEntropy(torch.autograd.Function):
     (S = 1 without class weights: the notes' δ(L) = softmax(z) − y);
     for probability targets ∂J/∂y = −(1 − ε) w_c log p · g.
     g is the incoming gradient, divided by the denominator for reduction="mean".
+
+    log p is returned as a second output and saved from there, so backward reads p = exp(log p)
+    instead of computing softmax again, and double backward still sees p as a function of z:
+    a gradient reaching log p (only in double backward) goes back through log-softmax's
+    Jacobian, ∂/∂z = g_logp − p Σ_c g_logp.
     """
 
     generate_vmap_rule = True
@@ -215,36 +220,39 @@ class CrossEntropy(torch.autograd.Function):
         else:
             q, denominator = soft_targets(z, target, weight, ignore_index, label_smoothing)
             per_sample = -(q * logp).sum(dim)
-        if reduction == "mean":
-            return per_sample.sum() / denominator
-        return reduce(per_sample, reduction)
+        loss = per_sample.sum() / denominator if reduction == "mean" else reduce(per_sample, reduction)
+        return loss, logp
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         z, target, weight, ctx.ignore_index, ctx.reduction, ctx.label_smoothing = inputs
-        # Save z, not p: double backward must see p as a function of z.
-        ctx.save_for_backward(z, target, weight)
+        _, logp = output
+        ctx.set_materialize_grads(False)  # log p gets a gradient only in double backward
+        ctx.save_for_backward(logp, target, weight)
 
     @staticmethod
     @without_autocast
-    def backward(ctx, grad):
-        z, target, weight = ctx.saved_tensors
-        dim = class_dim(z)
+    def backward(ctx, grad, grad_logp):
+        logp, target, weight = ctx.saved_tensors
+        dim = class_dim(logp)
         need_z, need_target = ctx.needs_input_grad[:2]
-        if not target.is_floating_point() and not ctx.label_smoothing:
-            index, _, w_y = picked_targets(z, target, weight, ctx.ignore_index)
+        p = logp.exp()
+        grad_z = grad_target = None
+        if grad is not None and not target.is_floating_point() and not ctx.label_smoothing:
+            index, _, w_y = picked_targets(logp, target, weight, ctx.ignore_index)
             g = _mean_scale(grad, w_y.sum()) if ctx.reduction == "mean" else grad
             scale = (w_y * g).unsqueeze(dim)  # w_y · g per sample
-            grad_z = (torch.softmax(z, dim) * scale).scatter_add(dim, index, -scale) if need_z else None
-            return grad_z, None, None, None, None, None
-        logp = torch.log_softmax(z, dim)
-        q, denominator = soft_targets(z, target, weight, ctx.ignore_index, ctx.label_smoothing)
-        g = _mean_scale(grad, denominator) if ctx.reduction == "mean" else grad
-        if ctx.reduction == "none":
-            g = g.unsqueeze(dim)
-        grad_z = (q.sum(dim, keepdim=True) * logp.exp() - q) * g if need_z else None
-        grad_target = None
-        if need_target:
-            w = 1.0 if weight is None else weight.reshape((-1,) + (1,) * (logp.dim() - dim - 1))
-            grad_target = -(1 - ctx.label_smoothing) * w * logp * g
+            grad_z = (p * scale).scatter_add_(dim, index, -scale) if need_z else None  # in place: a new tensor
+        elif grad is not None:
+            q, denominator = soft_targets(logp, target, weight, ctx.ignore_index, ctx.label_smoothing)
+            g = _mean_scale(grad, denominator) if ctx.reduction == "mean" else grad
+            if ctx.reduction == "none":
+                g = g.unsqueeze(dim)
+            grad_z = (q.sum(dim, keepdim=True) * p - q) * g if need_z else None
+            if need_target:
+                w = 1.0 if weight is None else weight.reshape((-1,) + (1,) * (logp.dim() - dim - 1))
+                grad_target = -(1 - ctx.label_smoothing) * w * logp * g
+        if grad_logp is not None and need_z:
+            through_logp = grad_logp - p * grad_logp.sum(dim, keepdim=True)
+            grad_z = through_logp if grad_z is None else grad_z + through_logp
         return grad_z, grad_target, None, None, None, None
