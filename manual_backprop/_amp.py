@@ -65,6 +65,8 @@ def autocast_inputs(op: str, device: torch.device, *tensors: torch.Tensor | None
 
     Returns the tensors unchanged (and fast) when autocast is off for `device`.
     """
+    if not torch._C._is_any_autocast_enabled():  # the common case, one cheap check
+        return tensors
     device_type = device.type
     if not torch.is_autocast_enabled(device_type):
         return tensors

@@ -52,7 +52,8 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
             f"linear: bias must have shape ({weight.shape[0]},) to match weight {shape(weight)}, got {shape(bias)}"
         )
     input, weight, bias = autocast_inputs("linear", input.device, input, weight, bias)
-    _checks.same_dtype("linear", input=input, weight=weight, bias=bias)
+    if input.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        _checks.same_dtype("linear", input=input, weight=weight, bias=bias)
     return apply_rule(rules.Linear, input, weight, bias)
 
 
