@@ -5,6 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from manual_backprop import rules
 from tests.cases import ACTIVATION_SHAPES, ACTIVATIONS, DEVICES, FLOAT32, INPLACE, assert_parity
 
 
@@ -83,3 +84,20 @@ def test_parity_hypothesis_shapes(shape, index):
     activation = ACTIVATIONS[index]
     z = sample(tuple(shape), activation, "cpu")
     assert_parity(activation.ours, activation.stock, [z], activation.grad_fn, **FLOAT32)
+
+
+RULES_WITH_PARAMS = [
+    (rules.Sigmoid, ()), (rules.Tanh, ()), (rules.ReLU, ()), (rules.Identity, ()), (rules.LeakyReLU, (0.2,)),
+    (rules.ELU, (0.7,)), (rules.Softplus, (2.0, 1.0)), (rules.SiLU, ()), (rules.GELU, ("none",)), (rules.GELU, ("tanh",)),
+]
+
+
+@pytest.mark.parametrize("rule,params", RULES_WITH_PARAMS, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_fast_delta_sigma_prime_is_delta_times_the_notes_sigma_prime(rule, params):
+    """Each rule's σ' is written once as the notes write it; the backward's δ ⊙ σ' must equal it."""
+    z = torch.randn(64, dtype=torch.float64) * 3
+    a = rule.sigma(z, *params)
+    saved = {"a": a, "z": z, None: None}[rule.sigma_prime_from]
+    delta = torch.randn(64, dtype=torch.float64)
+    expected = delta * rule.sigma_prime(saved, *params)
+    torch.testing.assert_close(rule.delta_sigma_prime(delta, saved, *params), expected, rtol=1e-12, atol=1e-14)
