@@ -7,6 +7,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_modules import MulticlassClassificationTask, SklearnDataModule
+from tests.trainers import quiet_trainer
 
 
 def train(devices: int, batch_size: int, root) -> MulticlassClassificationTask:
@@ -15,18 +16,13 @@ def train(devices: int, batch_size: int, root) -> MulticlassClassificationTask:
     data = SklearnDataModule("iris", batch_size=batch_size, val_fraction=0.2, test_fraction=0.2, seed=5)
     # Double before fit too: ddp_spawn copies rank 0's weights back into this (main-process) model.
     model = MulticlassClassificationTask(data.num_features, data.num_classes, hidden_sizes=[8], lr=0.01).double()
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        root,
         devices=devices,
         strategy="ddp_spawn" if devices > 1 else "auto",
         precision="64-true",  # float64: the two reduction orders agree to ~1e-15, so the check can be tight
         max_epochs=3,
         limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
     )
     trainer.fit(model, datamodule=data)
     if devices == 1:  # under ddp_spawn the main process's trainer only receives the weights back

@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 import manual_backprop.nn as mnn
+from tests.trainers import quiet_trainer
 from lightning_modules import (
     ACTIVATIONS,
     BinaryClassificationTask,
@@ -25,19 +26,6 @@ from lightning_modules import (
 )
 
 
-def quiet_trainer(tmp_path, **overrides) -> pl.Trainer:
-    kwargs = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-    )
-    kwargs.update(overrides)
-    return pl.Trainer(**kwargs)
 
 
 def graph_names(tensor: torch.Tensor) -> set[str]:
