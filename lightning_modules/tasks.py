@@ -20,6 +20,7 @@ import torch
 import torchmetrics
 from torchmetrics import classification, regression
 
+import manual_backprop
 import manual_backprop.nn as mnn
 from lightning_modules.network import build_network, check_backend, state_dict_for_backend
 
@@ -70,8 +71,6 @@ class TaskModule(pl.LightningModule):
         elif not isinstance(net, torch.nn.Module):
             raise TypeError(f"net must be a torch.nn.Module; got {type(net).__name__}")
         elif backend == "manual":
-            import manual_backprop  # convert lands with issue 3; imported here so the rest works without it
-
             self.net = manual_backprop.convert(net)
         else:
             self.net = net
@@ -165,8 +164,9 @@ class TaskModule(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
 
-def _loss(backend: str, manual: type[torch.nn.Module], stock: type[torch.nn.Module]) -> torch.nn.Module:
-    return manual() if backend == "manual" else stock()
+def _loss(backend: str, manual: type[torch.nn.Module]) -> torch.nn.Module:
+    """Our loss module, or on backend "autograd" torch's (the class ours subclasses)."""
+    return manual() if backend == "manual" else manual.__bases__[0]()
 
 
 class RegressionTask(TaskModule):
@@ -200,7 +200,7 @@ class RegressionTask(TaskModule):
         self.register_buffer("target_scale", torch.ones(out_features))
 
     def make_loss(self, backend: str) -> torch.nn.Module:
-        return _loss(backend, mnn.MSELoss, torch.nn.MSELoss)
+        return _loss(backend, mnn.MSELoss)
 
     def make_metrics(self) -> torchmetrics.MetricCollection:
         return torchmetrics.MetricCollection(
@@ -248,7 +248,7 @@ class BinaryClassificationTask(TaskModule):
         super().__init__(in_features, 1, hidden_sizes, activation, backend, lr, weight_decay, net)
 
     def make_loss(self, backend: str) -> torch.nn.Module:
-        return _loss(backend, mnn.BCEWithLogitsLoss, torch.nn.BCEWithLogitsLoss)
+        return _loss(backend, mnn.BCEWithLogitsLoss)
 
     def make_metrics(self) -> torchmetrics.MetricCollection:
         return torchmetrics.MetricCollection(
@@ -298,7 +298,7 @@ class MulticlassClassificationTask(TaskModule):
         super().__init__(in_features, num_classes, hidden_sizes, activation, backend, lr, weight_decay, net)
 
     def make_loss(self, backend: str) -> torch.nn.Module:
-        return _loss(backend, mnn.CrossEntropyLoss, torch.nn.CrossEntropyLoss)
+        return _loss(backend, mnn.CrossEntropyLoss)
 
     def make_metrics(self) -> torchmetrics.MetricCollection:
         k = self.num_classes

@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 
 import manual_backprop.nn as mnn
+from manual_backprop.nn.activation import ACTIVATIONS
 
 # ------------------------------------------------------------------ the peers' style
 
@@ -105,8 +106,7 @@ class PeerNet(nn.Module):
 
 # ------------------------------------------------------------------ the grid
 
-STOCK_ACTIVATION = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
-OUR_ACTIVATION = {"sigmoid": mnn.Sigmoid, "tanh": mnn.Tanh, "relu": mnn.ReLU}
+BENCH_ACTIVATIONS = ("sigmoid", "tanh", "relu")  # ACTIVATIONS[name]: our module, .stock torch's
 
 # (sizes, batch, GEMM-bound). GEMM-bound, as the issue names it, is the largest size: there the
 # matrix products take about 90% of a stock step (a quarter less at 256→512→512→10).
@@ -153,10 +153,10 @@ def build(case: Case, compile_backend: str, our_loss_for_ours: bool = False):
     for k, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
         layers.append(nn.Linear(n_in, n_out))
         if k < len(sizes) - 2:
-            layers.append(STOCK_ACTIVATION[act]())
+            layers.append(ACTIVATIONS[act].stock())
     stock = nn.Sequential(*layers).to(device)
     per_layer = nn.Sequential(
-        *[mnn.Linear(m.in_features, m.out_features) if isinstance(m, nn.Linear) else OUR_ACTIVATION[act]() for m in stock]
+        *[mnn.Linear(m.in_features, m.out_features) if isinstance(m, nn.Linear) else ACTIVATIONS[act].module() for m in stock]
     ).to(device)
     per_layer.load_state_dict(stock.state_dict())
     fused = mnn.MLP.from_sequential(stock)
@@ -399,7 +399,7 @@ def main(argv=None) -> int:
                         help="all: cpu, and cuda where available (default)")
     parser.add_argument("--out", type=Path, default=Path("bench_results"), help="folder for bench.md and bench.png")
     parser.add_argument("--samples", type=int, default=None, help="timing samples per contender (default 15, quick 3)")
-    parser.add_argument("--activations", nargs="+", default=None, choices=sorted(STOCK_ACTIVATION))
+    parser.add_argument("--activations", nargs="+", default=None, choices=sorted(BENCH_ACTIVATIONS))
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor, quick aot_eager)")
     parser.add_argument("--our-loss", action="store_true",
                         help="per-layer, fused and compiled use manual_backprop's loss (default: torch's, for all)")
@@ -414,7 +414,7 @@ def main(argv=None) -> int:
     if not devices:
         parser.error("--device cuda: CUDA is not available")
     grid = QUICK_GRID if args.quick else FULL_GRID
-    activations = args.activations or (["sigmoid", "relu"] if args.quick else ["sigmoid", "tanh", "relu"])
+    activations = args.activations or (["sigmoid", "relu"] if args.quick else list(BENCH_ACTIVATIONS))
     samples = args.samples or (3 if args.quick else 15)
     backend = args.compile_backend or ("aot_eager" if args.quick else "inductor")
 

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from manual_backprop._amp import autocast_inputs, without_autocast
 from manual_backprop._checks import InputError
 from manual_backprop.registry import Registry, supports_real_parameters
+from manual_backprop.rules._apply import apply_rule
+from manual_backprop.rules.linear import weight_and_bias_grads
 
 NAME = "feedback_alignment"
 
@@ -51,11 +53,8 @@ class FeedbackLinear(torch.autograd.Function):
     def backward(ctx, delta):
         a, B = ctx.saved_tensors
         need_a, need_W, need_b, _ = ctx.needs_input_grad
-        delta_rows = delta.reshape(-1, delta.shape[-1])  # (n, out)
-        grad_a = delta @ B.to(delta.dtype) if need_a else None
-        grad_W = delta_rows.T @ a.reshape(-1, a.shape[-1]) if need_W else None
-        grad_b = delta_rows.sum(0) if need_b else None
-        return grad_a, grad_W, grad_b, None
+        grad_a = delta @ B.to(delta.dtype) if need_a else None  # δ B, where backprop has δ W
+        return grad_a, *weight_and_bias_grads(delta, a, need_W, need_b), None
 
 
 def feedback_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, feedback: torch.Tensor):
@@ -65,7 +64,7 @@ def feedback_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             f"feedback_linear: feedback must have the weight's shape {tuple(weight.shape)}, got {tuple(feedback.shape)}"
         )
     input, weight, bias = autocast_inputs("linear", input.device, input, weight, bias)
-    return FeedbackLinear.apply(input, weight, bias, feedback.detach())
+    return apply_rule(FeedbackLinear, input, weight, bias, feedback.detach())
 
 
 class Linear(torch.nn.Linear):

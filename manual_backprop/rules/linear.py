@@ -40,8 +40,14 @@ class Linear(torch.autograd.Function):
         a, W = ctx.saved_tensors
         need_a, need_W, need_b = ctx.needs_input_grad
         grad_a = delta @ W if need_a else None
-        if delta.dim() != 2:  # (*, out) -> (n, out): the outer products sum over every leading dim
-            delta, a = delta.reshape(-1, delta.shape[-1]), None if a is None else a.reshape(-1, a.shape[-1])
-        grad_W = delta.T @ a if need_W else None
-        grad_b = delta.sum(0) if need_b else None
-        return grad_a, grad_W, grad_b
+        return grad_a, *weight_and_bias_grads(delta, a, need_W, need_b)
+
+
+def weight_and_bias_grads(delta, a, need_W: bool, need_b: bool):
+    """∂J/∂W = Σₙ δₙ aₙᵀ = δᵀ a and ∂J/∂b = Σₙ δₙ, summed over every leading dimension of δ: (*, out).
+
+    Shared by every Linear-shaped rule (feedback alignment changes only ∂J/∂a).
+    """
+    if delta.dim() != 2:  # (*, out) -> (n, out)
+        delta, a = delta.reshape(-1, delta.shape[-1]), None if a is None else a.reshape(-1, a.shape[-1])
+    return (delta.T @ a if need_W else None), (delta.sum(0) if need_b else None)
