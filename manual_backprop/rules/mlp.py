@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from manual_backprop._amp import without_autocast
 from manual_backprop.rules._apply import apply_rule
+from manual_backprop.rules.linear import weight_and_bias_grads
 
 
 def activation(rule: type, *params) -> tuple:
@@ -125,10 +126,8 @@ class MLP(torch.autograd.Function):
             grad_a = None
             if delta is None:
                 continue
-            if need[2 * l]:
-                grads[2 * l] = delta.t().mm(a[l])  # ∂J/∂W(l) = δ(l+1)ᵀ a(l)
-            if need[2 * l + 1]:
-                grads[2 * l + 1] = delta.sum(0)  # ∂J/∂b(l) = Σₙ δ(l+1)
+            # ∂J/∂W(l) = δ(l+1)ᵀ a(l),  ∂J/∂b(l) = Σₙ δ(l+1)
+            grads[2 * l], grads[2 * l + 1] = weight_and_bias_grads(delta, a[l], need[2 * l], need[2 * l + 1])
             if l > ctx.lowest or need_a0:
                 grad_a = delta.mm(W[l])  # ∂J/∂a(l) = δ(l+1) W(l)
         grad_input = grad_a.reshape(ctx.input_shape) if need_a0 and grad_a is not None else None
