@@ -33,6 +33,9 @@ _POLICY: dict[str, dict[str, str]] = {
         "binary_cross_entropy": FP32,
         "binary_cross_entropy_with_logits": FP32,
         "cross_entropy": FP32,
+        # norm branch: AutocastCPU lists prelu as lower_precision_fp and no norm at all
+        # (batch_norm, layer_norm, group_norm, rms_norm keep the input's dtype; mixed-dtype kernels)
+        "prelu": LOWER,
     },
     "cuda": {
         "linear": LOWER,
@@ -41,6 +44,12 @@ _POLICY: dict[str, dict[str, str]] = {
         "mse_loss": FP32,
         "binary_cross_entropy_with_logits": FP32,
         "cross_entropy": FP32,  # log_softmax (fp32_set_opt_dtype) + nll_loss (fp32)
+        # norm branch: AT_FORALL_FP32 has layer_norm, group_norm, rms_norm (batch_norm is in no
+        # CUDA list: cudnn takes a half input with float32 γ, β); AT_FORALL_LOWER_PRECISION_FP has prelu
+        "layer_norm": FP32,
+        "group_norm": FP32,
+        "rms_norm": FP32,
+        "prelu": LOWER,
     },
 }
 

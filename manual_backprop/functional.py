@@ -32,6 +32,21 @@ __all__ = [
     "softmax",
     "softplus",
     "tanh",
+    # norm branch: normalisation, dropout, the activations CNNs use
+    "batch_norm",
+    "layer_norm",
+    "rms_norm",
+    "group_norm",
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "relu6",
+    "hardtanh",
+    "hardsigmoid",
+    "hardswish",
+    "mish",
+    "prelu",
 ]
 
 
@@ -282,3 +297,288 @@ def cross_entropy(
     _checks.floating(op, "input", input)
     loss, _ = apply_rule(rules.CrossEntropy, input, target, weight, ignore_index, reduction, label_smoothing)
     return loss
+
+
+# ---------------------------------------------------------- normalisation (norm branch)
+
+
+def _norm_param_dtypes(op: str, input: torch.Tensor, **params: torch.Tensor | None) -> None:
+    """γ, β (and running statistics) share the input's dtype, or are float32 beside a bf16/fp16 input
+    (torch's mixed-dtype normalisation kernels; what autocast leaves on CPU)."""
+    low = input.dtype in (torch.float16, torch.bfloat16)
+    for name, t in params.items():
+        if t is not None and t.dtype != input.dtype and not (low and t.dtype == torch.float32):
+            described = ", ".join(f"{n}={p.dtype}" for n, p in params.items() if p is not None)
+            raise InputError(f"{op}: mixed dtypes: input={input.dtype}, {described}; parameters must be "
+                             "the input's dtype (or float32 beside a bfloat16/float16 input)")
+
+
+def _per_channel(op: str, num_channels: int, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.numel() != num_channels:
+            raise InputError(f"{op}: {name} should contain {num_channels} elements not {t.numel()} "
+                             f"(shape {shape(t)})")
+
+
+def _verify_batch_size(size) -> None:
+    values_per_channel = size[0]
+    for s in size[2:]:
+        values_per_channel *= s
+    if values_per_channel == 1:
+        raise InputError(f"Expected more than 1 value per channel when training, got input size {torch.Size(size)}")
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Input: (N, C, *). Training: batch statistics, and the running ones updated in place
+    (running ← (1 − momentum)·running + momentum·batch, with the unbiased batch variance), as torch.
+    Eval: the running statistics, a per-channel affine map."""
+    op = "batch_norm"
+    if input.dim() < 2:
+        raise InputError(f"{op}: expected input of shape (N, C, *) with at least 2 dims, got {shape(input)}")
+    if training:
+        _verify_batch_size(input.shape)
+        if eps <= 0.0:
+            raise InputError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise InputError(f"batch_norm eps must be non-negative, but got {eps}")
+    elif running_mean is None or running_var is None:
+        raise InputError(f"{op}: running_mean must be defined in evaluation mode")
+    num_channels = input.shape[1]
+    _per_channel(op, num_channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    _constant(op, running_mean=running_mean, running_var=running_var)
+    input, weight, bias = autocast_inputs(op, input.device, input, weight, bias)
+    _norm_param_dtypes(op, input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    if weight is not None and weight.dim() != 1:  # torch takes any shape with C elements
+        weight = weight.reshape(-1)
+    if bias is not None and bias.dim() != 1:
+        bias = bias.reshape(-1)
+    if not training:
+        return apply_rule(
+            rules.BatchNormEval, input, running_mean.reshape(-1), running_var.reshape(-1), weight, bias, eps
+        )
+    output, mean, var = apply_rule(rules.BatchNorm, input, weight, bias, eps)
+    n = input.numel() // max(num_channels, 1)  # values per channel
+    if n > 0:  # a no-grad side effect, not part of the gradient (torch skips empty batches too)
+        with torch.no_grad():
+            if running_mean is not None:
+                running_mean.mul_(1 - momentum).add_(mean.reshape(running_mean.shape), alpha=momentum)
+            if running_var is not None:
+                unbiased = var.reshape(running_var.shape) * (n / (n - 1))
+                running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+    return output
+
+
+def _normalized_shape(normalized_shape) -> tuple[int, ...]:
+    return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+
+
+def _check_normalized_shape(op: str, input, normalized_shape, **params) -> None:
+    k = len(normalized_shape)
+    if k == 0:
+        raise InputError(f"{op}: normalized_shape must have at least one dimension, got {normalized_shape}")
+    if input.dim() < k or shape(input)[input.dim() - k :] != normalized_shape:
+        raise InputError(
+            f"{op}: Given normalized_shape={list(normalized_shape)}, expected input with shape "
+            f"[*, {', '.join(map(str, normalized_shape))}], but got input of size{list(input.shape)}"
+        )
+    for name, t in params.items():
+        if t is not None and shape(t) != normalized_shape:
+            raise InputError(f"{op}: expected {name} of shape {normalized_shape}, got {shape(t)}")
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape: list[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Input: (*, *normalized_shape); weight, bias: normalized_shape. Output: like input."""
+    normalized_shape = _normalized_shape(normalized_shape)
+    _check_normalized_shape("layer_norm", input, normalized_shape, weight=weight, bias=bias)
+    input, weight, bias = autocast_inputs("layer_norm", input.device, input, weight, bias)
+    _norm_param_dtypes("layer_norm", input, weight=weight, bias=bias)
+    output, _, _ = apply_rule(rules.LayerNorm, input, normalized_shape, weight, bias, eps)
+    return output
+
+
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape: list[int],
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+) -> torch.Tensor:
+    """Input: (*, *normalized_shape); weight: normalized_shape. eps=None: the machine epsilon of the
+    dtype the statistics are computed in (float32 for bf16/fp16 inputs), as torch."""
+    normalized_shape = _normalized_shape(normalized_shape)
+    _check_normalized_shape("rms_norm", input, normalized_shape, weight=weight)
+    input, weight = autocast_inputs("rms_norm", input.device, input, weight)
+    _norm_param_dtypes("rms_norm", input, weight=weight)
+    if eps is None:
+        eps = torch.finfo(rules.norm.opmath(input).dtype if input.is_floating_point() else torch.float32).eps
+    output, _ = apply_rule(rules.RMSNorm, input, normalized_shape, weight, eps)
+    return output
+
+
+def group_norm(
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Input: (N, C, *), C divisible by num_groups; weight, bias: (C,). Output: like input."""
+    op = "group_norm"
+    if input.dim() < 2:
+        raise InputError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
+    num_channels = input.shape[1]
+    if num_groups <= 0 or num_channels % num_groups:
+        raise InputError(
+            "Expected number of channels in input to be divisible by num_groups, but got input of shape "
+            f"{list(input.shape)} and num_groups={num_groups}"
+        )
+    _verify_batch_size([input.shape[0] * num_channels // num_groups, num_groups, *input.shape[2:]])
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and shape(t) != (num_channels,):
+            raise InputError(f"{op}: expected {name} of shape ({num_channels},), got {shape(t)}")
+    input, weight, bias = autocast_inputs(op, input.device, input, weight, bias)
+    _norm_param_dtypes(op, input, weight=weight, bias=bias)
+    output, _, _ = apply_rule(rules.GroupNorm, input, num_groups, weight, bias, eps)
+    return output
+
+
+# ---------------------------------------------------------------- dropout (norm branch)
+
+
+def _dropout(input: torch.Tensor, p: float, training: bool, inplace: bool, mask_shape) -> torch.Tensor:
+    """Draw the mask as torch's CPU kernel does (bernoulli_(1 − p) on the mask's shape), then the rule.
+
+    Eval, p = 0 and empty inputs return the input itself, no graph node (as torch)."""
+    if p < 0.0 or p > 1.0:
+        raise InputError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not training or p == 0 or input.numel() == 0:
+        return input
+    if p == 1:  # torch draws nothing here: the input times zero
+        mask = torch.zeros(mask_shape, dtype=torch.bool, device=input.device)
+    else:
+        mask = torch.empty(mask_shape, dtype=torch.bool, device=input.device).bernoulli_(1 - p)
+    if inplace:
+        return apply_rule(rules.dropout.InplaceDropout, input, mask, p)
+    return apply_rule(rules.Dropout, input, mask, p)
+
+
+def _feature_mask_shape(input: torch.Tensor, batched: bool = True) -> tuple[int, ...]:
+    """One mask value per channel: (N, C, 1, …), or (C, 1, …) for an unbatched input."""
+    if not batched:
+        return (input.shape[0],) + (1,) * (input.dim() - 1)
+    if input.dim() < 2:
+        raise InputError(f"Feature dropout requires at least 2 dimensions in the input, got {shape(input)}")
+    return tuple(input.shape[:2]) + (1,) * (input.dim() - 2)
+
+
+def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """a = z ⊙ m / (1 − p), m ~ Bernoulli(1 − p) per element."""
+    return _dropout(input, p, training, inplace, input.shape)
+
+
+def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """Whole channels dropped. Input: (N, C, L) or (C, L)."""
+    if p < 0.0 or p > 1.0:
+        raise InputError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if input.dim() not in (2, 3):
+        raise InputError(
+            f"dropout1d: Expected 2D or 3D input, but received a {input.dim()}D input. "
+            "Note that dropout1d exists to provide channel-wise dropout on inputs with 1 "
+            "spatial dimension, a channel dimension, and an optional batch dimension "
+            "(i.e. 2D or 3D inputs)."
+        )
+    return _dropout(input, p, training, inplace, _feature_mask_shape(input, input.dim() == 3))
+
+
+def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """Whole channels dropped. Input: (N, C, H, W) (a 3-D input is taken as (N, C, L), as torch)."""
+    if p < 0.0 or p > 1.0:
+        raise InputError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if input.dim() not in (3, 4):
+        warnings.warn(
+            f"dropout2d: Received a {input.dim()}-D input to dropout2d, which is deprecated "
+            "and will result in an error in a future release. To retain the behavior "
+            "and silence this warning, please use dropout instead. Note that dropout2d "
+            "exists to provide channel-wise dropout on inputs with 2 spatial dimensions, "
+            "a channel dimension, and an optional batch dimension (i.e. 3D or 4D inputs).",
+            stacklevel=2,
+        )
+    if input.dim() == 3:
+        warnings.warn(
+            "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise "
+            "1D dropout behavior is desired - input is interpreted as shape (N, C, L), where C "
+            "is the channel dim. This behavior will change in a future release to interpret the "
+            "input as one without a batch dimension, i.e. shape (C, H, W). To maintain the 1D "
+            "channel-wise dropout behavior, please switch to using dropout1d instead.",
+            stacklevel=2,
+        )
+    return _dropout(input, p, training, inplace, _feature_mask_shape(input))
+
+
+def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """Whole channels dropped. Input: (N, C, D, H, W) or (C, D, H, W)."""
+    if p < 0.0 or p > 1.0:
+        raise InputError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if input.dim() not in (4, 5):
+        warnings.warn(
+            f"dropout3d: Received a {input.dim()}-D input to dropout3d, which is deprecated "
+            "and will result in an error in a future release. To retain the behavior "
+            "and silence this warning, please use dropout instead. Note that dropout3d "
+            "exists to provide channel-wise dropout on inputs with 3 spatial dimensions, "
+            "a channel dimension, and an optional batch dimension (i.e. 4D or 5D inputs).",
+            stacklevel=2,
+        )
+    return _dropout(input, p, training, inplace, _feature_mask_shape(input, input.dim() == 5))
+
+
+# ------------------------------------------- activations torchvision's CNNs use (norm branch)
+
+
+def relu6(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    return _activate("relu6", rules.ReLU6, input, inplace)
+
+
+def hardtanh(input: torch.Tensor, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False) -> torch.Tensor:
+    if min_val > max_val:
+        raise InputError(f"hardtanh: min_val cannot be greater than max_val, got min_val={min_val}, max_val={max_val}")
+    return _activate("hardtanh", rules.Hardtanh, input, inplace, min_val, max_val)
+
+
+def hardsigmoid(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    return _activate("hardsigmoid", rules.Hardsigmoid, input, inplace)
+
+
+def hardswish(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    return _activate("hardswish", rules.Hardswish, input, inplace)
+
+
+def mish(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    return _activate("mish", rules.Mish, input, inplace)
+
+
+def prelu(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """a = z for z > 0, α z otherwise; weight: 1 slope, or one per channel (input's dim 1)."""
+    channels = input.shape[1] if input.dim() >= 2 else 1
+    if weight.numel() != 1 and weight.numel() != channels:
+        raise InputError(
+            "Mismatch of parameter numbers and input channel size. Found parameter numbers = "
+            f"{weight.numel()} and channel size = {channels}."
+        )
+    input, weight = autocast_inputs("prelu", input.device, input, weight)
+    if input.dtype != weight.dtype:
+        _checks.same_dtype("prelu", input=input, weight=weight)
+    return apply_rule(rules.PReLU, input, weight)

@@ -11,7 +11,7 @@ calls F.linear (and ReLU F.relu, ...), it also catches stock modules.
 
 A call is routed only where it matters: grad mode on, some tensor argument requiring
 grad, and no complex tensor (our rules are real-valued). Everything else, including
-composite functions we have no rule for (F.layer_norm, F.scaled_dot_product_attention,
+composite functions we have no rule for (F.scaled_dot_product_attention,
 F.multi_head_attention_forward: everything inside them), runs on stock torch.
 TorchFunctionMode disables itself while a handler runs, so our functional code, which
 calls torch ops, does not re-enter the mode; and since an autograd.Function's forward
@@ -37,6 +37,29 @@ def _softmax(input, dim=None, dtype=None):
     return MF.softmax(input, dim, dtype=dtype)
 
 
+# norm branch: torch.* spellings whose signatures differ from torch.nn.functional's
+
+
+def _torch_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled=True):
+    return MF.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _torch_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+    return MF.layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+def _torch_group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+    return MF.group_norm(input, num_groups, weight, bias, eps)
+
+
+def _torch_dropout(input, p, train):
+    return MF.dropout(input, p, train)
+
+
+def _torch_feature_dropout(input, p, train):
+    return MF._dropout(input, p, train, False, MF._feature_mask_shape(input))  # one mask value per (n, c)
+
+
 def _routes() -> dict[Callable, tuple[str, Callable]]:
     T = torch.Tensor
     table = [  # (name, our function, the torch functions it stands in for)
@@ -55,6 +78,26 @@ def _routes() -> dict[Callable, tuple[str, Callable]]:
         ("binary_cross_entropy", MF.binary_cross_entropy, [F.binary_cross_entropy]),
         ("binary_cross_entropy_with_logits", MF.binary_cross_entropy_with_logits, [F.binary_cross_entropy_with_logits]),
         ("cross_entropy", MF.cross_entropy, [F.cross_entropy]),
+        # norm branch: normalisation, dropout, the activations CNNs use
+        ("batch_norm", MF.batch_norm, [F.batch_norm]),
+        ("batch_norm", _torch_batch_norm, [torch.batch_norm]),
+        ("layer_norm", MF.layer_norm, [F.layer_norm]),
+        ("layer_norm", _torch_layer_norm, [torch.layer_norm]),
+        ("group_norm", MF.group_norm, [F.group_norm]),
+        ("group_norm", _torch_group_norm, [torch.group_norm]),
+        ("rms_norm", MF.rms_norm, [F.rms_norm, torch.rms_norm]),
+        ("dropout", MF.dropout, [F.dropout]),
+        ("dropout", _torch_dropout, [torch.dropout]),
+        ("dropout1d", MF.dropout1d, [F.dropout1d]),
+        ("dropout2d", MF.dropout2d, [F.dropout2d]),
+        ("dropout3d", MF.dropout3d, [F.dropout3d]),
+        ("feature_dropout", _torch_feature_dropout, [torch.feature_dropout]),
+        ("relu6", MF.relu6, [F.relu6]),
+        ("hardtanh", MF.hardtanh, [F.hardtanh]),
+        ("hardsigmoid", MF.hardsigmoid, [F.hardsigmoid]),
+        ("hardswish", MF.hardswish, [F.hardswish]),
+        ("mish", MF.mish, [F.mish]),
+        ("prelu", MF.prelu, [F.prelu, torch.prelu, T.prelu]),
     ]
     return {torch_fn: (name, ours) for name, ours, torch_fns in table for torch_fn in torch_fns}
 

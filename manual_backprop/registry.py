@@ -279,6 +279,23 @@ def _builtin_rules() -> list[Rule]:
         (nn.BCELoss, mnn.BCELoss),
         (nn.BCEWithLogitsLoss, mnn.BCEWithLogitsLoss),
         (nn.CrossEntropyLoss, mnn.CrossEntropyLoss),
+        # norm branch: normalisation, dropout, the activations CNNs use
+        (nn.BatchNorm1d, mnn.BatchNorm1d),
+        (nn.BatchNorm2d, mnn.BatchNorm2d),
+        (nn.BatchNorm3d, mnn.BatchNorm3d),
+        (nn.LayerNorm, mnn.LayerNorm),
+        (nn.RMSNorm, mnn.RMSNorm),
+        (nn.GroupNorm, mnn.GroupNorm),
+        (nn.Dropout, mnn.Dropout),
+        (nn.Dropout1d, mnn.Dropout1d),
+        (nn.Dropout2d, mnn.Dropout2d),
+        (nn.Dropout3d, mnn.Dropout3d),
+        (nn.ReLU6, mnn.ReLU6),
+        (nn.Hardtanh, mnn.Hardtanh),
+        (nn.Hardsigmoid, mnn.Hardsigmoid),
+        (nn.Hardswish, mnn.Hardswish),
+        (nn.Mish, mnn.Mish),
+        (nn.PReLU, mnn.PReLU),
     ]
     return [Rule(stock, manual, supports_real_parameters, "builtin") for stock, manual in pairs]
 

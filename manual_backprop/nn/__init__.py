@@ -10,6 +10,11 @@ from manual_backprop.nn.linear import Identity, Linear
 from manual_backprop.nn.loss import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from manual_backprop.nn.mlp import MLP
 
+# norm branch: normalisation, dropout, the activations CNNs use
+from manual_backprop.nn.activation import Hardsigmoid, Hardswish, Hardtanh, Mish, PReLU, ReLU6
+from manual_backprop.nn.dropout import Dropout, Dropout1d, Dropout2d, Dropout3d
+from manual_backprop.nn.norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm, RMSNorm
+
 __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
@@ -27,4 +32,21 @@ __all__ = [
     "Softmax",
     "Softplus",
     "Tanh",
+    # norm branch
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "Dropout",
+    "Dropout1d",
+    "Dropout2d",
+    "Dropout3d",
+    "GroupNorm",
+    "Hardsigmoid",
+    "Hardswish",
+    "Hardtanh",
+    "LayerNorm",
+    "Mish",
+    "PReLU",
+    "RMSNorm",
+    "ReLU6",
 ]

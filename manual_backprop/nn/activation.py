@@ -56,6 +56,41 @@ class Softmax(torch.nn.Softmax):
         return F.softmax(input, self.dim, _stacklevel=5)
 
 
+# ------------------------------------------------ the activations torchvision's CNNs use (norm branch)
+
+
+class ReLU6(torch.nn.ReLU6):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.relu6(input, self.inplace)
+
+
+class Hardtanh(torch.nn.Hardtanh):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.hardtanh(input, self.min_val, self.max_val, self.inplace)
+
+
+class Hardsigmoid(torch.nn.Hardsigmoid):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.hardsigmoid(input, self.inplace)
+
+
+class Hardswish(torch.nn.Hardswish):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.hardswish(input, self.inplace)
+
+
+class Mish(torch.nn.Mish):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.mish(input, self.inplace)
+
+
+class PReLU(torch.nn.PReLU):
+    """Its weight (one slope, or one per channel) gets ∂J/∂α = Σ δ·min(z, 0) from our rule."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.prelu(input, self.weight)
+
+
 # ------------------------------------------------ the activations a network may use, by name
 
 
@@ -92,4 +127,10 @@ ACTIVATIONS: dict[str, Activation] = {
     "silu": Activation(SiLU, rules.SiLU),
     "gelu": Activation(GELU, rules.GELU, ("approximate",)),
     "identity": Activation(Identity, rules.Identity),
+    # norm branch (relu6 before hardtanh: torch's ReLU6 subclasses Hardtanh)
+    "relu6": Activation(ReLU6, rules.ReLU6),
+    "hardtanh": Activation(Hardtanh, rules.Hardtanh, ("min_val", "max_val")),
+    "hardsigmoid": Activation(Hardsigmoid, rules.Hardsigmoid),
+    "hardswish": Activation(Hardswish, rules.Hardswish),
+    "mish": Activation(Mish, rules.Mish),
 }

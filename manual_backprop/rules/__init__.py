@@ -30,6 +30,10 @@ from manual_backprop.rules.activations import (
 )
 from manual_backprop.rules.linear import Linear
 from manual_backprop.rules.mlp import MLP
+# norm branch: normalisation, dropout, the activations CNNs use
+from manual_backprop.rules.activations import Hardsigmoid, Hardswish, Hardtanh, Mish, PReLU, ReLU6
+from manual_backprop.rules.dropout import Dropout
+from manual_backprop.rules.norm import BatchNorm, BatchNormEval, GroupNorm, LayerNorm, RMSNorm
 from manual_backprop.rules.losses import (
     BinaryCrossEntropy,
     BinaryCrossEntropyWithLogits,
@@ -55,4 +59,17 @@ __all__ = [
     "Softmax",
     "Softplus",
     "Tanh",
+    # norm branch
+    "BatchNorm",
+    "BatchNormEval",
+    "Dropout",
+    "GroupNorm",
+    "Hardsigmoid",
+    "Hardswish",
+    "Hardtanh",
+    "LayerNorm",
+    "Mish",
+    "PReLU",
+    "RMSNorm",
+    "ReLU6",
 ]

@@ -274,3 +274,130 @@ class InplaceElementwise(torch.autograd.Function):
         if ctx.rule.sigma_prime_from == "a":
             return None, grad, None, *unused
         return None, None, grad, *unused  # flows to z through the clone's own graph
+
+
+# ------------------------------------------------ the activations torchvision's CNNs use (norm branch)
+
+
+class Hardtanh(Elementwise):
+    """a = clamp(z, min_val, max_val);  σ' = 1 for min_val < z < max_val, else 0 (0 at the kinks, as torch).
+
+    From a: clamping is exact, so min_val < a < max_val exactly where min_val < z < max_val.
+    """
+
+    sigma_prime_from = "a"
+
+    @staticmethod
+    def sigma(z, min_val, max_val):
+        return F.hardtanh(z, min_val, max_val)
+
+    @staticmethod
+    def sigma_prime(a, min_val, max_val):
+        return ((a > min_val) & (a < max_val)).to(a.dtype)
+
+    @staticmethod
+    def delta_sigma_prime(delta, a, min_val, max_val):
+        return torch.where((a > min_val) & (a < max_val), delta, 0.0)
+
+
+class ReLU6(Elementwise):
+    """a = min(max(z, 0), 6) (Hardtanh(0, 6));  σ' = 1 for 0 < z < 6, else 0 (from a, as Hardtanh)."""
+
+    sigma_prime_from = "a"
+
+    @staticmethod
+    def sigma(z):
+        return F.relu6(z)
+
+    @staticmethod
+    def sigma_prime(a):
+        return Hardtanh.sigma_prime(a, 0.0, 6.0)
+
+    @staticmethod
+    def delta_sigma_prime(delta, a):
+        return Hardtanh.delta_sigma_prime(delta, a, 0.0, 6.0)
+
+
+class Hardsigmoid(Elementwise):
+    """a = clamp(z/6 + 1/2, 0, 1);  σ' = 1/6 for −3 < z < 3, else 0 (0 at ±3, as torch).
+
+    From z, not a: near z = ±3, z/6 + 1/2 may round onto 0 or 1 while torch's σ' is still 1/6.
+    """
+
+    @staticmethod
+    def sigma(z):
+        return F.hardsigmoid(z)
+
+    @staticmethod
+    def sigma_prime(z):
+        return torch.where((z > -3) & (z < 3), 1 / 6, torch.zeros_like(z))
+
+
+class Hardswish(Elementwise):
+    """a = z · clamp(z + 3, 0, 6)/6;  σ' = 0 for z ≤ −3, z/3 + 1/2 for −3 < z < 3, 1 for z ≥ 3 (as torch)."""
+
+    @staticmethod
+    def sigma(z):
+        return F.hardswish(z)
+
+    @staticmethod
+    def sigma_prime(z):
+        return torch.where(z <= -3, 0.0, torch.where(z < 3, z / 3 + 0.5, 1.0))
+
+
+class Mish(Elementwise):
+    """a = z tanh(softplus(z));  σ' = t + z s (1 − t²), t = tanh(softplus(z)), s = sigmoid(z) = softplus'(z)."""
+
+    @staticmethod
+    def sigma(z):
+        return F.mish(z)
+
+    @staticmethod
+    def sigma_prime(z):
+        t = torch.tanh(F.softplus(z))
+        return t + z * torch.sigmoid(z) * (1 - t * t)
+
+
+class PReLU(torch.autograd.Function):
+    """a = z for z > 0, α_c z otherwise: LeakyReLU with a learnt slope, one per channel (dim 1) or one in all.
+
+        σ' = 1 for z > 0, α_c otherwise (α_c at z = 0, as torch)
+        δ_z = δ ⊙ σ'
+        ∂J/∂α_c = Σ δ · min(z, 0) over every dim but the channel dim (`prelu_weight_grad`)
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z, weight):
+        return F.prelu(z, weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z, weight = inputs
+        ctx.save_for_backward(z, weight)
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, delta):
+        z, weight = ctx.saved_tensors
+        need_z, need_weight = ctx.needs_input_grad
+        alpha = prelu_slopes(weight, z)
+        grad_z = torch.where(z > 0, delta, delta * alpha) if need_z else None
+        grad_weight = prelu_weight_grad(delta, z, weight) if need_weight else None
+        return grad_z, grad_weight
+
+
+def prelu_slopes(weight, z):
+    """α shaped to broadcast against z: one slope for all, or one per channel (dim 1)."""
+    if weight.numel() == 1:
+        return weight.reshape(())
+    return weight.reshape((-1,) + (1,) * (z.dim() - 2))
+
+
+def prelu_weight_grad(delta, z, weight):
+    """∂J/∂α = Σ δ · min(z, 0), summed over every dim but the channel dim; shaped like `weight`."""
+    contribution = delta * torch.clamp(z, max=0)
+    if weight.numel() == 1:
+        return contribution.sum().reshape(weight.shape)
+    return contribution.sum([d for d in range(z.dim()) if d != 1]).reshape(weight.shape)

@@ -1,0 +1,345 @@
+"""Normalisation: BatchNorm, LayerNorm, GroupNorm, RMSNorm, with δ through the normalisation written once.
+
+Every rule here normalises x over some of its elements (its "group": a channel over the
+batch, a sample's last dims, a group of channels) and applies a per-feature affine map:
+
+    forward:   x̂ = (x − μ) / σ        μ, σ² = mean, biased variance over the group; σ = √(σ² + eps)
+               y = γ x̂ + β            γ, β per feature (channel, or normalized_shape)
+    backward:  g = δ γ                 (δ = ∂J/∂y)
+               ∂J/∂x = (1/σ)(g − mean(g) − x̂·mean(g·x̂))        means over the group
+               ∂J/∂γ = Σ δ·x̂,   ∂J/∂β = Σ δ                    sums over everything but the feature
+
+RMSNorm drops the centring: x̂ = x / rms, rms = √(mean(x²) + eps), and its δ loses the mean(g)
+term: ∂J/∂x = (1/rms)(g − x̂·mean(g·x̂)). `delta_through_normalization` is that one formula,
+used by every rule; `affine_grads` is the weight gradient, a small pure function of (δ, x̂).
+
+Each rule returns its statistics as extra, non-differentiable outputs (as torch's native_*_norm
+do), so backward reads them instead of recomputing; when double backward is asked for
+(grad mode on inside backward), backward recomputes them from x in differentiable ops so that
+autograd sees σ as a function of x. Low-precision inputs (bf16, fp16) are normalised in
+float32 and the output is cast back, as torch's kernels do; γ and β may stay float32 beside a
+low-precision input (autocast leaves norms in the input's dtype on CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from manual_backprop._amp import without_autocast
+
+
+def opmath(t: torch.Tensor) -> torch.Tensor:
+    """Low-precision floats are computed in float32, as torch's normalisation kernels do."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def statistics(x, dims, eps: float, centered: bool = True):
+    """(μ, 1/σ) over `dims` (kept), or (None, 1/rms) without centring."""
+    if centered:
+        var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+        return mean, torch.rsqrt(var + eps)
+    return None, torch.rsqrt((x * x).mean(dims, keepdim=True) + eps)
+
+
+def normalized(x, mean, rstd):
+    """x̂ = (x − μ)/σ, or x/rms when mean is None."""
+    return (x if mean is None else x - mean) * rstd
+
+
+def delta_through_normalization(g, x_hat, rstd, dims, centered: bool = True):
+    """∂J/∂x = (1/σ)(g − mean(g) − x̂·mean(g·x̂)), means over `dims`; RMSNorm (not centered): no mean(g)."""
+    projection = (g * x_hat).mean(dims, keepdim=True)
+    if centered:
+        g = g - g.mean(dims, keepdim=True)
+    return (g - x_hat * projection) * rstd
+
+
+def affine_grads(delta, x_hat, sum_dims, need_gamma: bool, need_beta: bool):
+    """∂J/∂γ = Σ δ·x̂ and ∂J/∂β = Σ δ over `sum_dims` (every dim that is not a feature dim).
+
+    The weight gradient shared by every rule here (per-sample mechanisms reuse it per sample).
+    """
+    total = (lambda t: t.sum(sum_dims)) if sum_dims else (lambda t: t)  # sum(()) would sum everything
+    return (total(delta * x_hat) if need_gamma else None), (total(delta) if need_beta else None)
+
+
+def _channel_view(t, x):
+    """A per-channel (C,) tensor shaped to broadcast against x: (N, C, *) → (1, C, 1, …)."""
+    return t.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _cast_back(grad, like):
+    return None if grad is None else grad.to(like.dtype)
+
+
+# ------------------------------------------------------------------ BatchNorm
+
+
+def batch_dims(x) -> list[int]:
+    """BatchNorm normalises each channel (dim 1) over the batch and every spatial position."""
+    return [0, *range(2, x.dim())]
+
+
+class BatchNorm(torch.autograd.Function):
+    """Training-mode batch normalisation of x: (N, C, *), statistics per channel over (N, *).
+
+        y = γ x̂ + β,  x̂ = (x − μ_c)/σ_c,  μ_c, σ_c² over the batch (biased variance)
+        ∂J/∂x = (1/σ)(g − mean(g) − x̂·mean(g·x̂)),  g = δ γ
+        ∂J/∂γ = Σ_{n,*} δ·x̂,   ∂J/∂β = Σ_{n,*} δ
+
+    Returns (y, μ, σ²) with μ, σ² of shape (C,) non-differentiable: the caller updates the
+    running statistics from them (a no-grad side effect, not part of the gradient).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        x32 = opmath(x)
+        dims = batch_dims(x)
+        var, mean = torch.var_mean(x32, dims, correction=0, keepdim=True)
+        y = normalized(x32, mean, torch.rsqrt(var + eps))
+        if weight is not None:
+            y = y * _channel_view(opmath(weight), x)
+        if bias is not None:
+            y = y + _channel_view(opmath(bias), x)
+        return y.to(x.dtype), mean.reshape(-1), var.reshape(-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, ctx.eps = inputs
+        _, mean, var = output
+        ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, bias, mean, var)
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, delta, _mean, _var):
+        x, weight, bias, mean, var = ctx.saved_tensors
+        need_x, need_gamma, need_beta, _ = ctx.needs_input_grad
+        if delta is None:
+            return None, None, None, None
+        x32, delta32, dims = opmath(x), opmath(delta), batch_dims(x)
+        if torch.is_grad_enabled():  # double backward: statistics as functions of x
+            mean, rstd = statistics(x32, dims, ctx.eps)
+        else:
+            mean, rstd = _channel_view(mean, x), _channel_view(torch.rsqrt(var + ctx.eps), x)
+        x_hat = normalized(x32, mean, rstd)
+        grad_x = None
+        if need_x:
+            g = delta32 if weight is None else delta32 * _channel_view(opmath(weight), x)
+            grad_x = delta_through_normalization(g, x_hat, rstd, dims).to(x.dtype)
+        grad_gamma, grad_beta = affine_grads(delta32, x_hat, dims, need_gamma, need_beta)
+        return grad_x, _cast_back(grad_gamma, weight), _cast_back(grad_beta, bias), None
+
+
+class BatchNormEval(torch.autograd.Function):
+    """Eval-mode batch normalisation: the running statistics make it a per-channel affine map.
+
+        y = γ (x − μ_run)/σ_run + β,   σ_run = √(var_run + eps)
+        ∂J/∂x = δ γ / σ_run,   ∂J/∂γ = Σ_{n,*} δ·x̂,   ∂J/∂β = Σ_{n,*} δ
+
+    The running statistics are constants (buffers): no gradient reaches them.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, running_mean, running_var, weight, bias, eps):
+        x32 = opmath(x)
+        x_hat = normalized(x32, _channel_view(running_mean, x), _channel_view(torch.rsqrt(running_var + eps), x))
+        y = x_hat if weight is None else x_hat * _channel_view(opmath(weight), x)
+        return (y if bias is None else y + _channel_view(opmath(bias), x)).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, running_mean, running_var, weight, bias, ctx.eps = inputs
+        need_gamma = ctx.needs_input_grad[3]
+        ctx.save_for_backward(x if need_gamma else None, running_mean, running_var, weight, bias)
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, delta):
+        x, running_mean, running_var, weight, bias = ctx.saved_tensors
+        need_x, _, _, need_gamma, need_beta, _ = ctx.needs_input_grad
+        delta32 = opmath(delta)
+        rstd = _channel_view(torch.rsqrt(running_var + ctx.eps), delta)
+        grad_x = None
+        if need_x:
+            scale = rstd if weight is None else rstd * _channel_view(opmath(weight), delta)
+            grad_x = (delta32 * scale).to(delta.dtype)
+        x_hat = normalized(opmath(x), _channel_view(running_mean, x), rstd) if need_gamma else None
+        grad_gamma, grad_beta = affine_grads(delta32, x_hat, batch_dims(delta), need_gamma, need_beta)
+        return grad_x, None, None, _cast_back(grad_gamma, weight), _cast_back(grad_beta, bias), None
+
+
+# ------------------------------------------------------------------ LayerNorm and RMSNorm
+
+
+def last_dims(x, normalized_shape) -> list[int]:
+    """The dims LayerNorm/RMSNorm normalise over: the last len(normalized_shape)."""
+    return list(range(x.dim() - len(normalized_shape), x.dim()))
+
+
+def leading_dims(x, normalized_shape) -> list[int]:
+    """The dims ∂J/∂γ sums over: all before normalized_shape."""
+    return list(range(x.dim() - len(normalized_shape)))
+
+
+class LayerNorm(torch.autograd.Function):
+    """Layer normalisation of x: (*, *normalized_shape), statistics per sample over normalized_shape.
+
+        y = γ x̂ + β,  x̂ = (x − μ)/σ over the last len(normalized_shape) dims
+        ∂J/∂x = (1/σ)(g − mean(g) − x̂·mean(g·x̂)),  g = δ γ
+        ∂J/∂γ = Σ_* δ·x̂,   ∂J/∂β = Σ_* δ    (γ, β: normalized_shape)
+
+    Returns (y, μ, 1/σ); μ and 1/σ are non-differentiable, saved for backward.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, normalized_shape, weight, bias, eps):
+        x32 = opmath(x)
+        mean, rstd = statistics(x32, last_dims(x, normalized_shape), eps)
+        y = normalized(x32, mean, rstd)
+        if weight is not None:
+            y = y * opmath(weight)
+        if bias is not None:
+            y = y + opmath(bias)
+        return y.to(x.dtype), mean, rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.normalized_shape, weight, bias, ctx.eps = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, delta, _mean, _rstd):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        if delta is None:
+            return None, None, None, None, None
+        grad_x, grad_gamma, grad_beta = _normalization_backward(
+            ctx, delta, x, weight, bias, mean, rstd, centered=True
+        )
+        return grad_x, None, grad_gamma, grad_beta, None
+
+
+class RMSNorm(torch.autograd.Function):
+    """RMS normalisation: x̂ = x / rms, rms = √(mean(x²) + eps) over normalized_shape; y = γ x̂.
+
+        ∂J/∂x = (1/rms)(g − x̂·mean(g·x̂)),  g = δ γ      (LayerNorm's δ without the centring term)
+        ∂J/∂γ = Σ_* δ·x̂
+
+    eps is resolved by the caller (torch's default: the machine epsilon of the computing dtype).
+    Returns (y, 1/rms); 1/rms is non-differentiable, saved for backward.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, normalized_shape, weight, eps):
+        x32 = opmath(x)
+        _, rstd = statistics(x32, last_dims(x, normalized_shape), eps, centered=False)
+        y = normalized(x32, None, rstd)
+        return (y if weight is None else y * opmath(weight)).to(x.dtype), rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.normalized_shape, weight, ctx.eps = inputs
+        _, rstd = output
+        ctx.mark_non_differentiable(rstd)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, rstd)
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, delta, _rstd):
+        x, weight, rstd = ctx.saved_tensors
+        if delta is None:
+            return None, None, None, None
+        grad_x, grad_gamma, _ = _normalization_backward(ctx, delta, x, weight, None, None, rstd, centered=False)
+        return grad_x, None, grad_gamma, None
+
+
+def _normalization_backward(ctx, delta, x, weight, bias, mean, rstd, centered):
+    """LayerNorm's and RMSNorm's backward: the shared δ, then γ's and β's sums over the leading dims."""
+    need_x, _, need_gamma, need_beta = ctx.needs_input_grad[:4]
+    need_beta = need_beta and centered  # RMSNorm's 4th input is eps
+    x32, delta32 = opmath(x), opmath(delta)
+    dims = last_dims(x, ctx.normalized_shape)
+    if torch.is_grad_enabled():  # double backward: statistics as functions of x
+        mean, rstd = statistics(x32, dims, ctx.eps, centered)
+    x_hat = normalized(x32, mean, rstd)
+    grad_x = None
+    if need_x:
+        g = delta32 if weight is None else delta32 * opmath(weight)
+        grad_x = delta_through_normalization(g, x_hat, rstd, dims, centered).to(x.dtype)
+    grad_gamma, grad_beta = affine_grads(
+        delta32, x_hat, leading_dims(x, ctx.normalized_shape), need_gamma and weight is not None, need_beta
+    )
+    return grad_x, _cast_back(grad_gamma, weight), _cast_back(grad_beta, bias)
+
+
+# ------------------------------------------------------------------ GroupNorm
+
+
+class GroupNorm(torch.autograd.Function):
+    """Group normalisation of x: (N, C, *): the C channels split into G groups of C/G; statistics
+    per sample and group, over the group's channels and every spatial position.
+
+        x viewed as (N, G, C/G · Π*):  x̂ = (x − μ)/σ over the last dim;  y = γ_c x̂ + β_c
+        ∂J/∂x = (1/σ)(g − mean(g) − x̂·mean(g·x̂)) per (n, group),  g = δ γ
+        ∂J/∂γ = Σ_{n,*} δ·x̂,   ∂J/∂β = Σ_{n,*} δ    (γ, β: (C,))
+
+    Returns (y, μ, 1/σ) with μ, 1/σ of shape (N, G, 1), non-differentiable.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, num_groups, weight, bias, eps):
+        x32 = opmath(x)
+        grouped = x32.reshape(x.shape[0], num_groups, -1)
+        mean, rstd = statistics(grouped, [2], eps)
+        y = normalized(grouped, mean, rstd).reshape(x.shape)
+        if weight is not None:
+            y = y * _channel_view(opmath(weight), x)
+        if bias is not None:
+            y = y + _channel_view(opmath(bias), x)
+        return y.to(x.dtype), mean, rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.num_groups, weight, bias, ctx.eps = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, delta, _mean, _rstd):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        need_x, _, need_gamma, need_beta, _ = ctx.needs_input_grad
+        if delta is None:
+            return None, None, None, None, None
+        x32, delta32 = opmath(x), opmath(delta)
+        grouped = x32.reshape(x.shape[0], ctx.num_groups, -1)
+        if torch.is_grad_enabled():  # double backward: statistics as functions of x
+            mean, rstd = statistics(grouped, [2], ctx.eps)
+        x_hat = normalized(grouped, mean, rstd)  # (N, G, C/G · Π*)
+        grad_x = None
+        if need_x:
+            g = delta32 if weight is None else delta32 * _channel_view(opmath(weight), x)
+            g = g.reshape(grouped.shape)
+            grad_x = delta_through_normalization(g, x_hat, rstd, [2]).reshape(x.shape).to(x.dtype)
+        grad_gamma, grad_beta = affine_grads(
+            delta32, x_hat.reshape(x.shape), batch_dims(x), need_gamma and weight is not None, need_beta and bias is not None
+        )
+        return grad_x, None, _cast_back(grad_gamma, weight), _cast_back(grad_beta, bias), None
