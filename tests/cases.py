@@ -73,6 +73,23 @@ INPLACE = [
     Activation("silu_", partial(MF.silu, inplace=True), partial(TF.silu, inplace=True), "InplaceElementwiseBackward"),
 ]
 
+# norm branch: the activations torchvision's CNNs use (domains reach past their kinks: ±3, 0 and 6, ±1)
+ACTIVATIONS += [
+    Activation("relu6", MF.relu6, TF.relu6, "ReLU6Backward", (-3.0, 8.0)),
+    Activation("hardtanh", MF.hardtanh, TF.hardtanh, "HardtanhBackward"),
+    Activation("hardtanh_-2_0.5", partial(MF.hardtanh, min_val=-2.0, max_val=0.5), partial(TF.hardtanh, min_val=-2.0, max_val=0.5), "HardtanhBackward"),
+    Activation("hardsigmoid", MF.hardsigmoid, TF.hardsigmoid, "HardsigmoidBackward", (-5.0, 5.0)),
+    Activation("hardswish", MF.hardswish, TF.hardswish, "HardswishBackward", (-5.0, 5.0)),
+    Activation("mish", MF.mish, TF.mish, "MishBackward", (-5.0, 5.0)),
+]
+INPLACE += [
+    Activation("relu6_", partial(MF.relu6, inplace=True), partial(TF.relu6, inplace=True), "InplaceElementwiseBackward", (-3.0, 8.0)),
+    Activation("hardtanh_", partial(MF.hardtanh, min_val=-2.0, max_val=0.5, inplace=True), partial(TF.hardtanh, min_val=-2.0, max_val=0.5, inplace=True), "InplaceElementwiseBackward"),
+    Activation("hardsigmoid_", partial(MF.hardsigmoid, inplace=True), partial(TF.hardsigmoid, inplace=True), "InplaceElementwiseBackward", (-5.0, 5.0)),
+    Activation("hardswish_", partial(MF.hardswish, inplace=True), partial(TF.hardswish, inplace=True), "InplaceElementwiseBackward", (-5.0, 5.0)),
+    Activation("mish_", partial(MF.mish, inplace=True), partial(TF.mish, inplace=True), "InplaceElementwiseBackward", (-5.0, 5.0)),
+]
+
 # Shapes every elementwise rule must take: a batch of 0, 1-D, 2-D, 3-D and 4-D inputs.
 ACTIVATION_SHAPES = [(0, 5), (7,), (4, 5), (2, 3, 5), (2, 3, 4, 5)]
 
@@ -199,3 +216,76 @@ def assert_parity(ours: Callable, stock: Callable, inputs: list[torch.Tensor], g
             continue
         assert a is not None, f"input {i}: no gradient from our rule"
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"gradient of input {i}: {m}")
+
+
+# ------------------------------------------------------------------ normalisation (norm branch)
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A normalisation call: ours and stock with the same non-tensor settings bound, and its inputs.
+
+    `make(device, dtype)` returns the tensors (x first, then γ, β where the case has them);
+    running statistics, where a case has them, are made fresh inside the call so both sides
+    start from the same buffers.
+    """
+
+    name: str
+    ours: Callable
+    stock: Callable
+    grad_fn: str
+    make: Callable
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _norm_inputs(x_shape, param_shape, affine=(True, True)):
+    def make(device, dtype):
+        x = (torch.randn(x_shape, dtype=torch.float64) * 2 + 0.5).to(device=device, dtype=dtype)
+        params = [torch.randn(param_shape, dtype=torch.float64).to(device=device, dtype=dtype) for on in affine if on]
+        return [x, *params]
+
+    return make
+
+
+def _with_running_stats(fn, num_channels, training):
+    """fn(x, running_mean, running_var, γ, β, training) with fresh, non-trivial running statistics."""
+
+    def call(x, *params):
+        running_mean = torch.linspace(-0.5, 0.5, num_channels, dtype=torch.float32, device=x.device)
+        running_var = torch.linspace(0.5, 2.0, num_channels, dtype=torch.float32, device=x.device)
+        if x.dtype == torch.float64:
+            running_mean, running_var = running_mean.double(), running_var.double()
+        weight, bias = (*params, None, None)[:2]
+        return fn(x, running_mean, running_var, weight, bias, training)
+
+    return call
+
+
+def _no_stats(fn, training=True):
+    return lambda x, *params: fn(x, None, None, *(params + (None, None))[:2], training)
+
+
+NORMS = [
+    Norm("batch_norm_1d", _no_stats(MF.batch_norm), _no_stats(TF.batch_norm), "BatchNormBackward", _norm_inputs((6, 3), (3,))),
+    Norm("batch_norm_1d_seq", _no_stats(MF.batch_norm), _no_stats(TF.batch_norm), "BatchNormBackward", _norm_inputs((3, 2, 5), (2,))),
+    Norm("batch_norm_2d", _no_stats(MF.batch_norm), _no_stats(TF.batch_norm), "BatchNormBackward", _norm_inputs((3, 2, 4, 5), (2,))),
+    Norm("batch_norm_3d", _no_stats(MF.batch_norm), _no_stats(TF.batch_norm), "BatchNormBackward", _norm_inputs((2, 2, 3, 2, 2), (2,))),
+    Norm("batch_norm_no_affine", _no_stats(MF.batch_norm), _no_stats(TF.batch_norm), "BatchNormBackward", _norm_inputs((3, 2, 4), (2,), (False, False))),
+    Norm("batch_norm_running", _with_running_stats(MF.batch_norm, 2, True), _with_running_stats(TF.batch_norm, 2, True), "BatchNormBackward", _norm_inputs((3, 2, 4, 4), (2,))),
+    Norm("batch_norm_eval_2d", _with_running_stats(MF.batch_norm, 2, False), _with_running_stats(TF.batch_norm, 2, False), "BatchNormEvalBackward", _norm_inputs((3, 2, 4, 5), (2,))),
+    Norm("batch_norm_eval_1d_no_affine", _with_running_stats(MF.batch_norm, 3, False), _with_running_stats(TF.batch_norm, 3, False), "BatchNormEvalBackward", _norm_inputs((5, 3), (3,), (False, False))),
+    Norm("layer_norm", lambda x, w, b: MF.layer_norm(x, (5,), w, b), lambda x, w, b: TF.layer_norm(x, (5,), w, b), "LayerNormBackward", _norm_inputs((4, 5), (5,))),
+    Norm("layer_norm_2d_shape", lambda x, w, b: MF.layer_norm(x, (3, 5), w, b), lambda x, w, b: TF.layer_norm(x, (3, 5), w, b), "LayerNormBackward", _norm_inputs((2, 4, 3, 5), (3, 5))),
+    Norm("layer_norm_no_bias", lambda x, w: MF.layer_norm(x, [6], w, eps=1e-3), lambda x, w: TF.layer_norm(x, [6], w, eps=1e-3), "LayerNormBackward", _norm_inputs((2, 3, 6), (6,), (True,))),
+    Norm("layer_norm_no_affine", lambda x: MF.layer_norm(x, (4,)), lambda x: TF.layer_norm(x, (4,)), "LayerNormBackward", _norm_inputs((3, 4), (4,), ())),
+    Norm("layer_norm_unbatched", lambda x, w, b: MF.layer_norm(x, (2, 3), w, b), lambda x, w, b: TF.layer_norm(x, (2, 3), w, b), "LayerNormBackward", _norm_inputs((2, 3), (2, 3))),
+    Norm("rms_norm", lambda x, w: MF.rms_norm(x, (5,), w), lambda x, w: TF.rms_norm(x, (5,), w), "RMSNormBackward", _norm_inputs((4, 5), (5,), (True,))),
+    Norm("rms_norm_eps_2d_shape", lambda x, w: MF.rms_norm(x, (3, 4), w, 1e-3), lambda x, w: TF.rms_norm(x, (3, 4), w, 1e-3), "RMSNormBackward", _norm_inputs((2, 3, 4), (3, 4), (True,))),
+    Norm("rms_norm_no_weight", lambda x: MF.rms_norm(x, [4]), lambda x: TF.rms_norm(x, [4]), "RMSNormBackward", _norm_inputs((3, 4), (4,), ())),
+    Norm("group_norm", lambda x, w, b: MF.group_norm(x, 3, w, b), lambda x, w, b: TF.group_norm(x, 3, w, b), "GroupNormBackward", _norm_inputs((2, 6, 5), (6,))),
+    Norm("group_norm_one_group_2d", lambda x, w, b: MF.group_norm(x, 1, w, b), lambda x, w, b: TF.group_norm(x, 1, w, b), "GroupNormBackward", _norm_inputs((2, 4, 3, 3), (4,))),
+    Norm("group_norm_group_per_channel", lambda x, w, b: MF.group_norm(x, 4, w, b, 1e-3), lambda x, w, b: TF.group_norm(x, 4, w, b, 1e-3), "GroupNormBackward", _norm_inputs((3, 4, 5), (4,))),
+    Norm("group_norm_no_affine", lambda x: MF.group_norm(x, 2), lambda x: TF.group_norm(x, 2), "GroupNormBackward", _norm_inputs((2, 4, 3), (4,), ())),
+]

@@ -101,3 +101,96 @@ def test_fast_delta_sigma_prime_is_delta_times_the_notes_sigma_prime(rule, param
     delta = torch.randn(64, dtype=torch.float64)
     expected = delta * rule.sigma_prime(saved, *params)
     torch.testing.assert_close(rule.delta_sigma_prime(delta, saved, *params), expected, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------ norm branch: the activations CNNs use
+
+RULES_WITH_PARAMS_CNN = [
+    (rules.ReLU6, ()), (rules.Hardtanh, (-1.0, 1.0)), (rules.Hardtanh, (-2.0, 0.5)), (rules.Hardsigmoid, ()),
+    (rules.Hardswish, ()), (rules.Mish, ()),
+]
+
+
+@pytest.mark.parametrize("rule,params", RULES_WITH_PARAMS_CNN, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_fast_delta_sigma_prime_of_cnn_activations(rule, params):
+    test_fast_delta_sigma_prime_is_delta_times_the_notes_sigma_prime(rule, params)
+
+
+KINKS = torch.tensor([-3.0, -2.0, -1.0, 0.0, 0.5, 1.0, 3.0, 6.0, -3.5, 7.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("activation", [a for a in ACTIVATIONS if a.name in ("relu6", "hardtanh", "hardtanh_-2_0.5", "hardsigmoid", "hardswish")], ids=repr)
+def test_sigma_prime_at_the_kinks_is_torchs(activation):
+    """At z = ±3, 0, 6, ±1 (where σ' jumps) our σ' picks the same side as torch's."""
+    assert_parity(activation.ours, activation.stock, [KINKS], activation.grad_fn, rtol=0, atol=0)
+
+
+def _prelu_inputs(shape, num_parameters, device, dtype=torch.float32):
+    z = torch.randn(shape, dtype=dtype, device=device)
+    z.view(-1)[::5] = 0.0  # z = 0 gets the slope α (as torch)
+    return [z, torch.rand(num_parameters, dtype=dtype, device=device) * 0.5]
+
+
+PRELU_CASES = [((4, 3), 1), ((4, 3), 3), ((2, 3, 5), 3), ((2, 3, 4, 4), 3), ((2, 3, 4, 4), 1), ((7,), 1), ((0, 3), 3)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape,num_parameters", PRELU_CASES, ids=str)
+def test_prelu_parity_input_and_weight_gradients(shape, num_parameters, dtype, device):
+    from manual_backprop import functional as MF
+    from tests.cases import tolerance
+
+    assert_parity(MF.prelu, torch.nn.functional.prelu, _prelu_inputs(shape, num_parameters, device, dtype), "PReLUBackward", **tolerance(dtype))
+
+
+@pytest.mark.parametrize("num_parameters", [1, 3])
+def test_prelu_gradcheck_and_gradgradcheck(num_parameters):
+    from manual_backprop import functional as MF
+
+    z, w = _prelu_inputs((2, 3, 2), num_parameters, "cpu", torch.float64)
+    z = torch.where(z.abs() < 0.1, z + 0.3, z)  # off the kink for finite differences
+    assert torch.autograd.gradcheck(MF.prelu, (z.requires_grad_(), w.requires_grad_()))
+    assert torch.autograd.gradgradcheck(MF.prelu, (z, w))
+
+
+def test_prelu_weight_gradient_is_sum_of_delta_times_negative_part():
+    """∂J/∂α_c = Σ δ·min(z, 0) over every dim but the channel, written out channel by channel."""
+    from manual_backprop.rules.activations import prelu_weight_grad
+
+    z, w = _prelu_inputs((2, 3, 4), 3, "cpu", torch.float64)
+    delta = torch.randn(2, 3, 4, dtype=torch.float64)
+    expected = torch.stack([(delta[:, c] * z[:, c].clamp(max=0)).sum() for c in range(3)])
+    torch.testing.assert_close(prelu_weight_grad(delta, z, w), expected)
+    torch.testing.assert_close(prelu_weight_grad(delta, z, w[:1]), expected.sum().reshape(1))
+
+
+def test_prelu_autocast_cpu_runs_in_bfloat16_as_torch():
+    from manual_backprop import functional as MF
+
+    z, w = _prelu_inputs((4, 3, 5), 3, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_parity(MF.prelu, torch.nn.functional.prelu, [z, w], None, rtol=2e-2, atol=2e-2)
+
+
+def test_prelu_vmap_grad():
+    from torch.func import grad, vmap
+
+    from manual_backprop import functional as MF
+
+    z, w = _prelu_inputs((5, 3, 4), 3, "cpu")
+    loss = lambda f: lambda w, zi: (f(zi.unsqueeze(0), w) ** 2).sum()  # noqa: E731
+    got = vmap(grad(loss(MF.prelu)), in_dims=(None, 0))(w, z)
+    expected = vmap(grad(loss(torch.nn.functional.prelu)), in_dims=(None, 0))(w, z)
+    torch.testing.assert_close(got, expected)
+
+
+def test_prelu_wrong_number_of_slopes_raises_as_torch():
+    from manual_backprop import functional as MF
+
+    z, w = torch.randn(2, 3), torch.ones(4)
+    with pytest.raises(RuntimeError) as stock:
+        torch.nn.functional.prelu(z, w)
+    with pytest.raises(RuntimeError, match="Mismatch of parameter numbers") as ours:
+        MF.prelu(z, w)
+    assert str(ours.value) == str(stock.value)

@@ -318,10 +318,14 @@ class ReLU6(Elementwise):
         return Hardtanh.delta_sigma_prime(delta, a, 0.0, 6.0)
 
 
+_ONE_SIXTH = float(torch.tensor(1 / 6, dtype=torch.float32))  # torch's hardsigmoid slope, in any dtype
+
+
 class Hardsigmoid(Elementwise):
     """a = clamp(z/6 + 1/2, 0, 1);  σ' = 1/6 for −3 < z < 3, else 0 (0 at ±3, as torch).
 
     From z, not a: near z = ±3, z/6 + 1/2 may round onto 0 or 1 while torch's σ' is still 1/6.
+    The slope is torch's constant, 1/6 rounded to float32 (its kernel uses that in float64 too).
     """
 
     @staticmethod
@@ -330,7 +334,7 @@ class Hardsigmoid(Elementwise):
 
     @staticmethod
     def sigma_prime(z):
-        return torch.where((z > -3) & (z < 3), 1 / 6, torch.zeros_like(z))
+        return torch.where((z > -3) & (z < 3), _ONE_SIXTH, torch.zeros_like(z))
 
 
 class Hardswish(Elementwise):

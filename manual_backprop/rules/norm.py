@@ -23,6 +23,8 @@ low-precision input (autocast leaves norms in the input's dtype on CPU).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from manual_backprop._amp import without_autocast
@@ -33,10 +35,19 @@ def opmath(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def mean_and_variance(x, dims):
+    """μ and the biased σ² over `dims` (kept)."""
+    if x.numel() == 0:  # an empty batch: var_mean would warn about 0 degrees of freedom
+        mean = x.mean(dims, keepdim=True)
+        return mean, ((x - mean) ** 2).mean(dims, keepdim=True)
+    var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+    return mean, var
+
+
 def statistics(x, dims, eps: float, centered: bool = True):
     """(μ, 1/σ) over `dims` (kept), or (None, 1/rms) without centring."""
     if centered:
-        var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+        mean, var = mean_and_variance(x, dims)
         return mean, torch.rsqrt(var + eps)
     return None, torch.rsqrt((x * x).mean(dims, keepdim=True) + eps)
 
@@ -68,6 +79,11 @@ def _channel_view(t, x):
     return t.reshape((1, -1) + (1,) * (x.dim() - 2))
 
 
+def _grouped(x, num_groups):
+    """(N, C, *) viewed as (N, G, C/G · Π*) (sizes spelt out: N may be 0)."""
+    return x.reshape(x.shape[0], num_groups, x.shape[1] // num_groups * math.prod(x.shape[2:]))
+
+
 def _cast_back(grad, like):
     return None if grad is None else grad.to(like.dtype)
 
@@ -96,8 +112,7 @@ class BatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, bias, eps):
         x32 = opmath(x)
-        dims = batch_dims(x)
-        var, mean = torch.var_mean(x32, dims, correction=0, keepdim=True)
+        mean, var = mean_and_variance(x32, batch_dims(x))
         y = normalized(x32, mean, torch.rsqrt(var + eps))
         if weight is not None:
             y = y * _channel_view(opmath(weight), x)
@@ -305,7 +320,7 @@ class GroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(x, num_groups, weight, bias, eps):
         x32 = opmath(x)
-        grouped = x32.reshape(x.shape[0], num_groups, -1)
+        grouped = _grouped(x32, num_groups)
         mean, rstd = statistics(grouped, [2], eps)
         y = normalized(grouped, mean, rstd).reshape(x.shape)
         if weight is not None:
@@ -330,7 +345,7 @@ class GroupNorm(torch.autograd.Function):
         if delta is None:
             return None, None, None, None, None
         x32, delta32 = opmath(x), opmath(delta)
-        grouped = x32.reshape(x.shape[0], ctx.num_groups, -1)
+        grouped = _grouped(x32, ctx.num_groups)
         if torch.is_grad_enabled():  # double backward: statistics as functions of x
             mean, rstd = statistics(grouped, [2], ctx.eps)
         x_hat = normalized(grouped, mean, rstd)  # (N, G, C/G · Π*)
