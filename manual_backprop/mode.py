@@ -56,10 +56,6 @@ def _torch_dropout(input, p, train):
     return MF.dropout(input, p, train)
 
 
-def _torch_feature_dropout(input, p, train):
-    return MF._dropout(input, p, train, False, MF._feature_mask_shape(input))  # one mask value per (n, c)
-
-
 def _routes() -> dict[Callable, tuple[str, Callable]]:
     T = torch.Tensor
     table = [  # (name, our function, the torch functions it stands in for)
@@ -91,7 +87,6 @@ def _routes() -> dict[Callable, tuple[str, Callable]]:
         ("dropout1d", MF.dropout1d, [F.dropout1d]),
         ("dropout2d", MF.dropout2d, [F.dropout2d]),
         ("dropout3d", MF.dropout3d, [F.dropout3d]),
-        ("feature_dropout", _torch_feature_dropout, [torch.feature_dropout]),
         ("relu6", MF.relu6, [F.relu6]),
         ("hardtanh", MF.hardtanh, [F.hardtanh]),
         ("hardsigmoid", MF.hardsigmoid, [F.hardsigmoid]),

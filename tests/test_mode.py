@@ -47,6 +47,24 @@ CALLS = [
     ("F.binary_cross_entropy", lambda a, y: F.binary_cross_entropy(a, y), "BinaryCrossEntropyBackward", lambda: (torch.rand(4, 3, dtype=torch.float64) * 0.9 + 0.05, torch.rand(4, 3, dtype=torch.float64))),
     ("F.binary_cross_entropy_with_logits", F.binary_cross_entropy_with_logits, "BinaryCrossEntropyWithLogitsBackward", lambda: (x(), torch.rand(4, 3, dtype=torch.float64))),
     ("F.cross_entropy", lambda z: F.cross_entropy(z, torch.tensor([0, 2, 1, 2]), label_smoothing=0.2), "CrossEntropyBackward", lambda: (x(),)),
+    # norm branch
+    ("F.layer_norm", lambda z, w, b: F.layer_norm(z, (3,), w, b), "LayerNormBackward", lambda: (x(), torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64))),
+    ("torch.layer_norm", lambda z, w, b: torch.layer_norm(z, (3,), w, b, 1e-5, True), "LayerNormBackward", lambda: (x(), torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64))),
+    ("F.group_norm", lambda z, w: F.group_norm(z, 3, w), "GroupNormBackward", lambda: (x(), torch.randn(3, dtype=torch.float64))),
+    ("torch.group_norm", lambda z, w: torch.group_norm(z, 3, w, None, 1e-5, True), "GroupNormBackward", lambda: (x(), torch.randn(3, dtype=torch.float64))),
+    ("F.rms_norm", lambda z, w: F.rms_norm(z, [3], w), "RMSNormBackward", lambda: (x(), torch.randn(3, dtype=torch.float64))),
+    ("torch.rms_norm", lambda z, w: torch.rms_norm(z, [3], w, 1e-6), "RMSNormBackward", lambda: (x(), torch.randn(3, dtype=torch.float64))),
+    ("F.batch_norm", lambda z, w, b: F.batch_norm(z, None, None, w, b, True), "BatchNormBackward", lambda: (x(), torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64))),
+    ("F.batch_norm-eval", lambda z: F.batch_norm(z, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)), "BatchNormEvalBackward", lambda: (x(),)),
+    ("torch.batch_norm", lambda z, w, b: torch.batch_norm(z, w, b, None, None, True, 0.1, 1e-5, True), "BatchNormBackward", lambda: (x(), torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64))),
+    ("F.relu6", F.relu6, "ReLU6Backward", lambda: (x() * 4,)),
+    ("F.hardtanh", lambda z: F.hardtanh(z, -0.5, 0.5), "HardtanhBackward", lambda: (x(),)),
+    ("F.hardsigmoid", F.hardsigmoid, "HardsigmoidBackward", lambda: (x() * 4,)),
+    ("F.hardswish", F.hardswish, "HardswishBackward", lambda: (x() * 4,)),
+    ("F.mish", F.mish, "MishBackward", lambda: (x(),)),
+    ("F.prelu", F.prelu, "PReLUBackward", lambda: (x(), torch.rand(3, dtype=torch.float64))),
+    ("torch.prelu", torch.prelu, "PReLUBackward", lambda: (x(), torch.rand(1, dtype=torch.float64))),
+    ("Tensor.prelu", T.prelu, "PReLUBackward", lambda: (x(), torch.rand(3, dtype=torch.float64))),
 ]
 
 
@@ -124,7 +142,7 @@ def test_converted_modules_inside_the_mode_run_each_rule_once():
 def test_functions_without_a_rule_run_stock_inside():
     x = torch.randn(2, 4, 8, requires_grad=True)
     with mb.manual_functions() as mode:
-        out = F.layer_norm(x, (8,))
+        out = F.instance_norm(x)
         attn = F.scaled_dot_product_attention(x, x, x)
     assert not mode.routed
     assert not rule_nodes(out) and not rule_nodes(attn)

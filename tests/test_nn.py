@@ -33,6 +33,30 @@ MODULES = [
     (mnn.BCEWithLogitsLoss, torch.nn.BCEWithLogitsLoss, dict(pos_weight=torch.tensor([0.5, 1.0, 2.0])), regression, "BinaryCrossEntropyWithLogitsBackward"),
     (mnn.CrossEntropyLoss, torch.nn.CrossEntropyLoss, dict(weight=torch.tensor([1.0, 2.0, 0.5, 1.0]), label_smoothing=0.1), classes, "CrossEntropyBackward"),
 ]
+# norm branch: normalisation and the activations CNNs use (Dropout, random, has its own drop-in test below)
+x2 = lambda device: [torch.randn(5, 3, device=device)]  # noqa: E731
+x5 = lambda device: [torch.randn(2, 4, 3, 2, 2, device=device)]  # noqa: E731
+images = lambda device: [torch.randn(3, 2, 4, 4, device=device)]  # noqa: E731
+MODULES += [
+    (mnn.BatchNorm1d, torch.nn.BatchNorm1d, dict(num_features=2), x4, "BatchNormBackward"),
+    (mnn.BatchNorm1d, torch.nn.BatchNorm1d, dict(num_features=3, momentum=None, affine=False), x2, "BatchNormBackward"),
+    (mnn.BatchNorm2d, torch.nn.BatchNorm2d, dict(num_features=2, eps=1e-3), images, "BatchNormBackward"),
+    (mnn.BatchNorm3d, torch.nn.BatchNorm3d, dict(num_features=4, track_running_stats=False), x5, "BatchNormBackward"),
+    (mnn.LayerNorm, torch.nn.LayerNorm, dict(normalized_shape=4), x4, "LayerNormBackward"),
+    (mnn.LayerNorm, torch.nn.LayerNorm, dict(normalized_shape=(2, 4), bias=False), x4, "LayerNormBackward"),
+    (mnn.LayerNorm, torch.nn.LayerNorm, dict(normalized_shape=4, elementwise_affine=False), x4, "LayerNormBackward"),
+    (mnn.RMSNorm, torch.nn.RMSNorm, dict(normalized_shape=4), x4, "RMSNormBackward"),
+    (mnn.RMSNorm, torch.nn.RMSNorm, dict(normalized_shape=(2, 4), eps=1e-3, elementwise_affine=False), x4, "RMSNormBackward"),
+    (mnn.GroupNorm, torch.nn.GroupNorm, dict(num_groups=2, num_channels=4), x5, "GroupNormBackward"),
+    (mnn.GroupNorm, torch.nn.GroupNorm, dict(num_groups=1, num_channels=2, affine=False), images, "GroupNormBackward"),
+    (mnn.ReLU6, torch.nn.ReLU6, {}, lambda d: [torch.randn(3, 2, 4, device=d) * 4], "ReLU6Backward"),
+    (mnn.Hardtanh, torch.nn.Hardtanh, dict(min_val=-0.5, max_val=2.0), x4, "HardtanhBackward"),
+    (mnn.Hardsigmoid, torch.nn.Hardsigmoid, {}, lambda d: [torch.randn(3, 2, 4, device=d) * 4], "HardsigmoidBackward"),
+    (mnn.Hardswish, torch.nn.Hardswish, {}, lambda d: [torch.randn(3, 2, 4, device=d) * 4], "HardswishBackward"),
+    (mnn.Mish, torch.nn.Mish, {}, x4, "MishBackward"),
+    (mnn.PReLU, torch.nn.PReLU, dict(num_parameters=2, init=0.1), x4, "PReLUBackward"),
+    (mnn.PReLU, torch.nn.PReLU, {}, images, "PReLUBackward"),
+]
 IDS = [f"{ours.__name__}-{i}" for i, (ours, *_) in enumerate(MODULES)]
 
 
@@ -71,7 +95,7 @@ def test_drop_in(ours_cls, stock_cls, kwargs, inputs, grad_fn):
     assert overridden == {"forward"}
 
 
-@pytest.mark.parametrize("cls", [mnn.ReLU, mnn.LeakyReLU, mnn.ELU, mnn.SiLU])
+@pytest.mark.parametrize("cls", [mnn.ReLU, mnn.LeakyReLU, mnn.ELU, mnn.SiLU, mnn.ReLU6, mnn.Hardtanh, mnn.Hardsigmoid, mnn.Hardswish, mnn.Mish])
 def test_inplace_modules(cls):
     stock_cls = getattr(torch.nn, cls.__name__)
     x = torch.randn(4, 3, requires_grad=True)

@@ -31,14 +31,31 @@ BUILTIN_PAIRS = {
     nn.BCELoss: mnn.BCELoss,
     nn.BCEWithLogitsLoss: mnn.BCEWithLogitsLoss,
     nn.CrossEntropyLoss: mnn.CrossEntropyLoss,
+    # norm branch
+    nn.BatchNorm1d: mnn.BatchNorm1d,
+    nn.BatchNorm2d: mnn.BatchNorm2d,
+    nn.BatchNorm3d: mnn.BatchNorm3d,
+    nn.LayerNorm: mnn.LayerNorm,
+    nn.RMSNorm: mnn.RMSNorm,
+    nn.GroupNorm: mnn.GroupNorm,
+    nn.Dropout: mnn.Dropout,
+    nn.Dropout1d: mnn.Dropout1d,
+    nn.Dropout2d: mnn.Dropout2d,
+    nn.Dropout3d: mnn.Dropout3d,
+    nn.ReLU6: mnn.ReLU6,
+    nn.Hardtanh: mnn.Hardtanh,
+    nn.Hardsigmoid: mnn.Hardsigmoid,
+    nn.Hardswish: mnn.Hardswish,
+    nn.Mish: mnn.Mish,
+    nn.PReLU: mnn.PReLU,
 }
 
 
-class ManualHardtanh(nn.Hardtanh):
-    """A rule a user adds: Hardtanh on our Elementwise machinery would go here; forward only."""
+class ManualSoftsign(nn.Softsign):
+    """A rule a user adds: Softsign on our Elementwise machinery would go here; forward only."""
 
     def forward(self, input):
-        return mnn.Identity.forward(self, input).clamp(self.min_val, self.max_val)
+        return mnn.Identity.forward(self, input).div(1 + input.abs())
 
 
 def test_default_registry_holds_the_builtin_pairs():
@@ -52,11 +69,11 @@ def test_default_registry_holds_the_builtin_pairs():
 def test_register_as_decorator_and_call():
     registry = Registry()
 
-    @registry.register(nn.Hardtanh)
-    class Decorated(nn.Hardtanh):
+    @registry.register(nn.Softsign)
+    class Decorated(nn.Softsign):
         pass
 
-    assert registry.rule_for(nn.Hardtanh).manual is Decorated
+    assert registry.rule_for(nn.Softsign).manual is Decorated
     assert registry.register(nn.Linear, mnn.Linear) is mnn.Linear
     assert nn.Linear in registry and nn.ReLU not in registry and len(registry) == 2
 
@@ -112,22 +129,22 @@ def test_boolean_predicates_are_accepted():
 
 def test_a_separate_registry_changes_nothing_global():
     registry = Registry(builtins=True)
-    registry.register(nn.Hardtanh, ManualHardtanh)
-    model = nn.Sequential(nn.Linear(2, 2), nn.Hardtanh())
-    assert type(mb.convert(model, registry=registry)[1]) is ManualHardtanh
-    assert type(mb.convert(model)[1]) is nn.Hardtanh
-    assert nn.Hardtanh not in mb.default_registry()
+    registry.register(nn.Softsign, ManualSoftsign)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Softsign())
+    assert type(mb.convert(model, registry=registry)[1]) is ManualSoftsign
+    assert type(mb.convert(model)[1]) is nn.Softsign
+    assert nn.Softsign not in mb.default_registry()
 
 
 def test_top_level_register_uses_the_default_registry():
     try:
-        mb.register(nn.Hardtanh)(ManualHardtanh)
-        assert type(mb.convert(nn.Hardtanh())) is ManualHardtanh
+        mb.register(nn.Softsign)(ManualSoftsign)
+        assert type(mb.convert(nn.Softsign())) is ManualSoftsign
         with pytest.raises(ValueError, match="already has a rule"):
-            mb.register(nn.Hardtanh, ManualHardtanh)
+            mb.register(nn.Softsign, ManualSoftsign)
     finally:
-        mb.default_registry().unregister(nn.Hardtanh)
-    assert nn.Hardtanh not in mb.default_registry()
+        mb.default_registry().unregister(nn.Softsign)
+    assert nn.Softsign not in mb.default_registry()
 
 
 def test_copy_is_independent():
@@ -150,12 +167,12 @@ GOOD_PLUGIN = '''
     import torch
     import manual_backprop.nn as mnn
 
-    class Hardtanh(torch.nn.Hardtanh):
+    class Softsign(torch.nn.Softsign):
         def forward(self, input):
-            return mnn.Identity.forward(self, input).clamp(self.min_val, self.max_val)
+            return mnn.Identity.forward(self, input).div(1 + input.abs())
 
     def register(registry):
-        registry.register(torch.nn.Hardtanh, Hardtanh)
+        registry.register(torch.nn.Softsign, Softsign)
 '''
 BROKEN_PLUGIN = """
     raise ImportError("this plugin is broken on purpose")
@@ -163,12 +180,12 @@ BROKEN_PLUGIN = """
 HALF_PLUGIN = """
     import torch
 
-    class Hardswish(torch.nn.Hardswish):
+    class Tanhshrink(torch.nn.Tanhshrink):
         pass
 
     def register(registry):
-        registry.register(torch.nn.Hardswish, Hardswish)
-        registry.register(torch.nn.Linear, Hardswish)  # invalid: must not leave Hardswish behind
+        registry.register(torch.nn.Tanhshrink, Tanhshrink)
+        registry.register(torch.nn.Linear, Tanhshrink)  # invalid: must not leave Tanhshrink behind
 """
 
 
@@ -189,19 +206,19 @@ def plugin_path(tmp_path, monkeypatch):
     len(mb.default_registry())
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
-    for name in ("fake_hardtanh_rules", "fake_broken_rules", "fake_half_rules", "fake_clash_rules"):
+    for name in ("fake_softsign_rules", "fake_broken_rules", "fake_half_rules", "fake_clash_rules"):
         sys.modules.pop(name, None)
 
 
 def test_plugin_from_a_real_entry_point(plugin_path):
-    _install_fake_distribution(plugin_path, "fake_plugin", {"fake_hardtanh_rules": GOOD_PLUGIN}, {"hardtanh": "fake_hardtanh_rules"})
+    _install_fake_distribution(plugin_path, "fake_plugin", {"fake_softsign_rules": GOOD_PLUGIN}, {"softsign": "fake_softsign_rules"})
     registry = Registry(builtins=True, plugins=True)  # lazy: nothing loaded until first use
-    assert "fake_hardtanh_rules" not in sys.modules
+    assert "fake_softsign_rules" not in sys.modules
     with warnings.catch_warnings():
         warnings.simplefilter("error", mb.PluginWarning)
-        model = mb.convert(nn.Sequential(nn.Linear(3, 3), nn.Hardtanh()), registry=registry)
-    assert type(model[1]).__module__ == "fake_hardtanh_rules"
-    assert registry.rule_for(nn.Hardtanh).source == "plugin:hardtanh"
+        model = mb.convert(nn.Sequential(nn.Linear(3, 3), nn.Softsign()), registry=registry)
+    assert type(model[1]).__module__ == "fake_softsign_rules"
+    assert registry.rule_for(nn.Softsign).source == "plugin:softsign"
     x = torch.randn(4, 3, requires_grad=True)
     assert "IdentityBackward" in rule_nodes(model(x).sum())
     assert "feedback_alignment" in registry.rule_set_names()  # this package's own entry point
@@ -220,19 +237,19 @@ def test_failing_plugin_leaves_nothing_half_registered(plugin_path):
     _install_fake_distribution(plugin_path, "fake_half", {"fake_half_rules": HALF_PLUGIN}, {"half": "fake_half_rules"})
     registry = Registry(builtins=True, plugins=True)
     with pytest.warns(mb.PluginWarning, match="'half'.*strict subclass"):
-        assert nn.Hardswish not in registry
+        assert nn.Tanhshrink not in registry
     assert registry.rule_for(nn.Linear).manual is mnn.Linear
 
 
 def test_reload_plugins_picks_up_a_newly_installed_one(plugin_path):
     registry = Registry(builtins=True, plugins=True)
-    assert nn.Hardtanh not in registry  # loads the installed plugins now
-    _install_fake_distribution(plugin_path, "fake_plugin", {"fake_hardtanh_rules": GOOD_PLUGIN}, {"hardtanh": "fake_hardtanh_rules"})
-    assert nn.Hardtanh not in registry  # loaded once, lazily
+    assert nn.Softsign not in registry  # loads the installed plugins now
+    _install_fake_distribution(plugin_path, "fake_plugin", {"fake_softsign_rules": GOOD_PLUGIN}, {"softsign": "fake_softsign_rules"})
+    assert nn.Softsign not in registry  # loaded once, lazily
     registry.reload_plugins()
-    assert nn.Hardtanh in registry
+    assert nn.Softsign in registry
     registry.reload_plugins()  # reloading does not trip over the plugin's own earlier registration
-    assert registry.rule_for(nn.Hardtanh).source == "plugin:hardtanh"
+    assert registry.rule_for(nn.Softsign).source == "plugin:softsign"
 
 
 def test_plugin_clashing_with_a_builtin_is_skipped_with_a_warning(plugin_path):
