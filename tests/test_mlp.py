@@ -30,6 +30,13 @@ ACTIVATIONS = [
     ("gelu_tanh", nn.GELU(approximate="tanh"), lambda: nn.GELU(approximate="tanh")),
     ("identity", "identity", nn.Identity),
 ]
+ACTIVATIONS += [  # norm branch: the activations CNNs use
+    ("relu6", "relu6", nn.ReLU6),
+    ("hardtanh_-2_0.5", nn.Hardtanh(-2.0, 0.5), lambda: nn.Hardtanh(-2.0, 0.5)),
+    ("hardsigmoid", "hardsigmoid", nn.Hardsigmoid),
+    ("hardswish", "hardswish", nn.Hardswish),
+    ("mish", "mish", nn.Mish),
+]
 ACTIVATION_IDS = [a[0] for a in ACTIVATIONS]
 
 # (id, our loss, stock loss, target maker for (batch, outputs)). The network ends in logits.
