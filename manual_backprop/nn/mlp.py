@@ -52,7 +52,8 @@ class MLP(torch.nn.Module):
     Args:
         sizes: layer widths [in, hidden…, out]; at least two.
         activation: hidden activation: a name ("sigmoid", "tanh", "relu", "leaky_relu",
-            "elu", "softplus", "silu", "gelu", "identity"), an Elementwise rule
+            "elu", "softplus", "silu", "gelu", "identity", "relu6", "hardtanh", "hardsigmoid",
+            "hardswish", "mish"), an Elementwise rule
             (`manual_backprop.rules.Sigmoid`) or an activation module (`torch.nn.LeakyReLU(0.2)`).
         output_activation: the same choices, or None for raw outputs (logits for the
             *WithLogits / CrossEntropy losses).
