@@ -381,6 +381,21 @@ def test_compile_aot_eager_fullgraph_training_step(device):
         torch.testing.assert_close(b_o, b_s, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.slow
+def test_compile_inductor_same_gradients_and_running_stats():
+    torch.manual_seed(0)
+    stock = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6), torch.nn.Hardswish(), torch.nn.Linear(6, 8), torch.nn.LayerNorm(8))
+    ours = mb.convert(stock, inplace=False)
+    compiled = torch.compile(ours, backend="inductor", fullgraph=True)
+    x = torch.randn(7, 5)
+    for model in (stock, compiled):
+        model(x).square().sum().backward()
+    for (name, p_o), p_s in zip(ours.named_parameters(), stock.parameters()):
+        torch.testing.assert_close(p_o.grad, p_s.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    for b_o, b_s in zip(ours.buffers(), stock.buffers()):
+        torch.testing.assert_close(b_o, b_s, rtol=1e-5, atol=1e-6)
+
+
 def test_convert_puts_norm_layers_on_our_rules():
     torch.manual_seed(0)
     model = torch.nn.Sequential(

@@ -10,7 +10,6 @@ writes out its Jacobian-vector product.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -53,8 +52,14 @@ class Elementwise(torch.autograd.Function):
         super().__init_subclass__(**kwargs)
         # autograd.Function wants static forward/backward; bind this subclass's σ, σ' into them.
         sigma, sigma_prime, source = cls.sigma, cls.sigma_prime, cls.sigma_prime_from
-        if cls.delta_sigma_prime is None:  # a partial, not a closure: modules holding it still pickle
-            cls.delta_sigma_prime = staticmethod(functools.partial(_delta_times, sigma_prime))
+        if cls.delta_sigma_prime is None:  # the default δ ⊙ σ', named as the class's own so it pickles
+            # (a plain function, not functools.partial: torch.compile cannot trace a partial in backward)
+            def default_delta_sigma_prime(delta, saved, *params):
+                return _delta_times(sigma_prime, delta, saved, *params)
+
+            default_delta_sigma_prime.__qualname__ = f"{cls.__qualname__}.delta_sigma_prime"
+            default_delta_sigma_prime.__module__ = cls.__module__
+            cls.delta_sigma_prime = staticmethod(default_delta_sigma_prime)
         delta_sigma_prime = cls.delta_sigma_prime
 
         def forward(z, *params):
