@@ -39,6 +39,19 @@ def test_non_contiguous_input(case):
     assert_parity(case.ours, case.stock, [x, *params], case.grad_fn, **tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [c for c in NORMS if c.name in ("batch_norm_2d", "batch_norm_3d", "batch_norm_eval_2d", "group_norm_one_group_2d")], ids=repr)
+def test_channels_last_keeps_its_layout(case, device):
+    x, *params = case.make(device, torch.float32)
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    x = x.contiguous(memory_format=fmt).requires_grad_()
+    assert_parity(case.ours, case.stock, [x, *params], case.grad_fn, **tolerance(torch.float32))
+    out_ours, out_stock = case.ours(x, *params), case.stock(x, *params)
+    assert out_ours.is_contiguous(memory_format=fmt) == out_stock.is_contiguous(memory_format=fmt)
+    (g_ours,), (g_stock,) = torch.autograd.grad(out_ours.sum(), x), torch.autograd.grad(out_stock.sum(), x)
+    assert g_ours.is_contiguous(memory_format=fmt) == g_stock.is_contiguous(memory_format=fmt)
+
+
 # ------------------------------------------------------------------ the shared algebra
 
 

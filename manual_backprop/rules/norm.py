@@ -88,6 +88,18 @@ def _grouped(x, num_groups):
     return x.reshape(x.shape[0], num_groups, x.shape[1] // num_groups * math.prod(x.shape[2:]))
 
 
+def channels_last_format(x):
+    """x's channels_last memory format, or None (torch's kernels give outputs and ∂J/∂x in it)."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return fmt if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt) else None
+
+
+def _layout_of(t, x=None, fmt=None):
+    """t in x's (or fmt's) channels_last memory format where x has one; else t unchanged."""
+    fmt = channels_last_format(x) if x is not None else fmt
+    return t if fmt is None else t.contiguous(memory_format=fmt)
+
+
 def _cast_back(grad, like):
     return None if grad is None else grad.to(like.dtype)
 
@@ -159,7 +171,8 @@ class BatchNorm(torch.autograd.Function):
             n = x.numel() // max(x.shape[1], 1)
             means = (_channel_view(sum_delta, x) / n, _channel_view(sum_delta_x_hat, x) / n)
             gamma_rstd = rstd if weight is None else rstd * _channel_view(opmath(weight), x)
-            grad_x = delta_through_normalization(delta32, x_hat, gamma_rstd, dims, means=means).to(x.dtype)
+            grad_x = delta_through_normalization(delta32, x_hat, gamma_rstd, dims, means=means)
+            grad_x = _layout_of(grad_x.to(x.dtype), x)
         grad_gamma = sum_delta_x_hat if need_gamma else None
         grad_beta = sum_delta if need_beta else None
         return grad_x, _cast_back(grad_gamma, weight), _cast_back(grad_beta, bias), None
@@ -185,6 +198,7 @@ class BatchNormEval(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, running_mean, running_var, weight, bias, ctx.eps = inputs
         need_gamma = ctx.needs_input_grad[3]
+        ctx.channels_last = channels_last_format(x)
         ctx.save_for_backward(x if need_gamma else None, running_mean, running_var, weight, bias)
 
     @staticmethod
@@ -197,7 +211,7 @@ class BatchNormEval(torch.autograd.Function):
         grad_x = None
         if need_x:
             scale = rstd if weight is None else rstd * _channel_view(opmath(weight), delta)
-            grad_x = (delta32 * scale).to(delta.dtype)
+            grad_x = _layout_of((delta32 * scale).to(delta.dtype), fmt=ctx.channels_last)
         x_hat = normalized(opmath(x), _channel_view(running_mean, x), rstd) if need_gamma else None
         grad_gamma, grad_beta = affine_grads(delta32, x_hat, batch_dims(delta), need_gamma, need_beta)
         return grad_x, None, None, _cast_back(grad_gamma, weight), _cast_back(grad_beta, bias), None
@@ -341,7 +355,7 @@ class GroupNorm(torch.autograd.Function):
             y = y * _channel_view(opmath(weight), x)
         if bias is not None:
             y = y + _channel_view(opmath(bias), x)
-        return y.to(x.dtype), mean, rstd
+        return _layout_of(y.to(x.dtype), x), mean, rstd
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -367,7 +381,7 @@ class GroupNorm(torch.autograd.Function):
         if need_x:
             g = delta32 if weight is None else delta32 * _channel_view(opmath(weight), x)
             g = g.reshape(grouped.shape)
-            grad_x = delta_through_normalization(g, x_hat, rstd, [2]).reshape(x.shape).to(x.dtype)
+            grad_x = _layout_of(delta_through_normalization(g, x_hat, rstd, [2]).reshape(x.shape).to(x.dtype), x)
         grad_gamma, grad_beta = affine_grads(
             delta32, x_hat.reshape(x.shape), batch_dims(x), need_gamma and weight is not None, need_beta and bias is not None
         )
