@@ -439,3 +439,19 @@ def test_manual_functions_routes(routed):
     assert sum(mode.routed.values()) >= 1
     if node:
         assert type(out.grad_fn).__name__ == node
+
+
+def test_a_mobilenet_style_block_converts_and_matches_stock():
+    """BatchNorm → Hardswish(inplace) → Dropout(inplace) → … → Hardsigmoid(inplace): the in-place
+    activations overwrite our BatchNorm's output, which its backward does not need (it keeps x)."""
+    from manual_backprop.testing import assert_grad_parity
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Hardswish(inplace=True), torch.nn.Dropout(0.2, inplace=True),
+        torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU6(inplace=True), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.Hardsigmoid(inplace=True),
+    ).double()
+    result = assert_grad_parity(model, torch.randn(5, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (5,)), torch.nn.CrossEntropyLoss())
+    assert result.rule_nodes["BatchNormBackward"] == 2 and result.rule_nodes["InplaceDropoutBackward"] == 1
+    assert result.rule_nodes["InplaceElementwiseBackward"] == 3
