@@ -53,6 +53,23 @@ def statistics(x, dims, eps: float, centered: bool = True):
     return None, torch.rsqrt((x * x).mean(dims, keepdim=True) + eps)
 
 
+def normalize(x, dims, eps: float, centered: bool = True):
+    """(x̂, μ, 1/σ): forward's normalisation, x − μ computed once for σ² and for x̂."""
+    mean = x.mean(dims, keepdim=True) if centered else None
+    x_centered = x - mean if centered else x
+    rstd = torch.rsqrt((x_centered * x_centered).mean(dims, keepdim=True) + eps)
+    return x_centered * rstd, mean, rstd
+
+
+def _affine(x_hat, weight, bias):
+    """γ x̂ + β (one pass when both are given)."""
+    if weight is not None and bias is not None:
+        return torch.addcmul(bias, x_hat, weight)
+    if weight is not None:
+        return x_hat * weight
+    return x_hat if bias is None else x_hat + bias
+
+
 def normalized(x, mean, rstd):
     """x̂ = (x − μ)/σ, or x/rms when mean is None."""
     return (x if mean is None else x - mean) * rstd
@@ -244,13 +261,8 @@ class LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(x, normalized_shape, weight, bias, eps):
-        x32 = opmath(x)
-        mean, rstd = statistics(x32, last_dims(x, normalized_shape), eps)
-        y = normalized(x32, mean, rstd)
-        if weight is not None:
-            y = y * opmath(weight)
-        if bias is not None:
-            y = y + opmath(bias)
+        x_hat, mean, rstd = normalize(opmath(x), last_dims(x, normalized_shape), eps)
+        y = _affine(x_hat, None if weight is None else opmath(weight), None if bias is None else opmath(bias))
         return y.to(x.dtype), mean, rstd
 
     @staticmethod
@@ -287,10 +299,8 @@ class RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(x, normalized_shape, weight, eps):
-        x32 = opmath(x)
-        _, rstd = statistics(x32, last_dims(x, normalized_shape), eps, centered=False)
-        y = normalized(x32, None, rstd)
-        return (y if weight is None else y * opmath(weight)).to(x.dtype), rstd
+        x_hat, _, rstd = normalize(opmath(x), last_dims(x, normalized_shape), eps, centered=False)
+        return (x_hat if weight is None else x_hat * opmath(weight)).to(x.dtype), rstd
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -347,15 +357,9 @@ class GroupNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(x, num_groups, weight, bias, eps):
-        x32 = opmath(x)
-        grouped = _grouped(x32, num_groups)
-        mean, rstd = statistics(grouped, [2], eps)
-        y = normalized(grouped, mean, rstd).reshape(x.shape)
-        if weight is not None:
-            y = y * _channel_view(opmath(weight), x)
-        if bias is not None:
-            y = y + _channel_view(opmath(bias), x)
-        return _layout_of(y.to(x.dtype), x), mean, rstd
+        x_hat, mean, rstd = normalize(_grouped(opmath(x), num_groups), [2], eps)
+        weight, bias = (None if t is None else _channel_view(opmath(t), x) for t in (weight, bias))
+        return _layout_of(_affine(x_hat.reshape(x.shape), weight, bias).to(x.dtype), x), mean, rstd
 
     @staticmethod
     def setup_context(ctx, inputs, output):
