@@ -68,16 +68,16 @@ def test_delta_through_normalization_is_the_jacobian_written_out():
 
 
 def test_batch_norm_delta_from_its_weight_gradients_is_the_shared_delta():
-    """BatchNorm feeds Σδ and Σδx̂ (its ∂J/∂β, ∂J/∂γ) into the shared δ as mean(g), mean(g·x̂)·γ⁻¹:
-    the same ∂J/∂x as forming g = δγ and taking the means."""
+    """BatchNorm's δ, a δ + b x + c per channel from its own ∂J/∂β = Σδ and ∂J/∂γ = Σδx̂, equals the
+    shared (1/σ)(g − mean(g) − x̂·mean(g·x̂)) with g = δγ."""
     x, delta = torch.randn(4, 3, 5, dtype=torch.float64), torch.randn(4, 3, 5, dtype=torch.float64)
     gamma = torch.randn(1, 3, 1, dtype=torch.float64)
     mean, rstd = norm_rules.statistics(x, [0, 2], 1e-5)
     x_hat = norm_rules.normalized(x, mean, rstd)
     readable = norm_rules.delta_through_normalization(delta * gamma, x_hat, rstd, [0, 2])
     sum_delta_x_hat, sum_delta = norm_rules.affine_grads(delta, x_hat, [0, 2], True, True)
-    means = (sum_delta.reshape(1, 3, 1) / 20, sum_delta_x_hat.reshape(1, 3, 1) / 20)
-    torch.testing.assert_close(norm_rules.delta_through_normalization(delta, x_hat, rstd * gamma, [0, 2], means=means), readable)
+    sums = (sum_delta.reshape(1, 3, 1), sum_delta_x_hat.reshape(1, 3, 1))
+    torch.testing.assert_close(norm_rules.per_channel_delta(delta, x, mean, rstd, rstd * gamma, *sums, 20), readable)
 
 
 def test_affine_grads_are_sums_over_the_non_feature_dims():

@@ -75,14 +75,13 @@ def normalized(x, mean, rstd):
     return (x if mean is None else x - mean) * rstd
 
 
-def delta_through_normalization(g, x_hat, rstd, dims, centered: bool = True, means=None):
+def delta_through_normalization(g, x_hat, rstd, dims, centered: bool = True):
     """∂J/∂x = (1/σ)(g − mean(g) − x̂·mean(g·x̂)), means over `dims`; RMSNorm (not centered): no mean(g).
 
-    `means` = (mean(g), mean(g·x̂)) when the caller already has them (BatchNorm: they are its
-    ∂J/∂β and ∂J/∂γ divided by the group size)."""
-    mean_g, projection = means if means is not None else (None, (g * x_hat).mean(dims, keepdim=True))
+    BatchNorm uses the same formula expanded per channel (`per_channel_delta`)."""
+    projection = (g * x_hat).mean(dims, keepdim=True)
     if centered:
-        g = g - (g.mean(dims, keepdim=True) if mean_g is None else mean_g)
+        g = g - g.mean(dims, keepdim=True)
     return (g - x_hat * projection) * rstd
 
 
@@ -179,20 +178,34 @@ class BatchNorm(torch.autograd.Function):
             mean, rstd = statistics(x32, dims, ctx.eps)
         else:
             mean, rstd = _channel_view(mean, x), _channel_view(torch.rsqrt(var + ctx.eps), x)
-        x_hat = normalized(x32, mean, rstd)
-        # γ is constant over a channel's group, so with g = δγ: mean(g) = γ·Σδ/n and
-        # mean(g·x̂) = γ·Σδx̂/n, the weight gradients over n: compute the sums once, use them twice.
-        sum_delta_x_hat, sum_delta = affine_grads(delta32, x_hat, dims, need_gamma or need_x, need_beta or need_x)
+        # ∂J/∂γ = Σδx̂ and ∂J/∂β = Σδ; δ needs the same two sums (x̂ = (x − μ)/σ, not formed)
+        sum_delta = delta32.sum(dims)
+        sum_delta_x_hat = (delta32 * (x32 - mean)).sum(dims) * rstd.reshape(-1)
         grad_x = None
         if need_x:
-            n = x.numel() // max(x.shape[1], 1)
-            means = (_channel_view(sum_delta, x) / n, _channel_view(sum_delta_x_hat, x) / n)
             gamma_rstd = rstd if weight is None else rstd * _channel_view(opmath(weight), x)
-            grad_x = delta_through_normalization(delta32, x_hat, gamma_rstd, dims, means=means)
+            sums = _channel_view(sum_delta, x), _channel_view(sum_delta_x_hat, x)
+            grad_x = per_channel_delta(delta32, x32, mean, rstd, gamma_rstd, *sums, x.numel() // max(x.shape[1], 1))
             grad_x = _layout_of(grad_x.to(x.dtype), x)
         grad_gamma = sum_delta_x_hat if need_gamma else None
         grad_beta = sum_delta if need_beta else None
         return grad_x, _cast_back(grad_gamma, weight), _cast_back(grad_beta, bias), None
+
+
+def per_channel_delta(delta, x, mean, rstd, gamma_rstd, sum_delta, sum_delta_x_hat, n):
+    """The shared δ where γ and σ are constant over each group (BatchNorm's channels):
+
+        (γ/σ)(δ − mean(δ) − x̂·mean(δ·x̂)),  mean(δ) = Σδ/n,  mean(δ·x̂) = Σδx̂/n  (∂J/∂β/n, ∂J/∂γ/n)
+        = a δ + b x + c per channel, with x̂ = (x − μ)/σ expanded:
+          a = γ/σ,   b = −a·mean(δx̂)/σ,   c = −a·mean(δ) − b μ
+
+    Two passes over x instead of seven (`delta_through_normalization` with g = δγ, which it equals;
+    tests/test_norm.py checks that).
+    """
+    a = gamma_rstd
+    b = -a * (sum_delta_x_hat / n) * rstd
+    c = -a * (sum_delta / n) - b * mean
+    return (x * b + c).addcmul_(delta, a)  # in place on a fresh tensor: autograd still tracks it
 
 
 class BatchNormEval(torch.autograd.Function):
