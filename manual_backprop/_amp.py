@@ -33,6 +33,12 @@ _POLICY: dict[str, dict[str, str]] = {
         "binary_cross_entropy": FP32,
         "binary_cross_entropy_with_logits": FP32,
         "cross_entropy": FP32,
+        # convolution and pooling (issue 8): conv and conv_transpose in the lower precision; the
+        # 3-d pools and reflect/replicate padding kernels in fp32 (max_pool3d_with_indices is not listed)
+        **dict.fromkeys(["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"], LOWER),
+        **dict.fromkeys(["max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d",
+                         "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d",
+                         "replication_pad3d"], FP32),
     },
     "cuda": {
         "linear": LOWER,
@@ -41,6 +47,8 @@ _POLICY: dict[str, dict[str, str]] = {
         "mse_loss": FP32,
         "binary_cross_entropy_with_logits": FP32,
         "cross_entropy": FP32,  # log_softmax (fp32_set_opt_dtype) + nll_loss (fp32)
+        # convolution (issue 8): conv and conv_transpose in the lower precision; no pool or pad is listed
+        **dict.fromkeys(["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"], LOWER),
     },
 }
 

@@ -37,6 +37,10 @@ from manual_backprop.rules.losses import (
     MSELoss,
 )
 
+# convolution and pooling (issue 8)
+from manual_backprop.rules.conv import Convolution, ConvTranspose, Pad
+from manual_backprop.rules.pooling import AdaptiveAvgPool, AdaptiveMaxPool, AvgPool, MaxPool
+
 __all__ = [
     "ELU",
     "GELU",
@@ -55,4 +59,12 @@ __all__ = [
     "Softmax",
     "Softplus",
     "Tanh",
+    # convolution and pooling (issue 8)
+    "AdaptiveAvgPool",
+    "AdaptiveMaxPool",
+    "AvgPool",
+    "Convolution",
+    "ConvTranspose",
+    "MaxPool",
+    "Pad",
 ]
