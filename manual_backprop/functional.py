@@ -438,10 +438,11 @@ def pad(input: torch.Tensor, pad: list[int], mode: str = "constant", value: floa
                          f"but got padding length {len(pad)} and input of dimension {input.dim()}")
     if mode != "constant" and value is not None and value != 0:
         raise InputError(f'pad: Padding mode "{mode}" doesn\'t take in value argument')
-    if mode != "constant":
-        # autocast's names for the aten kernels F.pad dispatches to (reflect 3-d and circular are not listed)
+    if mode in ("reflect", "replicate"):
+        # autocast's names for the aten kernels F.pad dispatches to (circular is composite, not listed)
         op = f"{'reflection' if mode == 'reflect' else 'replication'}_pad{len(pad) // 2}d"
         (input,) = autocast_inputs(op, input.device, input)
+    if mode != "constant":
         value = None
     return apply_rule(rules.Pad, input, pad, mode, value)
 

@@ -20,6 +20,7 @@ runs with grad off, a manual module's own F.linear inside the mode is not routed
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from typing import Callable
 
@@ -38,6 +39,9 @@ def _softmax(input, dim=None, dtype=None):
 
 
 def _with_indices(ours: Callable) -> Callable:
+    """F.max_pool2d_with_indices & co.: ours with return_indices=True (same signature)."""
+
+    @functools.wraps(ours)
     def call(input, *args, **kwargs):
         kwargs["return_indices"] = True
         return ours(input, *args, **kwargs)
