@@ -244,6 +244,7 @@ CONV_CASES = [Spatial(name, *spec) for name, spec in [
     ("conv2d", _conv(2, (2, 3, 7, 6), (4, 3, 3, 3), (4,), padding=1)),
     ("conv2d_stride_dilation_groups", _conv(2, (2, 4, 9, 8), (6, 2, 3, 2), (6,), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2)),
     ("conv2d_depthwise", _conv(2, (2, 4, 7, 6), (4, 1, 3, 3), (4,), stride=2, padding=1, groups=4)),
+    ("conv2d_depthwise_many_positions", _conv(2, (2, 3, 10, 9), (3, 1, 3, 2), (3,), padding=2, dilation=(2, 1), groups=3)),
     ("conv2d_depthwise_multiplier", _conv(2, (2, 3, 6, 6), (6, 1, 3, 3), padding=1, groups=3)),
     ("conv2d_same_even_kernel", _conv(2, (2, 3, 6, 5), (4, 3, 4, 2), (4,), padding="same")),
     ("conv2d_1x1_stride2", _conv(2, (2, 4, 7, 7), (3, 4, 1, 1), stride=2)),

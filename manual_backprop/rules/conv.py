@@ -18,6 +18,7 @@ and convolve with padding 0, as torch does.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -68,6 +69,8 @@ def conv_weight_grad(delta, a, kernel_size, stride, padding, dilation, groups):
     W_shape = (C_out, C_in // G, *kernel_size)
     if N == 0:
         return delta.new_zeros(W_shape)
+    if G == C_in == C_out and math.prod(delta.shape[2:]) >= 64:
+        return _depthwise_weight_grad(delta, a, kernel_size, stride, padding, dilation)
     if G == 1:
         a_t = a.transpose(0, 1)  # (C_in, N, *in): the batch is now the channel axis
     else:  # (C_in/G, G·N, *in): group g's batch occupies channels g·N … (g+1)·N − 1
@@ -75,6 +78,23 @@ def conv_weight_grad(delta, a, kernel_size, stride, padding, dilation, groups):
     delta_t = delta.transpose(0, 1)  # (C_out, N, *out): δ as the kernel
     grad_W = torch.convolution(a_t, delta_t, None, dilation, padding, stride, False, [0] * len(size), G)
     return _narrow_to(grad_W.transpose(0, 1), kernel_size)  # (C_out, C_in/G, *k)
+
+
+def _depthwise_weight_grad(delta, a, kernel_size, stride, padding, dilation):
+    """The same sum for a depthwise convolution (one input channel per output channel), one kernel
+    tap at a time: ∂J/∂W[c, tap] = Σₙ Σ_positions δ[n, c, pos] · a[n, c, pos·s + tap·dilation].
+
+    torch runs the grouped convolution above as one small convolution per channel when δ, the
+    kernel, is large; this loop over the k taps (9 for 3×3, never over elements) is several times
+    faster there (measured on this project's CPU at mobilenet_v3_small sizes).
+    """
+    a = F.pad(a, [x for p in reversed(padding) for x in (p, p)])
+    out, spatial = delta.shape[2:], list(range(2, delta.dim()))
+    grads = []
+    for tap in itertools.product(*(range(k) for k in kernel_size)):
+        window = (..., *(slice(t * d, t * d + s * (o - 1) + 1, s) for t, d, s, o in zip(tap, dilation, stride, out)))
+        grads.append((delta * a[window]).sum([0, *spatial]))
+    return torch.stack(grads, 1).view(delta.shape[1], 1, *kernel_size)
 
 
 def bias_grad(delta: torch.Tensor) -> torch.Tensor:
