@@ -28,6 +28,15 @@ def zoo():
     return module
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Batch 2 at 32×32 is too small to share among threads; on a loaded machine threads only wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # torchvision's parameter counts: the copies are the same architectures
 PARAMETERS = {"resnet18": 11_689_512, "mobilenet_v3_small": 2_542_856, "efficientnet_b0": 5_288_548, "vgg11": 132_863_336}
 
@@ -51,15 +60,19 @@ def test_gradients_equal_stock_float64(zoo, name):
     torch.manual_seed(0)
     model = zoo.MODELS[name](num_classes=10).double().train()
     x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 7])
-    result = assert_grad_parity(model, x, y, torch.nn.CrossEntropyLoss())
+    # atol: a BatchNorm bias followed by a 1×1 convolution and a train-mode BatchNorm has gradient 0 in
+    # exact arithmetic; both sides then return cancellation noise (up to ~7e-7 in efficientnet_b0)
+    result = assert_grad_parity(model, x, y, torch.nn.CrossEntropyLoss(), rtol=1e-7, atol=1e-5)
     assert result.rule_nodes["ConvolutionBackward"] >= 20
 
 
-@pytest.mark.slow
-def test_vgg11_gradients_equal_stock(zoo):
-    """vgg11's 133 M parameters: float32, so the two copies and their gradients stay near 2 GB."""
+def test_vgg11_features_gradients_equal_stock(zoo):
+    """vgg11's convolutional part (features and avgpool, as in the model); its classifier is three
+    Linear layers of 120 M parameters that would only make this test slow (test_linear covers Linear)."""
     torch.manual_seed(0)
-    model = zoo.vgg11(num_classes=10).train()
-    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
-    result = assert_grad_parity(model, x, y, torch.nn.CrossEntropyLoss(), rtol=1e-4, atol=1e-6)
+    model = torch.nn.Sequential(zoo.make_layers(zoo.VGG11_CFG), torch.nn.AdaptiveAvgPool2d((7, 7)), torch.nn.Flatten(),
+                                torch.nn.Linear(512 * 7 * 7, 10)).double()
+    x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 7])
+    result = assert_grad_parity(model, x, y, torch.nn.CrossEntropyLoss())
     assert result.rule_nodes["ConvolutionBackward"] == 8 and result.rule_nodes["MaxPoolBackward"] == 5
+    assert mb.report(mb.convert(model)).row("2").status == "container"  # Flatten: a view, no rule needed
