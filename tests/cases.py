@@ -249,6 +249,8 @@ CONV_CASES = [Spatial(name, *spec) for name, spec in [
     ("conv2d_same_even_kernel", _conv(2, (2, 3, 6, 5), (4, 3, 4, 2), (4,), padding="same")),
     ("conv2d_1x1_stride2", _conv(2, (2, 4, 7, 7), (3, 4, 1, 1), stride=2)),
     ("conv2d_stride_drops_tail", _conv(2, (1, 2, 8, 8), (3, 2, 3, 3), (3,), stride=3)),
+    ("conv2d_one_output_position_groups", _conv(2, (3, 4, 2, 3), (6, 2, 3, 3), (6,), padding=1, stride=(2, 3), groups=2)),
+    ("conv3d_two_output_positions_dilation", _conv(3, (2, 2, 5, 3, 3), (3, 2, 2, 3, 2), dilation=(3, 1, 2))),
     ("conv2d_batch0", _conv(2, (0, 3, 5, 5), (4, 3, 3, 3), (4,), padding=1)),
     ("conv2d_batch1_unbatched", _conv(2, (3, 5, 6), (2, 3, 2, 2), (2,), stride=2)),
     ("conv3d", _conv(3, (2, 2, 5, 4, 5), (3, 2, 3, 3, 2), (3,), stride=2, padding=1)),
