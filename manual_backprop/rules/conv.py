@@ -70,7 +70,7 @@ def conv_weight_grad(delta, a, kernel_size, stride, padding, dilation, groups):
     if N == 0:
         return delta.new_zeros(W_shape)
     positions = math.prod(delta.shape[2:])
-    if positions <= 2:
+    if positions <= 2 or math.prod(kernel_size) == 1:
         return _weight_grad_by_patches(delta, a, kernel_size, stride, padding, dilation, groups)
     if G == C_in == C_out and positions >= 64:
         return _depthwise_weight_grad(delta, a, kernel_size, stride, padding, dilation)
@@ -95,8 +95,9 @@ def patches(a, kernel_size, stride, padding, dilation) -> torch.Tensor:
 
 def _weight_grad_by_patches(delta, a, kernel_size, stride, padding, dilation, groups):
     """The same sum as one matrix product per group, δ (C_out/G × N·positions) times the patches
-    (N·positions × C_in/G·k): the notes' δ aᵀ with a = patch(a). Used where δ has one or two
-    positions (resnet18's last stage at 32×32), where it beats the convolution above several times."""
+    (N·positions × C_in/G·k): the notes' δ aᵀ with a = patch(a). Used for 1×1 kernels (a Linear
+    layer at every position) and where δ has one or two positions (resnet18's last stage at 32×32):
+    there it beats the convolution above several times; elsewhere copying the patches costs more."""
     N, C_in = a.shape[:2]
     C_out, G, K = delta.shape[1], groups, math.prod(kernel_size)
     P = patches(a, kernel_size, stride, padding, dilation).reshape(N, G, C_in // G, -1, K)  # (N, G, c, L, K)
