@@ -474,8 +474,13 @@ def check_cnn_gradients(case: Case, forwards, params) -> list[str]:
             continue
         for i, (g, r) in enumerate(zip(got, reference)):
             scale = r.abs().max().item() if r.numel() else 0.0
-            if g is None or not torch.allclose(g, r, rtol=1e-3, atol=1e-4 * scale + 1e-7):
-                errors.append(f"{case.device} {case.network} {name}: tensor {i} differs")
+            # inductor reorders float32 reductions (batch norm's among them): stock resnet18 compiled
+            # differs from stock eager by up to 1.3% of a gradient's largest element (measured), so the
+            # compiled contender is held to 5% of it; eager contenders to 0.01%
+            atol = (5e-2 if name == "compiled" else 1e-4) * scale + 1e-7
+            if g is None or not torch.allclose(g, r, rtol=1e-3, atol=atol):
+                worst = float("nan") if g is None else (g - r).abs().max().item()
+                errors.append(f"{case.device} {case.network} {name}: tensor {i} differs (max |Δ| {worst:.3g}, max |stock| {scale:.3g})")
     return errors
 
 
