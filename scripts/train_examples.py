@@ -1,7 +1,8 @@
-"""`make train`: train the three example tasks on our rules and check their test metrics.
+"""`make train`: train the example tasks on our rules and check their test metrics.
 
 For each shipped config (regression on diabetes, binary on breast_cancer, multi-class
-on digits) this runs the `manual-backprop` CLI's fit with backend manual (the network
+on digits, and digits as 1×8×8 images through a small CNN, `SmallCNN` converted to our
+rules) this runs the `manual-backprop` CLI's fit with backend manual (the network
 is `manual_backprop.nn.MLP`, one fused rule; with --backend autograd the stock
 nn.Sequential), tests the final model on the held-out test split, prints one table of
 test metrics, and exits non-zero when a metric misses its floor. Logs, checkpoints and
