@@ -147,7 +147,7 @@ def test_autocast_cpu_bfloat16():
     torch.testing.assert_close(outs[0], outs[1], **LOW_PRECISION[torch.bfloat16])
     for g_ours, g_stock in zip(*grads):
         assert g_ours.dtype == g_stock.dtype == torch.float32
-        torch.testing.assert_close(g_ours, g_stock, rtol=3e-2, atol=0.5)  # bf16 products: relative to magnitudes ~50
+        torch.testing.assert_close(g_ours, g_stock, rtol=3e-2, atol=0.5)  # bf16 products; gradients here are ~200
 
 
 def test_autocast_reflect_pad_runs_in_float32_on_cpu():

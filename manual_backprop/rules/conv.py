@@ -57,12 +57,14 @@ def transposed_convolution(delta, W, size, stride, padding, dilation, groups):
 def conv_weight_grad(delta, a, kernel_size, stride, padding, dilation, groups):
     """∂J/∂W = Σₙ Σ_positions δ ⊗ patch(a), summed over the batch: shape (C_out, C_in/G, *k).
 
-    delta: (N, C_out, *out), a: (N, C_in, *in). Written as one convolution of a with δ,
+    delta: (N, C_out, *out), a: (N, C_in, *in). In general one convolution of a with δ,
     batch and channel axes swapped: the batch becomes the channels the convolution sums
-    over, δ becomes the kernel, and stride and dilation trade places. (Measured against
-    unfold + matmul on this project's CPU at resnet18 sizes: faster at every layer but
-    the 1×1-spatial ones, and it serves 1-, 2- and 3-d alike.) The result can be a few
-    positions larger than the kernel where stride drops trailing input; those are cut.
+    over, δ becomes the kernel, and stride and dilation trade places; the result can be a
+    few positions larger than the kernel where stride drops trailing input, and those are
+    cut. The same sum is written two more ways for the shapes where they measured faster on
+    this project's CPU: one matrix product of δ with the patches (1×1 kernels, and δ with one
+    or two positions), and one kernel tap at a time (depthwise, many positions). Every form
+    serves 1-, 2- and 3-d alike, with groups, stride, padding and dilation.
     """
     N, C_in, *size = a.shape
     C_out, G = delta.shape[1], groups
@@ -276,8 +278,3 @@ def same_padding(kernel_size, dilation) -> tuple[list[int], list[int]]:
     total = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
     left = [t // 2 for t in total]
     return left, [t - lt for t, lt in zip(total, left)]
-
-
-def output_size(size, kernel_size, stride, padding, dilation) -> list[int]:
-    return [math.floor((n + 2 * p - d * (k - 1) - 1) / s) + 1
-            for n, k, s, p, d in zip(size, kernel_size, stride, padding, dilation)]
