@@ -13,6 +13,7 @@ from pathlib import Path
 from lightning_modules.callbacks import TrainingCurves
 from lightning_modules.data import SKLEARN_DATASETS, CSVDataModule, SklearnDataModule, TableDataModule
 from lightning_modules.network import ACTIVATIONS, BACKENDS, build_network, state_dict_for_backend
+from lightning_modules.network import SmallCNN  # issue 8: a CNN for images (digits as 1×8×8)
 from lightning_modules.tasks import (
     BinaryClassificationTask,
     MulticlassClassificationTask,
@@ -42,6 +43,7 @@ __all__ = [
     "RegressionTask",
     "SKLEARN_DATASETS",
     "SklearnDataModule",
+    "SmallCNN",
     "TableDataModule",
     "TaskModule",
     "TrainingCurves",

@@ -31,7 +31,10 @@ class TableDataModule(pl.LightningDataModule):
 
     Targets in batches: regression float (B, u), standardized when `standardize`;
     binary float (B,) in {0, 1}; multi-class int64 (B,) in [0, K).
+    Features in batches: float (B, d), or (B, *image_shape) when `image_shape` is set.
     """
+
+    image_shape: Optional[list[int]] = None  # features as images, e.g. [1, 8, 8]: see SklearnDataModule
 
     def __init__(
         self,
@@ -140,9 +143,10 @@ class TableDataModule(pl.LightningDataModule):
                 y = target_scaler.transform(y)
                 self.target_mean, self.target_scale = target_scaler.mean_, target_scaler.scale_
         y_dtype = torch.int64 if self.task == "multiclass" else torch.float32
+        shape = (-1, *self.image_shape) if self.image_shape else (-1, x.shape[1])  # images: after scaling each pixel
         for name, index in (("train", train), ("val", val), ("test", test)):
             self.splits[name] = TensorDataset(
-                torch.as_tensor(x[index], dtype=torch.float32), torch.as_tensor(y[index], dtype=y_dtype)
+                torch.as_tensor(x[index], dtype=torch.float32).reshape(shape), torch.as_tensor(y[index], dtype=y_dtype)
             )
 
     def train_dataloader(self) -> DataLoader:
@@ -198,6 +202,9 @@ class SklearnDataModule(TableDataModule):
 
     diabetes (442 × 10 → 1), linnerud (20 × 3 → 3), breast_cancer (569 × 30 → {0, 1}),
     iris (150 × 4 → 3 classes), wine (178 × 13 → 3 classes), digits (1797 × 64 → 10 classes).
+
+    image_shape: give each row's features as an image of this shape, e.g. [1, 8, 8] for digits
+    (channels, height, width; the product must equal the number of features), for a CNN.
     """
 
     def __init__(
@@ -209,6 +216,7 @@ class SklearnDataModule(TableDataModule):
         seed: int = 42,
         standardize: bool = True,
         num_workers: int = 0,
+        image_shape: Optional[list[int]] = None,
     ) -> None:
         if dataset not in SKLEARN_DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(SKLEARN_DATASETS)}")
@@ -218,6 +226,13 @@ class SklearnDataModule(TableDataModule):
         self.dataset = dataset
         bunch = load()
         self.set_table(bunch.data, bunch.target, describe=lambda i: f"{dataset}: row {i + 1}")
+        if image_shape is not None:
+            image_shape = list(image_shape)
+            if any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in image_shape) or \
+                    math.prod(image_shape) != self.num_features:
+                raise ValueError(f"image_shape must be positive integers whose product is the number of features "
+                                 f"({self.num_features} for {dataset}); got {image_shape}")
+            self.image_shape = image_shape
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.dataset!r})"

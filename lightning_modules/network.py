@@ -108,3 +108,28 @@ def state_dict_for_backend(
         prefix + _renamed(key.removeprefix(prefix), backend) if key.startswith(prefix) else key: value
         for key, value in state_dict.items()
     }
+
+
+# ------------------------------------------------------------ a small CNN for images (issue 8)
+
+
+class SmallCNN(torch.nn.Sequential):
+    """[Conv2d(3×3, padding 1) → ReLU → MaxPool2d(2)] per entry of `channels`, then Flatten → Linear.
+
+    Input: (N, in_channels, image_size, image_size), e.g. sklearn's digits as (N, 1, 8, 8)
+    (`SklearnDataModule(image_shape=[1, 8, 8])`); output: (N, num_classes) logits. Stock
+    torch layers: pass it to a task as `net`, and backend "manual" converts it to our rules
+    (conv, ReLU, max-pool and Linear all have one).
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, channels: Sequence[int] = (16, 32),
+                 image_size: int = 8) -> None:
+        layers: list[torch.nn.Module] = []
+        size = image_size
+        for c_in, c_out in zip([in_channels, *channels], channels):
+            layers += [torch.nn.Conv2d(c_in, c_out, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+            size //= 2
+        if size < 1:
+            raise ValueError(f"{len(channels)} max-pools halve image_size={image_size} below 1 pixel")
+        layers += [torch.nn.Flatten(), torch.nn.Linear(channels[-1] * size * size, num_classes)]
+        super().__init__(*layers)

@@ -36,6 +36,12 @@ _POLICY: dict[str, dict[str, str]] = {
         # norm branch: AutocastCPU lists prelu as lower_precision_fp and no norm at all
         # (batch_norm, layer_norm, group_norm, rms_norm keep the input's dtype; mixed-dtype kernels)
         "prelu": LOWER,
+        # convolution and pooling (issue 8): conv and conv_transpose in the lower precision; the
+        # 3-d pools and reflect/replicate padding kernels in fp32 (max_pool3d_with_indices is not listed)
+        **dict.fromkeys(["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"], LOWER),
+        **dict.fromkeys(["max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d",
+                         "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d",
+                         "replication_pad3d"], FP32),
     },
     "cuda": {
         "linear": LOWER,
@@ -50,6 +56,8 @@ _POLICY: dict[str, dict[str, str]] = {
         "group_norm": FP32,
         "rms_norm": FP32,
         "prelu": LOWER,
+        # convolution (issue 8): conv and conv_transpose in the lower precision; no pool or pad is listed
+        **dict.fromkeys(["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"], LOWER),
     },
 }
 

@@ -40,6 +40,8 @@ Patterns = Union[Pattern, Iterable[Pattern], None]
 
 MANUAL, STOCK, CONTAINER = "manual", "stock", "container"
 _PURE_CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
+# Modules that only reshape (views of their input): nothing to differentiate, so no rule is needed (issue 8).
+_VIEWS = (torch.nn.Flatten, torch.nn.Unflatten)
 
 
 class ConversionError(RuntimeError):
@@ -206,6 +208,8 @@ def _classify(name, module, ancestors, registry, known, include, exclude) -> _Oc
         if deselected is not None:
             return _Occurrence(name, module, STOCK, deselected, deselected=True)
         return _Occurrence(name, module, STOCK, f"not converted (rule {type_name(rule.manual)} is available)", rule)
+    if cls in _VIEWS:
+        return _Occurrence(name, module, CONTAINER, "a view (reshape only): nothing to differentiate, no rule needed")
     own_state = next(module.parameters(recurse=False), None) is not None or next(
         module.buffers(recurse=False), None
     ) is not None

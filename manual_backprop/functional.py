@@ -582,3 +582,292 @@ def prelu(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if input.dtype != weight.dtype:
         _checks.same_dtype("prelu", input=input, weight=weight)
     return apply_rule(rules.PReLU, input, weight)
+# ------------------------------------------------- convolution and pooling (issue 8)
+
+
+def _ntuple(op: str, name: str, value, d: int) -> tuple[int, ...]:
+    """An int or a sequence of 1 or d ints → d ints (torch expands a single value the same way)."""
+    if isinstance(value, int):
+        return (value,) * d
+    value = tuple(value)
+    if len(value) == 1:
+        return value * d
+    if len(value) != d or not all(isinstance(v, int) for v in value):
+        raise InputError(f"{op}: {name} must be an int or a tuple of {d} ints, got {value}")
+    return value
+
+
+def _spatial_input(op: str, input: torch.Tensor, d: int) -> None:
+    if input.dim() not in (d + 1, d + 2):
+        raise InputError(
+            f"{op}: Expected {d + 1}D (unbatched) or {d + 2}D (batched) input to {op}, "
+            f"but got input of size: {list(input.shape)}"
+        )
+
+
+def _conv_checks(op: str, d: int, input, weight, bias, stride, dilation, groups, transposed: bool) -> None:
+    if weight.dim() != d + 2:
+        raise InputError(f"{op}: weight must be {d + 2}-D, got weight of size {list(weight.shape)}")
+    _spatial_input(op, input, d)
+    if any(s <= 0 for s in stride):
+        raise InputError(f"{op}: non-positive stride is not supported, got stride={stride}")
+    if any(s <= 0 for s in dilation):
+        raise InputError(f"{op}: dilation should be greater than zero, got dilation={dilation}")
+    if groups <= 0:
+        raise InputError(f"{op}: non-positive groups is not supported, got groups={groups}")
+    if weight.shape[0] % groups:
+        raise InputError(
+            f"{op}: Given groups={groups}, expected weight to be divisible by {groups} at dimension 0, "
+            f"but got weight of size {list(weight.shape)} instead"
+        )
+    channels = input.shape[-d - 1]
+    expected = weight.shape[0] if transposed else weight.shape[1] * groups
+    if channels != expected:
+        given = "transposed=1" if transposed else f"groups={groups}"
+        raise InputError(
+            f"{op}: Given {given}, weight of size {list(weight.shape)}, expected input{list(input.shape)} "
+            f"to have {expected} channels, but got {channels} channels instead"
+        )
+    out_channels = weight.shape[1] * groups if transposed else weight.shape[0]
+    if bias is not None and shape(bias) != (out_channels,):
+        raise InputError(
+            f"{op}: Given weight of size {list(weight.shape)}, expected bias to be 1-dimensional with "
+            f"{out_channels} elements, but got bias of size {list(bias.shape)} instead"
+        )
+
+
+def _conv(op: str, d: int, input, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
+    stride, dilation = _ntuple(op, "stride", stride, d), _ntuple(op, "dilation", dilation, d)
+    _conv_checks(op, d, input, weight, bias, stride, dilation, groups, transposed=False)
+    kernel = tuple(weight.shape[2:])
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0,) * d
+        elif padding == "same":
+            if any(s != 1 for s in stride):
+                raise InputError(f"{op}: padding='same' is not supported for strided convolutions")
+            padding, right = rules.conv.same_padding(kernel, dilation)
+            extra = [r - p for p, r in zip(padding, right)]  # an even d(k−1): torch pads the odd one on the right
+            if any(extra):
+                input = pad(input, [x for e in reversed(extra) for x in (0, e)])
+            padding = tuple(padding)
+        else:
+            raise InputError(f"{op}: Invalid padding string {padding!r}, should be one of ['valid', 'same']")
+    else:
+        padding = _ntuple(op, "padding", padding, d)
+        if any(p < 0 for p in padding):
+            raise InputError(f"{op}: negative padding is not supported, got padding={padding}")
+    padded = [n + 2 * p for n, p in zip(input.shape[-d:], padding)]
+    effective = [dil * (k - 1) + 1 for k, dil in zip(kernel, dilation)]
+    if any(n < k for n, k in zip(padded, effective)):
+        raise InputError(
+            f"{op}: Calculated padded input size per channel: ({' x '.join(map(str, padded))}). "
+            f"Kernel size: ({' x '.join(map(str, effective))}). Kernel size can't be greater than actual input size"
+        )
+    input, weight, bias = autocast_inputs(op, input.device, input, weight, bias)
+    if input.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        _checks.same_dtype(op, input=input, weight=weight, bias=bias)
+    return apply_rule(rules.Convolution, input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """z = W ⋆ a + b.  Input: (N, C_in, L) or (C_in, L); weight: (C_out, C_in/groups, k). Output: (N, C_out, L_out)."""
+    return _conv("conv1d", 1, input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """z = W ⋆ a + b.  Input: (N, C_in, H, W) or (C_in, H, W); weight: (C_out, C_in/groups, kH, kW)."""
+    return _conv("conv2d", 2, input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """z = W ⋆ a + b.  Input: (N, C_in, D, H, W) or (C_in, D, H, W); weight: (C_out, C_in/groups, kD, kH, kW)."""
+    return _conv("conv3d", 3, input, weight, bias, stride, padding, dilation, groups)
+
+
+def _conv_transpose(op: str, d: int, input, weight, bias, stride, padding, output_padding, groups, dilation):
+    if isinstance(padding, str):
+        raise InputError(f"{op}: padding must be an int or a tuple of ints, got {padding!r} "
+                         "('same' and 'valid' are for convolutions, not transposed ones)")
+    stride, dilation = _ntuple(op, "stride", stride, d), _ntuple(op, "dilation", dilation, d)
+    padding, output_padding = _ntuple(op, "padding", padding, d), _ntuple(op, "output_padding", output_padding, d)
+    _conv_checks(op, d, input, weight, bias, stride, dilation, groups, transposed=True)
+    if any(op_ >= s and op_ >= dil for op_, s, dil in zip(output_padding, stride, dilation)):
+        raise InputError(f"{op}: output padding must be smaller than either stride or dilation, but got "
+                         f"output_padding={output_padding}, stride={stride}, dilation={dilation}")
+    out = [(n - 1) * s - 2 * p + dil * (k - 1) + op_ + 1 for n, s, p, dil, k, op_ in
+           zip(input.shape[-d:], stride, padding, dilation, weight.shape[2:], output_padding)]
+    if any(n <= 0 for n in out):
+        raise InputError(f"{op}: Given input size per channel: ({' x '.join(map(str, input.shape[-d:]))}). "
+                         f"Calculated output size per channel: ({' x '.join(map(str, out))}). Output size is too small")
+    input, weight, bias = autocast_inputs(op, input.device, input, weight, bias)
+    if input.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        _checks.same_dtype(op, input=input, weight=weight, bias=bias)
+    return apply_rule(rules.ConvTranspose, input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+def conv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """z = Wᵀ ⋆ a + b.  Input: (N, C_in, L) or (C_in, L); weight: (C_in, C_out/groups, k)."""
+    return _conv_transpose("conv_transpose1d", 1, input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """z = Wᵀ ⋆ a + b.  Input: (N, C_in, H, W) or (C_in, H, W); weight: (C_in, C_out/groups, kH, kW)."""
+    return _conv_transpose("conv_transpose2d", 2, input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+def conv_transpose3d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """z = Wᵀ ⋆ a + b.  Input: (N, C_in, D, H, W) or (C_in, D, H, W); weight: (C_in, C_out/groups, kD, kH, kW)."""
+    return _conv_transpose("conv_transpose3d", 3, input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+_PAD_MODES = ("constant", "reflect", "replicate", "circular")
+
+
+def pad(input: torch.Tensor, pad: list[int], mode: str = "constant", value: float | None = None) -> torch.Tensor:
+    """Pad the last len(pad)/2 dimensions (pad lists the last dimension first: left, right, ...)."""
+    if mode not in _PAD_MODES:
+        raise InputError(f"pad: mode must be one of {list(_PAD_MODES)}, got {mode!r}")
+    pad = tuple(int(p) for p in pad)
+    if len(pad) % 2:
+        raise InputError(f"pad: Padding length must be divisible by 2, got pad={list(pad)}")
+    if len(pad) // 2 > input.dim():
+        raise InputError(f"pad: Padding length should be less than or equal to two times the input dimension "
+                         f"but got padding length {len(pad)} and input of dimension {input.dim()}")
+    if mode != "constant" and value is not None and value != 0:
+        raise InputError(f'pad: Padding mode "{mode}" doesn\'t take in value argument')
+    if mode in ("reflect", "replicate"):
+        # autocast's names for the aten kernels F.pad dispatches to (circular is composite, not listed)
+        op = f"{'reflection' if mode == 'reflect' else 'replication'}_pad{len(pad) // 2}d"
+        (input,) = autocast_inputs(op, input.device, input)
+    if mode != "constant":
+        value = None
+    return apply_rule(rules.Pad, input, pad, mode, value)
+
+
+def _pool_args(op: str, d: int, input, kernel_size, stride, padding):
+    _spatial_input(op, input, d)
+    kernel_size = _ntuple(op, "kernel_size", kernel_size, d)
+    stride = kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _ntuple(op, "stride", stride, d)
+    return kernel_size, stride, _ntuple(op, "padding", padding, d)
+
+
+def _max_pool(op, d, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+    kernel_size, stride, padding = _pool_args(op, d, input, kernel_size, stride, padding)
+    dilation = _ntuple(op, "dilation", dilation, d)
+    # autocast lists max_pool3d (fp32 on cpu), not max_pool3d_with_indices
+    (input,) = autocast_inputs(op + ("_with_indices" if return_indices else ""), input.device, input)
+    z, indices = apply_rule(rules.MaxPool, input, kernel_size, stride, padding, dilation, ceil_mode)
+    return (z, indices) if return_indices else z
+
+
+def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """z = max over each window.  Input: (N, C, L) or (C, L). With return_indices, also the argmax."""
+    return _max_pool("max_pool1d", 1, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """z = max over each window.  Input: (N, C, H, W) or (C, H, W). With return_indices, also the argmax."""
+    return _max_pool("max_pool2d", 2, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+
+
+def max_pool3d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """z = max over each window.  Input: (N, C, D, H, W) or (C, D, H, W). With return_indices, also the argmax."""
+    return _max_pool("max_pool3d", 3, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+
+
+def _avg_pool(op, d, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    kernel_size, stride, padding = _pool_args(op, d, input, kernel_size, stride, padding)
+    (input,) = autocast_inputs(op, input.device, input)
+    return apply_rule(rules.AvgPool, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+
+def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    """z = mean over each window.  Input: (N, C, L) or (C, L)."""
+    return _avg_pool("avg_pool1d", 1, input, kernel_size, stride, padding, ceil_mode, count_include_pad, None)
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
+    """z = Σ window / divisor.  Input: (N, C, H, W) or (C, H, W)."""
+    return _avg_pool("avg_pool2d", 2, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+
+def avg_pool3d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
+    """z = Σ window / divisor.  Input: (N, C, D, H, W) or (C, D, H, W)."""
+    return _avg_pool("avg_pool3d", 3, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+
+def _adaptive_size(op: str, d: int, input, output_size) -> tuple[int, ...]:
+    _spatial_input(op, input, d)
+    if isinstance(output_size, int):
+        output_size = (output_size,) * d
+    output_size = tuple(output_size)
+    if len(output_size) == 1 and d > 1:
+        output_size = output_size * d
+    if len(output_size) != d:
+        raise InputError(f"{op}: output_size must be an int or a tuple of {d} ints (or None), got {output_size}")
+    return tuple(n if o is None else int(o) for n, o in zip(input.shape[-d:], output_size))
+
+
+def adaptive_avg_pool1d(input, output_size) -> torch.Tensor:
+    """z = mean over each of output_size windows.  Input: (N, C, L) or (C, L)."""
+    size = _adaptive_size("adaptive_avg_pool1d", 1, input, output_size)
+    return apply_rule(rules.AdaptiveAvgPool, input, size)
+
+
+def adaptive_avg_pool2d(input: torch.Tensor, output_size) -> torch.Tensor:
+    """z = mean over each of output_size windows.  Input: (N, C, H, W) or (C, H, W)."""
+    size = _adaptive_size("adaptive_avg_pool2d", 2, input, output_size)
+    return apply_rule(rules.AdaptiveAvgPool, input, size)
+
+
+def adaptive_avg_pool3d(input: torch.Tensor, output_size) -> torch.Tensor:
+    """z = mean over each of output_size windows.  Input: (N, C, D, H, W) or (C, D, H, W)."""
+    size = _adaptive_size("adaptive_avg_pool3d", 3, input, output_size)
+    (input,) = autocast_inputs("adaptive_avg_pool3d", input.device, input)
+    return apply_rule(rules.AdaptiveAvgPool, input, size)
+
+
+def _adaptive_max_pool(op, d, input, output_size, return_indices):
+    size = _adaptive_size(op, d, input, output_size)
+    (input,) = autocast_inputs(op, input.device, input)
+    z, indices = apply_rule(rules.AdaptiveMaxPool, input, size)
+    return (z, indices) if return_indices else z
+
+
+def adaptive_max_pool1d(input, output_size, return_indices=False):
+    """z = max over each of output_size windows.  Input: (N, C, L) or (C, L)."""
+    return _adaptive_max_pool("adaptive_max_pool1d", 1, input, output_size, return_indices)
+
+
+def adaptive_max_pool2d(input, output_size, return_indices=False):
+    """z = max over each of output_size windows.  Input: (N, C, H, W) or (C, H, W)."""
+    return _adaptive_max_pool("adaptive_max_pool2d", 2, input, output_size, return_indices)
+
+
+def adaptive_max_pool3d(input, output_size, return_indices=False):
+    """z = max over each of output_size windows.  Input: (N, C, D, H, W) or (C, D, H, W)."""
+    return _adaptive_max_pool("adaptive_max_pool3d", 3, input, output_size, return_indices)
+
+
+__all__ += [
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d",
+    "adaptive_max_pool1d",
+    "adaptive_max_pool2d",
+    "adaptive_max_pool3d",
+    "avg_pool1d",
+    "avg_pool2d",
+    "avg_pool3d",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "pad",
+]

@@ -20,6 +20,7 @@ runs with grad off, a manual module's own F.linear inside the mode is not routed
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from typing import Callable
 
@@ -54,6 +55,36 @@ def _torch_group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, cudnn
 
 def _torch_dropout(input, p, train):
     return MF.dropout(input, p, train)
+def _with_indices(ours: Callable) -> Callable:
+    """F.max_pool2d_with_indices & co.: ours with return_indices=True (same signature)."""
+
+    @functools.wraps(ours)
+    def call(input, *args, **kwargs):
+        kwargs["return_indices"] = True
+        return ours(input, *args, **kwargs)
+
+    return call
+
+
+def _conv_and_pool_routes() -> list:
+    from torch._C import _nn
+
+    routes = [("pad", MF.pad, [F.pad])]
+    for d in (1, 2, 3):
+        conv, conv_t = f"conv{d}d", f"conv_transpose{d}d"
+        routes += [(conv, getattr(MF, conv), [getattr(F, conv), getattr(torch, conv)]),
+                   (conv_t, getattr(MF, conv_t), [getattr(F, conv_t), getattr(torch, conv_t)])]
+        name = f"max_pool{d}d"
+        routes += [(name, getattr(MF, name), [getattr(F, name), getattr(torch, name)]),
+                   (name, _with_indices(getattr(MF, name)), [getattr(F, f"{name}_with_indices")])]
+        name = f"adaptive_max_pool{d}d"  # torch.adaptive_max_pool1d returns the indices too
+        with_indices = [getattr(F, f"{name}_with_indices")] + ([torch.adaptive_max_pool1d] if d == 1 else [])
+        routes += [(name, getattr(MF, name), [getattr(F, name)]), (name, _with_indices(getattr(MF, name)), with_indices)]
+        for kind in ("avg_pool", "adaptive_avg_pool"):
+            name = f"{kind}{d}d"
+            aliases = {getattr(F, name), getattr(torch, name, None), getattr(_nn, name, None)} - {None}
+            routes.append((name, getattr(MF, name), list(aliases)))
+    return routes
 
 
 def _routes() -> dict[Callable, tuple[str, Callable]]:
@@ -93,6 +124,9 @@ def _routes() -> dict[Callable, tuple[str, Callable]]:
         ("hardswish", MF.hardswish, [F.hardswish]),
         ("mish", MF.mish, [F.mish]),
         ("prelu", MF.prelu, [F.prelu, torch.prelu, T.prelu]),
+        # convolution and pooling (issue 8); F.conv2d is torch.conv2d, F.max_pool2d dispatches on
+        # return_indices to F.max_pool2d_with_indices or torch.max_pool2d, all seen by the mode
+        *_conv_and_pool_routes(),
     ]
     return {torch_fn: (name, ours) for name, ours, torch_fns in table for torch_fn in torch_fns}
 

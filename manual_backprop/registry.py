@@ -296,6 +296,25 @@ def _builtin_rules() -> list[Rule]:
         (nn.Hardswish, mnn.Hardswish),
         (nn.Mish, mnn.Mish),
         (nn.PReLU, mnn.PReLU),
+        # convolution and pooling (issue 8)
+        (nn.Conv1d, mnn.Conv1d),
+        (nn.Conv2d, mnn.Conv2d),
+        (nn.Conv3d, mnn.Conv3d),
+        (nn.ConvTranspose1d, mnn.ConvTranspose1d),
+        (nn.ConvTranspose2d, mnn.ConvTranspose2d),
+        (nn.ConvTranspose3d, mnn.ConvTranspose3d),
+        (nn.MaxPool1d, mnn.MaxPool1d),
+        (nn.MaxPool2d, mnn.MaxPool2d),
+        (nn.MaxPool3d, mnn.MaxPool3d),
+        (nn.AvgPool1d, mnn.AvgPool1d),
+        (nn.AvgPool2d, mnn.AvgPool2d),
+        (nn.AvgPool3d, mnn.AvgPool3d),
+        (nn.AdaptiveAvgPool1d, mnn.AdaptiveAvgPool1d),
+        (nn.AdaptiveAvgPool2d, mnn.AdaptiveAvgPool2d),
+        (nn.AdaptiveAvgPool3d, mnn.AdaptiveAvgPool3d),
+        (nn.AdaptiveMaxPool1d, mnn.AdaptiveMaxPool1d),
+        (nn.AdaptiveMaxPool2d, mnn.AdaptiveMaxPool2d),
+        (nn.AdaptiveMaxPool3d, mnn.AdaptiveMaxPool3d),
     ]
     return [Rule(stock, manual, supports_real_parameters, "builtin") for stock, manual in pairs]
 

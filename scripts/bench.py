@@ -392,6 +392,155 @@ def chart(cases: list[Case], path: Path) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------ convolutional networks (issue 8)
+
+CNN_CONTENDERS = ["stock", "converted", "compiled"]
+
+
+@dataclass(frozen=True)
+class CnnSpec:
+    """A CNN case: `build(zoo)` gives the stock model; inputs (batch, *shape); classifiers take a cross-entropy loss."""
+
+    name: str
+    build: object
+    shape: tuple
+    batch: int
+    classifier: bool = True
+
+
+def _basic_block(zoo, inplanes: int, planes: int):
+    """A resnet BasicBlock with its downsampling shortcut, as resnet18's layer2.0."""
+    return zoo.BasicBlock(inplanes, planes, 2, nn.Sequential(zoo.conv1x1(inplanes, planes, 2), nn.BatchNorm2d(planes)))
+
+
+CNN_FULL = [
+    CnnSpec("basic-block", lambda zoo: _basic_block(zoo, 64, 128), (64, 16, 16), 32, classifier=False),
+    CnnSpec("resnet18", lambda zoo: zoo.resnet18(num_classes=10), (3, 32, 32), 32),
+    CnnSpec("mobilenet_v3_small", lambda zoo: zoo.mobilenet_v3_small(num_classes=10), (3, 32, 32), 32),
+]
+CNN_QUICK = [CnnSpec("basic-block", lambda zoo: _basic_block(zoo, 8, 16), (8, 8, 8), 4, classifier=False)]
+
+
+def load_zoo():
+    """scripts/zoo_cnn.py, the faithful copies of torchvision's models, imported beside this script."""
+    import importlib.util
+
+    if "zoo_cnn" in sys.modules:
+        return sys.modules["zoo_cnn"]
+    spec = importlib.util.spec_from_file_location("zoo_cnn", Path(__file__).with_name("zoo_cnn.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["zoo_cnn"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_cnn(case: Case, spec: CnnSpec, compile_backend: str):
+    """stock (torch autograd), converted (manual_backprop.convert) and converted + torch.compile, same parameters."""
+    import manual_backprop as mb
+
+    torch.manual_seed(0)
+    stock = spec.build(load_zoo()).to(case.device).train()
+    converted, compiled_model = mb.convert(stock), mb.convert(stock)
+    compiled = torch.compile(compiled_model, backend=compile_backend, dynamic=False)
+    x = torch.randn(spec.batch, *spec.shape, device=case.device)
+    if spec.classifier:
+        y = torch.randint(0, 10, (spec.batch,), device=case.device)
+        criterion = nn.CrossEntropyLoss()
+        loss = lambda out: criterion(out, y)  # noqa: E731
+    else:
+        loss = lambda out: out.square().mean()  # noqa: E731
+    forwards = {
+        "stock": (lambda: loss(stock(x)), stock),
+        "converted": (lambda: loss(converted(x)), converted),
+        "compiled": (lambda: loss(compiled(x)), compiled_model),
+    }
+    params = {name: list(model.parameters()) for name, (_, model) in forwards.items()}
+    steps = {name: make_step(forward, params[name]) for name, (forward, _) in forwards.items()}
+    # The compiled contender's reference: stock under the same compiler (checked, not timed). Inductor
+    # reorders float32 reductions, and on resnet18's last stage (batch norm over 32 values per channel)
+    # stock compiled itself differs from stock eager by up to 22% of a gradient's largest element.
+    stock_compiled = copy.deepcopy(stock)
+    compiled_stock = torch.compile(stock_compiled, backend=compile_backend, dynamic=False)
+    references = {"compiled": (lambda: loss(compiled_stock(x)), stock_compiled)}
+    return forwards, steps, params, references
+
+
+def check_cnn_gradients(case: Case, forwards, params, references=None) -> list[str]:
+    """Loss and every parameter gradient against stock's, each contender from the same seed (dropout masks):
+    eager contenders against stock eager, a contender named in `references` against that (stock compiled)."""
+    def run(forward, parameters):
+        for p in parameters:
+            p.grad = None
+        torch.manual_seed(1)
+        loss = forward()
+        loss.backward()
+        return [loss.detach()] + [p.grad for p in parameters]
+
+    errors, stock = [], None
+    for name, (forward, _) in forwards.items():
+        got = run(forward, params[name])
+        if stock is None:
+            stock = got
+            continue
+        reference = stock
+        if references and name in references:
+            ref_forward, ref_model = references[name]
+            reference = run(ref_forward, list(ref_model.parameters()))
+        for i, (g, r) in enumerate(zip(got, reference)):
+            scale = r.abs().max().item() if r.numel() else 0.0
+            atol = (1e-3 if references and name in references else 1e-4) * scale + 1e-7
+            if g is None or not torch.allclose(g, r, rtol=1e-3, atol=atol):
+                worst = float("nan") if g is None else (g - r).abs().max().item()
+                errors.append(f"{case.device} {case.network} {name}: tensor {i} differs (max |Δ| {worst:.3g}, max |stock| {scale:.3g})")
+    return errors
+
+
+def run_cnn_cases(devices, specs, samples: int, backend: str) -> tuple[list[Case], list[str]]:
+    cases, errors = [], []
+    for device in devices:
+        for spec in specs:
+            case = Case(device, (spec.name,), spec.batch, "", False)
+            torch._dynamo.reset()
+            forwards, steps, params, references = build_cnn(case, spec, backend)
+            errors += check_cnn_gradients(case, forwards, params, references)
+            for name, (forward, _) in forwards.items():
+                try:
+                    case.saved[name] = count_saved_bytes(forward, params[name])
+                except Exception:  # saved-tensor hooks under torch.compile may be refused: leave it blank
+                    case.saved[name] = None
+                case.peak[name] = peak_bytes(steps[name], device)
+            case.rounds = time_all(steps, device, samples)
+            case.times = {name: statistics.median(ts) for name, ts in case.rounds.items()}
+            cases.append(case)
+            print(f"{device} {spec.name} batch {spec.batch}: "
+                  + ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in case.times.items()), flush=True)
+    return cases, errors
+
+
+def cnn_table(cases: list[Case]) -> str:
+    lines = ["| device | model | batch | contender | step ms | × stock | saved MiB | peak MiB |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    for c in cases:
+        for name in CNN_CONTENDERS:
+            saved, peak = c.saved.get(name), c.peak.get(name)
+            lines.append(f"| {c.device} | {c.network} | {c.batch} | {name} | {c.times[name] * 1e3:.2f} | {c.ratio(name):.2f} "
+                         f"| {'' if saved is None else f'{saved / 2**20:.2f}'} | {'' if peak is None else f'{peak / 2**20:.2f}'} |")
+    return "\n".join(lines)
+
+
+def cnn_targets(cases: list[Case]) -> list[tuple[bool, str]]:
+    results = []
+    for device in dict.fromkeys(c.device for c in cases):
+        on = [c for c in cases if c.device == device]
+        for c in on:
+            if c.network == "resnet18":
+                results.append((c.ratio("converted") <= 1.15,
+                                f"{device}: converted ≤ 1.15× stock on resnet18: {c.ratio('converted'):.2f}×"))
+        over = [c.network for c in on if c.saved.get("converted") is not None and c.saved["converted"] > c.saved["stock"]]
+        results.append((not over, f"{device}: CNN saved bytes never above stock: {'ok' if not over else 'above in ' + ', '.join(over)}"))
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny grid, few samples: checks correctness, not speed")
@@ -405,6 +554,8 @@ def main(argv=None) -> int:
                         help="per-layer, fused and compiled use manual_backprop's loss (default: torch's, for all)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice, one per core)")
+    parser.add_argument("--cnn", choices=["include", "skip", "only"], default="include",
+                        help="the convolutional networks (resnet block, resnet18, mobilenet_v3_small; quick: a tiny block)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -420,7 +571,7 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     cases, errors = [], []
-    for device in devices:
+    for device in devices if args.cnn != "only" else []:
         for sizes, batch, gemm_bound in grid:
             for act in activations:
                 case = Case(device, sizes, batch, act, gemm_bound)
@@ -439,6 +590,11 @@ def main(argv=None) -> int:
                 print(f"{device} {case.network} batch {batch} {act}: "
                       + ", ".join(f"{n} {t * 1e3:.3f} ms" for n, t in case.times.items()), flush=True)
 
+    cnn_cases: list[Case] = []
+    if args.cnn != "skip":
+        cnn_cases, cnn_errors = run_cnn_cases(devices, CNN_QUICK if args.quick else CNN_FULL, samples, backend)
+        errors += cnn_errors
+
     environment = (f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
                    f"compile backend {backend}, {samples} samples per contender, "
                    f"{'our' if args.our_loss else 'torch'} loss for our contenders; "
@@ -446,13 +602,17 @@ def main(argv=None) -> int:
     report = [f"Benchmark ({environment}); wall time {time.perf_counter() - start:.0f} s", "",
               "Step time ÷ stock autograd, geometric mean over the activations:", "", summary(cases), "",
               "Every case:", "", table(cases), "", "Targets:"]
-    for met, text in targets(cases):
+    if cnn_cases:  # convolutional networks (issue 8): their own table, before the targets
+        report[-1:] = ["Convolutional networks (train mode; stock autograd, convert(), convert() + torch.compile):", "",
+                       cnn_table(cnn_cases), "", "Targets:"]
+    for met, text in targets(cases) + cnn_targets(cnn_cases):
         report.append(f"- {'met' if met else 'MISSED'}: {text}")
     markdown = "\n".join(report)
     print(markdown)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.md").write_text(markdown + "\n")
-    chart(cases, args.out / "bench.png")
+    if cases:
+        chart(cases, args.out / "bench.png")
     print(f"wrote {args.out / 'bench.md'} and {args.out / 'bench.png'}")
     if errors:
         print("WRONG GRADIENTS:\n" + "\n".join(errors), file=sys.stderr)

@@ -229,12 +229,21 @@ class Norm:
     running statistics, where a case has them, are made fresh inside the call so both sides
     start from the same buffers.
     """
+# ------------------------------------------------------- convolution and pooling (issue 8)
+
+
+@dataclass(frozen=True)
+class Spatial:
+    """One convolution/padding/pooling case: our function and torch's, called as f(*inputs, **kwargs)."""
 
     name: str
     ours: Callable
     stock: Callable
     grad_fn: str
     make: Callable
+    shapes: tuple  # shapes of the floating inputs (input, weight, bias, ...), made by `make`
+    kwargs: dict = field(default_factory=dict)
+    grad_fn: str = ""
 
     def __repr__(self) -> str:
         return self.name
@@ -289,3 +298,87 @@ NORMS = [
     Norm("group_norm_group_per_channel", lambda x, w, b: MF.group_norm(x, 4, w, b, 1e-3), lambda x, w, b: TF.group_norm(x, 4, w, b, 1e-3), "GroupNormBackward", _norm_inputs((3, 4, 5), (4,))),
     Norm("group_norm_no_affine", lambda x: MF.group_norm(x, 2), lambda x: TF.group_norm(x, 2), "GroupNormBackward", _norm_inputs((2, 4, 3), (4,), ())),
 ]
+    def make(self, device="cpu", dtype=torch.float32, generator=None) -> list[torch.Tensor]:
+        return [torch.randn(s, dtype=dtype, generator=generator).to(device) for s in self.shapes]
+
+    def call(self, fn):
+        return partial(fn, **self.kwargs)
+
+
+def _conv(d, *shapes, **kwargs):
+    return MF.__dict__[f"conv{d}d"], TF.__dict__[f"conv{d}d"], shapes, kwargs, "ConvolutionBackward"
+
+
+def _conv_t(d, *shapes, **kwargs):
+    return MF.__dict__[f"conv_transpose{d}d"], TF.__dict__[f"conv_transpose{d}d"], shapes, kwargs, "ConvTransposeBackward"
+
+
+def _pad(*shapes, **kwargs):
+    return MF.pad, TF.pad, shapes, kwargs, "PadBackward"
+
+
+CONV_CASES = [Spatial(name, *spec) for name, spec in [
+    ("conv1d", _conv(1, (2, 3, 9), (4, 3, 3), (4,), stride=2, padding=1)),
+    ("conv1d_valid_no_bias", _conv(1, (2, 3, 9), (4, 3, 3), padding="valid")),
+    ("conv1d_unbatched_same_dilated", _conv(1, (3, 9), (4, 3, 3), (4,), padding="same", dilation=2)),
+    ("conv2d", _conv(2, (2, 3, 7, 6), (4, 3, 3, 3), (4,), padding=1)),
+    ("conv2d_stride_dilation_groups", _conv(2, (2, 4, 9, 8), (6, 2, 3, 2), (6,), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2)),
+    ("conv2d_depthwise", _conv(2, (2, 4, 7, 6), (4, 1, 3, 3), (4,), stride=2, padding=1, groups=4)),
+    ("conv2d_depthwise_many_positions", _conv(2, (2, 3, 10, 9), (3, 1, 3, 2), (3,), padding=2, dilation=(2, 1), groups=3)),
+    ("conv2d_depthwise_multiplier", _conv(2, (2, 3, 6, 6), (6, 1, 3, 3), padding=1, groups=3)),
+    ("conv2d_same_even_kernel", _conv(2, (2, 3, 6, 5), (4, 3, 4, 2), (4,), padding="same")),
+    ("conv2d_1x1_stride2", _conv(2, (2, 4, 7, 7), (3, 4, 1, 1), stride=2)),
+    ("conv2d_stride_drops_tail", _conv(2, (1, 2, 8, 8), (3, 2, 3, 3), (3,), stride=3)),
+    ("conv2d_one_output_position_groups", _conv(2, (3, 4, 2, 3), (6, 2, 3, 3), (6,), padding=1, stride=(2, 3), groups=2)),
+    ("conv3d_two_output_positions_dilation", _conv(3, (2, 2, 5, 3, 3), (3, 2, 2, 3, 2), dilation=(3, 1, 2))),
+    ("conv2d_batch0", _conv(2, (0, 3, 5, 5), (4, 3, 3, 3), (4,), padding=1)),
+    ("conv2d_batch1_unbatched", _conv(2, (3, 5, 6), (2, 3, 2, 2), (2,), stride=2)),
+    ("conv3d", _conv(3, (2, 2, 5, 4, 5), (3, 2, 3, 3, 2), (3,), stride=2, padding=1)),
+    ("conv3d_groups_dilation", _conv(3, (1, 4, 6, 5, 5), (4, 2, 2, 2, 2), dilation=2, groups=2)),
+    ("conv_transpose1d", _conv_t(1, (2, 4, 5), (4, 3, 3), (3,), stride=2, padding=1, output_padding=1)),
+    ("conv_transpose1d_dilation_output_padding", _conv_t(1, (2, 4, 5), (4, 3, 3), stride=2, output_padding=2, dilation=3)),
+    ("conv_transpose2d", _conv_t(2, (2, 3, 4, 5), (3, 2, 3, 3), (2,), stride=2, padding=1)),
+    ("conv_transpose2d_groups", _conv_t(2, (2, 4, 5, 4), (4, 3, 3, 2), (6,), stride=(2, 1), padding=1, output_padding=(1, 0), groups=2)),
+    ("conv_transpose2d_batch0", _conv_t(2, (0, 3, 4, 4), (3, 2, 3, 3), (2,), stride=2)),
+    ("conv_transpose3d_unbatched", _conv_t(3, (2, 3, 3, 2), (2, 2, 2, 2, 2), (2,), stride=2)),
+    ("pad_constant", _pad((2, 3, 5, 6), pad=(2, 1, 1, 3), value=2.0)),
+    ("pad_constant_negative", _pad((2, 3, 5, 6), pad=(2, -1, -2, 3))),
+    ("pad_reflect_1d", _pad((2, 3, 6), pad=(2, 3), mode="reflect")),
+    ("pad_reflect_2d", _pad((2, 3, 5, 6), pad=(2, 1, 1, 3), mode="reflect")),
+    ("pad_reflect_3d", _pad((1, 2, 4, 5, 3), pad=(1, 2, 2, 0, 1, 3), mode="reflect")),
+    ("pad_replicate_2d", _pad((2, 3, 5, 6), pad=(3, 1, 0, 4), mode="replicate")),
+    ("pad_replicate_3d", _pad((1, 2, 4, 5, 3), pad=(1, 2, 2, 0, 1, 3), mode="replicate")),
+    ("pad_circular_1d", _pad((2, 3, 6), pad=(2, 3), mode="circular")),
+    ("pad_circular_2d", _pad((2, 3, 5, 6), pad=(2, 1, 1, 3), mode="circular")),
+]]
+
+
+def _pool(name, grad_fn, *shapes, **kwargs):
+    return MF.__dict__[name], TF.__dict__[name], shapes, kwargs, grad_fn
+
+
+_MAX, _AVG, _AMAX, _AAVG = "MaxPoolBackward", "AvgPoolBackward", "AdaptiveMaxPoolBackward", "AdaptiveAvgPoolBackward"
+
+POOL_CASES = [Spatial(name, *spec) for name, spec in [
+    ("max_pool1d", _pool("max_pool1d", _MAX, (2, 3, 9), kernel_size=3, stride=2)),
+    ("max_pool1d_dilation_unbatched", _pool("max_pool1d", _MAX, (3, 11), kernel_size=2, stride=1, dilation=2)),
+    ("max_pool2d", _pool("max_pool2d", _MAX, (2, 3, 8, 8), kernel_size=2)),
+    ("max_pool2d_overlap_ceil_pad", _pool("max_pool2d", _MAX, (2, 3, 7, 8), kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+    ("max_pool2d_dilation", _pool("max_pool2d", _MAX, (1, 2, 9, 7), kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1))),
+    ("max_pool2d_batch0", _pool("max_pool2d", _MAX, (0, 3, 6, 6), kernel_size=2)),
+    ("max_pool3d_ceil", _pool("max_pool3d", _MAX, (1, 2, 5, 5, 6), kernel_size=2, ceil_mode=True)),
+    ("avg_pool1d_ceil_pad", _pool("avg_pool1d", _AVG, (2, 3, 10), kernel_size=4, stride=3, padding=2, ceil_mode=True)),
+    ("avg_pool2d", _pool("avg_pool2d", _AVG, (2, 3, 8, 8), kernel_size=2)),
+    ("avg_pool2d_exclude_pad_ceil", _pool("avg_pool2d", _AVG, (2, 3, 7, 8), kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)),
+    ("avg_pool2d_include_pad_ceil", _pool("avg_pool2d", _AVG, (2, 3, 7, 8), kernel_size=(3, 2), stride=2, padding=1, ceil_mode=True)),
+    ("avg_pool2d_divisor_override", _pool("avg_pool2d", _AVG, (3, 7, 8), kernel_size=3, stride=2, padding=1, divisor_override=5)),
+    ("avg_pool3d_exclude_pad", _pool("avg_pool3d", _AVG, (1, 2, 5, 5, 6), kernel_size=2, padding=1, count_include_pad=False)),
+    ("adaptive_avg_pool1d", _pool("adaptive_avg_pool1d", _AAVG, (2, 3, 7), output_size=3)),
+    ("adaptive_avg_pool2d_global", _pool("adaptive_avg_pool2d", _AAVG, (2, 3, 5, 4), output_size=1)),
+    ("adaptive_avg_pool2d_none", _pool("adaptive_avg_pool2d", _AAVG, (2, 3, 7, 8), output_size=(3, None))),
+    ("adaptive_avg_pool3d", _pool("adaptive_avg_pool3d", _AAVG, (3, 7, 5, 4), output_size=(2, 3, 1))),
+    ("adaptive_max_pool1d", _pool("adaptive_max_pool1d", _AMAX, (2, 3, 7), output_size=4)),
+    ("adaptive_max_pool2d", _pool("adaptive_max_pool2d", _AMAX, (2, 3, 7, 8), output_size=3)),
+    ("adaptive_max_pool2d_upsample", _pool("adaptive_max_pool2d", _AMAX, (1, 2, 3, 3), output_size=(5, 4))),
+    ("adaptive_max_pool3d_unbatched", _pool("adaptive_max_pool3d", _AMAX, (3, 7, 5, 4), output_size=2)),
+]]

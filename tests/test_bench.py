@@ -27,7 +27,8 @@ def test_quick_run_writes_table_chart_and_targets(bench, tmp_path, capsys):
     markdown = (tmp_path / "bench.md").read_text()
     summary_rows = [line for line in markdown.split("Every case:")[0].splitlines() if line.startswith("| cpu |")]
     assert len(summary_rows) == len(bench.QUICK_GRID)
-    rows = [line for line in markdown.split("Every case:")[1].splitlines() if line.startswith("| cpu |")]
+    rows = [line for line in markdown.split("Every case:")[1].split("Convolutional networks")[0].splitlines()
+            if line.startswith("| cpu |")]
     contenders = bench.CONTENDERS + ["matmuls"]
     assert len(rows) == len(bench.QUICK_GRID) * len(contenders)
     assert [row.split("|")[5].strip() for row in rows[: len(contenders)]] == contenders
@@ -36,7 +37,9 @@ def test_quick_run_writes_table_chart_and_targets(bench, tmp_path, capsys):
         assert float(cells[5]) > 0 and float(cells[6]) >= 0  # step ms, × stock
         if cells[4] == "stock":
             assert cells[6] == "1.00"
-    assert markdown.count("- met:") + markdown.count("- MISSED:") == 7
+    assert markdown.count("- met:") + markdown.count("- MISSED:") == 8  # 7 for the MLPs, 1 for the CNN (saved bytes)
+    cnn_rows = [line for line in markdown.split("Convolutional networks")[1].splitlines() if line.startswith("| cpu |")]
+    assert [row.split("|")[4].strip() for row in cnn_rows] == bench.CNN_CONTENDERS * len(bench.CNN_QUICK)
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "bench.md" in capsys.readouterr().out
 

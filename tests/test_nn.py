@@ -56,6 +56,29 @@ MODULES += [
     (mnn.Mish, torch.nn.Mish, {}, x4, "MishBackward"),
     (mnn.PReLU, torch.nn.PReLU, dict(num_parameters=2, init=0.1), x4, "PReLUBackward"),
     (mnn.PReLU, torch.nn.PReLU, {}, images, "PReLUBackward"),
+
+# convolution and pooling (issue 8)
+image = lambda *shape: lambda device: [torch.randn(*shape, device=device)]  # noqa: E731
+MODULES += [
+    (mnn.Conv1d, torch.nn.Conv1d, dict(in_channels=2, out_channels=3, kernel_size=3, padding=1), image(2, 2, 7), "ConvolutionBackward"),
+    (mnn.Conv2d, torch.nn.Conv2d, dict(in_channels=4, out_channels=4, kernel_size=3, stride=2, groups=2, bias=False), image(2, 4, 7, 6), "ConvolutionBackward"),
+    (mnn.Conv2d, torch.nn.Conv2d, dict(in_channels=2, out_channels=3, kernel_size=3, padding="same", padding_mode="reflect"), image(2, 2, 5, 5), "ConvolutionBackward"),
+    (mnn.Conv3d, torch.nn.Conv3d, dict(in_channels=2, out_channels=2, kernel_size=2, padding=1, padding_mode="circular"), image(1, 2, 4, 4, 3), "ConvolutionBackward"),
+    (mnn.ConvTranspose1d, torch.nn.ConvTranspose1d, dict(in_channels=2, out_channels=3, kernel_size=3, stride=2), image(2, 2, 5), "ConvTransposeBackward"),
+    (mnn.ConvTranspose2d, torch.nn.ConvTranspose2d, dict(in_channels=2, out_channels=4, kernel_size=3, stride=2, output_padding=1, groups=2), image(2, 2, 4, 5), "ConvTransposeBackward"),
+    (mnn.ConvTranspose3d, torch.nn.ConvTranspose3d, dict(in_channels=2, out_channels=2, kernel_size=2, dilation=2), image(2, 3, 3, 3), "ConvTransposeBackward"),
+    (mnn.MaxPool1d, torch.nn.MaxPool1d, dict(kernel_size=3, stride=2, padding=1), image(2, 3, 9), "MaxPoolBackward"),
+    (mnn.MaxPool2d, torch.nn.MaxPool2d, dict(kernel_size=3, stride=2, ceil_mode=True), image(2, 3, 8, 8), "MaxPoolBackward"),
+    (mnn.MaxPool3d, torch.nn.MaxPool3d, dict(kernel_size=2, dilation=2), image(1, 2, 5, 5, 5), "MaxPoolBackward"),
+    (mnn.AvgPool1d, torch.nn.AvgPool1d, dict(kernel_size=3, padding=1, count_include_pad=False), image(2, 3, 9), "AvgPoolBackward"),
+    (mnn.AvgPool2d, torch.nn.AvgPool2d, dict(kernel_size=2, ceil_mode=True, divisor_override=3), image(2, 3, 7, 7), "AvgPoolBackward"),
+    (mnn.AvgPool3d, torch.nn.AvgPool3d, dict(kernel_size=2, stride=1), image(1, 2, 4, 4, 4), "AvgPoolBackward"),
+    (mnn.AdaptiveAvgPool1d, torch.nn.AdaptiveAvgPool1d, dict(output_size=4), image(2, 3, 9), "AdaptiveAvgPoolBackward"),
+    (mnn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool2d, dict(output_size=(1, 1)), image(2, 3, 5, 5), "AdaptiveAvgPoolBackward"),
+    (mnn.AdaptiveAvgPool3d, torch.nn.AdaptiveAvgPool3d, dict(output_size=2), image(1, 2, 5, 4, 3), "AdaptiveAvgPoolBackward"),
+    (mnn.AdaptiveMaxPool1d, torch.nn.AdaptiveMaxPool1d, dict(output_size=4), image(2, 3, 9), "AdaptiveMaxPoolBackward"),
+    (mnn.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool2d, dict(output_size=3), image(2, 3, 7, 8), "AdaptiveMaxPoolBackward"),
+    (mnn.AdaptiveMaxPool3d, torch.nn.AdaptiveMaxPool3d, dict(output_size=(2, 1, 2)), image(1, 2, 5, 4, 3), "AdaptiveMaxPoolBackward"),
 ]
 IDS = [f"{ours.__name__}-{i}" for i, (ours, *_) in enumerate(MODULES)]
 
@@ -108,8 +131,12 @@ def test_inplace_modules(cls):
 def test_functional_signatures_match_torch():
     import torch.nn.functional as TF
 
+    from torch._jit_internal import boolean_dispatched
+
     for name in MF.__all__:
         ours, stock = getattr(MF, name), getattr(TF, name)
+        if stock in boolean_dispatched:  # F.max_pool2d & co. dispatch on return_indices: compare with that variant
+            stock = boolean_dispatched[stock]["if_true"]
         try:
             expected = inspect.signature(stock)
         except ValueError:  # a builtin without a signature: read it from the docstring

@@ -49,6 +49,13 @@ BUILTIN_PAIRS = {
     nn.Mish: mnn.Mish,
     nn.PReLU: mnn.PReLU,
 }
+# convolution and pooling (issue 8)
+BUILTIN_PAIRS.update({getattr(nn, name): getattr(mnn, name) for name in [
+    "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+    "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
+    "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d",
+    "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d",
+]})
 
 
 class ManualSoftsign(nn.Softsign):

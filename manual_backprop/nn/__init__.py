@@ -14,6 +14,22 @@ from manual_backprop.nn.mlp import MLP
 from manual_backprop.nn.activation import Hardsigmoid, Hardswish, Hardtanh, Mish, PReLU, ReLU6
 from manual_backprop.nn.dropout import Dropout, Dropout1d, Dropout2d, Dropout3d
 from manual_backprop.nn.norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm, RMSNorm
+# convolution and pooling (issue 8)
+from manual_backprop.nn.conv import Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
+from manual_backprop.nn.pooling import (
+    AdaptiveAvgPool1d,
+    AdaptiveAvgPool2d,
+    AdaptiveAvgPool3d,
+    AdaptiveMaxPool1d,
+    AdaptiveMaxPool2d,
+    AdaptiveMaxPool3d,
+    AvgPool1d,
+    AvgPool2d,
+    AvgPool3d,
+    MaxPool1d,
+    MaxPool2d,
+    MaxPool3d,
+)
 
 __all__ = [
     "BCELoss",
@@ -49,4 +65,23 @@ __all__ = [
     "PReLU",
     "RMSNorm",
     "ReLU6",
+    # convolution and pooling (issue 8)
+    "AdaptiveAvgPool1d",
+    "AdaptiveAvgPool2d",
+    "AdaptiveAvgPool3d",
+    "AdaptiveMaxPool1d",
+    "AdaptiveMaxPool2d",
+    "AdaptiveMaxPool3d",
+    "AvgPool1d",
+    "AvgPool2d",
+    "AvgPool3d",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+    "MaxPool1d",
+    "MaxPool2d",
+    "MaxPool3d",
 ]

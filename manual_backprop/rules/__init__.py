@@ -41,6 +41,10 @@ from manual_backprop.rules.losses import (
     MSELoss,
 )
 
+# convolution and pooling (issue 8)
+from manual_backprop.rules.conv import Convolution, ConvTranspose, Pad
+from manual_backprop.rules.pooling import AdaptiveAvgPool, AdaptiveMaxPool, AvgPool, MaxPool
+
 __all__ = [
     "ELU",
     "GELU",
@@ -72,4 +76,12 @@ __all__ = [
     "PReLU",
     "RMSNorm",
     "ReLU6",
+    # convolution and pooling (issue 8)
+    "AdaptiveAvgPool",
+    "AdaptiveMaxPool",
+    "AvgPool",
+    "Convolution",
+    "ConvTranspose",
+    "MaxPool",
+    "Pad",
 ]

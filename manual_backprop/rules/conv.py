@@ -1,0 +1,280 @@
+"""Convolution: the notes' Linear layer applied to every patch of the input, with shared weights.
+
+    z = W ⋆ a + b               each output position: W · patch(a) + b
+    ∂J/∂a = Wᵀ δ                summed back over the patches each input element belongs to:
+                                the transposed convolution of δ with W
+    ∂J/∂W = Σₙ Σ_positions δ ⊗ patch(a)
+                                the notes' outer products δ aᵀ, one per output position
+    ∂J/∂b = Σₙ Σ_positions δ
+
+Shapes (torch's layout, d = 1, 2 or 3 spatial dimensions, G groups):
+    a: (N, C_in, *in)    W: (C_out, C_in/G, *k)    b: (C_out,)    z, δ: (N, C_out, *out)
+One implementation serves every d. A transposed convolution is the same algebra read the
+other way: its forward is a convolution's ∂J/∂a, so its ∂J/∂a is a convolution and its
+∂J/∂W is a convolution's ∂J/∂W with δ and a trading places. Padding modes other than
+zeros pad first (`Pad`, whose backward adds each copied element's δ back to its source)
+and convolve with padding 0, as torch does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from manual_backprop._amp import without_autocast
+
+
+def _unbatched(a: torch.Tensor, W: torch.Tensor) -> bool:
+    return a.dim() == W.dim() - 1  # (C, *in) rather than (N, C, *in)
+
+
+def _narrow_to(t: torch.Tensor, size) -> torch.Tensor:
+    """Cut the trailing spatial dimensions of `t` down to `size` (a no-op where they already match)."""
+    d = len(size)
+    for i, n in enumerate(size):
+        dim = t.dim() - d + i
+        if t.shape[dim] != n:
+            t = t.narrow(dim, 0, n)
+    return t
+
+
+def transposed_convolution(delta, W, size, stride, padding, dilation, groups):
+    """∂J/∂a = Wᵀ δ: the transposed convolution of δ with W, sized back to the input's spatial `size`.
+
+    A convolution maps sizes many to one (stride s drops up to s − 1 trailing elements);
+    output_padding picks the input's size among them.
+    """
+    kernel = W.shape[2:]
+    natural = [(o - 1) * s - 2 * p + dil * (k - 1) + 1
+               for o, s, p, dil, k in zip(delta.shape[2:], stride, padding, dilation, kernel)]
+    output_padding = [n - m for n, m in zip(size, natural)]
+    return torch.convolution(delta, W, None, stride, padding, dilation, True, output_padding, groups)
+
+
+def conv_weight_grad(delta, a, kernel_size, stride, padding, dilation, groups):
+    """∂J/∂W = Σₙ Σ_positions δ ⊗ patch(a), summed over the batch: shape (C_out, C_in/G, *k).
+
+    delta: (N, C_out, *out), a: (N, C_in, *in). In general one convolution of a with δ,
+    batch and channel axes swapped: the batch becomes the channels the convolution sums
+    over, δ becomes the kernel, and stride and dilation trade places; the result can be a
+    few positions larger than the kernel where stride drops trailing input, and those are
+    cut. The same sum is written two more ways for the shapes where they measured faster on
+    this project's CPU: one matrix product of δ with the patches (1×1 kernels, and δ with one
+    or two positions), and one kernel tap at a time (depthwise, many positions). Every form
+    serves 1-, 2- and 3-d alike, with groups, stride, padding and dilation.
+    """
+    N, C_in, *size = a.shape
+    C_out, G = delta.shape[1], groups
+    W_shape = (C_out, C_in // G, *kernel_size)
+    if N == 0:
+        return delta.new_zeros(W_shape)
+    positions = math.prod(delta.shape[2:])
+    if positions <= 2 or math.prod(kernel_size) == 1:
+        return _weight_grad_by_patches(delta, a, kernel_size, stride, padding, dilation, groups)
+    if G == C_in == C_out and positions >= 64:
+        return _depthwise_weight_grad(delta, a, kernel_size, stride, padding, dilation)
+    if G == 1:
+        a_t = a.transpose(0, 1)  # (C_in, N, *in): the batch is now the channel axis
+    else:  # (C_in/G, G·N, *in): group g's batch occupies channels g·N … (g+1)·N − 1
+        a_t = a.reshape(N, G, C_in // G, *size).permute(2, 1, 0, *range(3, 3 + len(size))).reshape(C_in // G, G * N, *size)
+    delta_t = delta.transpose(0, 1)  # (C_out, N, *out): δ as the kernel
+    grad_W = torch.convolution(a_t, delta_t, None, dilation, padding, stride, False, [0] * len(size), G)
+    return _narrow_to(grad_W.transpose(0, 1), kernel_size)  # (C_out, C_in/G, *k)
+
+
+def patches(a, kernel_size, stride, padding, dilation) -> torch.Tensor:
+    """(N, C, *out, *k): the patch of the zero-padded a under each output position (a strided view)."""
+    a = F.pad(a, [x for p in reversed(padding) for x in (p, p)])
+    for j, (k, s, d) in enumerate(zip(kernel_size, stride, dilation)):
+        a = a.unfold(2 + j, d * (k - 1) + 1, s)  # appends this dimension's window
+    if any(d > 1 for d in dilation):
+        a = a[(..., *(slice(None, None, d) for d in dilation))]
+    return a
+
+
+def _weight_grad_by_patches(delta, a, kernel_size, stride, padding, dilation, groups):
+    """The same sum as one matrix product per group, δ (C_out/G × N·positions) times the patches
+    (N·positions × C_in/G·k): the notes' δ aᵀ with a = patch(a). Used for 1×1 kernels (a Linear
+    layer at every position) and where δ has one or two positions (resnet18's last stage at 32×32):
+    there it beats the convolution above several times; elsewhere copying the patches costs more."""
+    N, C_in = a.shape[:2]
+    C_out, G, K = delta.shape[1], groups, math.prod(kernel_size)
+    P = patches(a, kernel_size, stride, padding, dilation).reshape(N, G, C_in // G, -1, K)  # (N, G, c, L, K)
+    P = P.permute(1, 0, 3, 2, 4).reshape(G, -1, C_in // G * K)  # (G, N·L, c·K)
+    D = delta.reshape(N, G, C_out // G, -1).permute(1, 2, 0, 3).reshape(G, C_out // G, -1)  # (G, o, N·L)
+    return (D @ P).reshape(C_out, C_in // G, *kernel_size)
+
+
+def _depthwise_weight_grad(delta, a, kernel_size, stride, padding, dilation):
+    """The same sum for a depthwise convolution (one input channel per output channel), one kernel
+    tap at a time: ∂J/∂W[c, tap] = Σₙ Σ_positions δ[n, c, pos] · a[n, c, pos·s + tap·dilation].
+
+    torch runs the grouped convolution above as one small convolution per channel when δ, the
+    kernel, is large; this loop over the k taps (9 for 3×3, never over elements) is several times
+    faster there (measured on this project's CPU at mobilenet_v3_small sizes).
+    """
+    a = F.pad(a, [x for p in reversed(padding) for x in (p, p)])
+    out, spatial = delta.shape[2:], list(range(2, delta.dim()))
+    grads = []
+    for tap in itertools.product(*(range(k) for k in kernel_size)):
+        window = (..., *(slice(t * d, t * d + s * (o - 1) + 1, s) for t, d, s, o in zip(tap, dilation, stride, out)))
+        grads.append((delta * a[window]).sum([0, *spatial]))
+    return torch.stack(grads, 1).view(delta.shape[1], 1, *kernel_size)
+
+
+def bias_grad(delta: torch.Tensor) -> torch.Tensor:
+    """∂J/∂b = Σ δ over the batch and every position: (C_out,)."""
+    return delta.sum([i for i in range(delta.dim()) if i != 1])
+
+
+class Convolution(torch.autograd.Function):
+    """z = W ⋆ a + b, any number of spatial dimensions, stride, padding (per side, symmetric),
+    dilation and groups.  a: (N, C_in, *in) or (C_in, *in); W: (C_out, C_in/G, *k).
+
+        ∂J/∂a = Wᵀ δ                          transposed convolution of δ with W
+        ∂J/∂W = Σₙ Σ_positions δ ⊗ patch(a)   `conv_weight_grad`
+        ∂J/∂b = Σ δ
+
+    Only the gradients autograd asks for are computed, and only what they need is saved
+    (a for ∂J/∂W, W for ∂J/∂a).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, W, b, stride, padding, dilation, groups):
+        unbatched = _unbatched(a, W)
+        z = torch.convolution(a.unsqueeze(0) if unbatched else a, W, b, stride, padding, dilation, False,
+                              [0] * len(stride), groups)
+        return z.squeeze(0) if unbatched else z
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, W, b, *ctx.config = inputs
+        need_a, need_W, _ = ctx.needs_input_grad[:3]
+        ctx.a_size, ctx.kernel_size, ctx.unbatched = tuple(a.shape[2 - _unbatched(a, W):]), tuple(W.shape[2:]), _unbatched(a, W)
+        ctx.save_for_backward(a if need_W else None, W if need_a else None)
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, delta):
+        a, W = ctx.saved_tensors
+        need_a, need_W, need_b = ctx.needs_input_grad[:3]
+        stride, padding, dilation, groups = ctx.config
+        if ctx.unbatched:
+            delta, a = delta.unsqueeze(0), None if a is None else a.unsqueeze(0)
+        grad_a = transposed_convolution(delta, W, ctx.a_size, stride, padding, dilation, groups) if need_a else None
+        grad_W = conv_weight_grad(delta, a, ctx.kernel_size, stride, padding, dilation, groups) if need_W else None
+        grad_b = bias_grad(delta) if need_b else None
+        if ctx.unbatched and grad_a is not None:
+            grad_a = grad_a.squeeze(0)
+        return grad_a, grad_W, grad_b, None, None, None, None
+
+
+class ConvTranspose(torch.autograd.Function):
+    """z = Wᵀ ⋆ a + b: the transposed convolution, a convolution's ∂J/∂a used as a layer.
+    a: (N, C_in, *in) or (C_in, *in); W: (C_in, C_out/G, *k).
+
+    The same algebra read the other way (the convolution it transposes maps z's space to a's):
+        ∂J/∂a = W ⋆ δ                          a convolution of δ with W
+        ∂J/∂W = Σₙ Σ_positions a ⊗ patch(δ)    `conv_weight_grad` with δ and a trading places
+        ∂J/∂b = Σ δ
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, W, b, stride, padding, output_padding, groups, dilation):
+        unbatched = _unbatched(a, W)
+        z = torch.convolution(a.unsqueeze(0) if unbatched else a, W, b, stride, padding, dilation, True,
+                              output_padding, groups)
+        return z.squeeze(0) if unbatched else z
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, W, b, stride, padding, _, groups, dilation = inputs
+        ctx.config = stride, padding, dilation, groups
+        need_a, need_W, _ = ctx.needs_input_grad[:3]
+        ctx.a_size, ctx.kernel_size, ctx.unbatched = tuple(a.shape[2 - _unbatched(a, W):]), tuple(W.shape[2:]), _unbatched(a, W)
+        ctx.save_for_backward(a if need_W else None, W if need_a else None)
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, delta):
+        a, W = ctx.saved_tensors
+        need_a, need_W, need_b = ctx.needs_input_grad[:3]
+        stride, padding, dilation, groups = ctx.config
+        if ctx.unbatched:
+            delta, a = delta.unsqueeze(0), None if a is None else a.unsqueeze(0)
+        grad_a = grad_W = grad_b = None
+        if need_a:  # output_padding may leave δ room for one more position than a has: cut it
+            grad_a = torch.convolution(delta, W, None, stride, padding, dilation, False, [0] * len(stride), groups)
+            grad_a = _narrow_to(grad_a, ctx.a_size)
+        if need_W:
+            grad_W = conv_weight_grad(a, delta, ctx.kernel_size, stride, padding, dilation, groups)
+        if need_b:
+            grad_b = bias_grad(delta)
+        if ctx.unbatched and grad_a is not None:
+            grad_a = grad_a.squeeze(0)
+        return grad_a, grad_W, grad_b, None, None, None, None, None
+
+
+# ------------------------------------------------------------------ padding
+
+
+def pad_source_index(n: int, before: int, after: int, mode: str, device) -> torch.Tensor:
+    """For one padded dimension of size n: which input element each of the n + before + after
+    outputs copies (reflect, replicate or circular)."""
+    i = torch.arange(-before, n + after, device=device)
+    if mode == "reflect":
+        return (n - 1) - ((n - 1) - i.abs()).abs()
+    if mode == "replicate":
+        return i.clamp(0, n - 1)
+    return i.remainder(n)  # circular
+
+
+class Pad(torch.autograd.Function):
+    """z = pad(a): constant, reflect, replicate or circular padding of the last len(pad)/2 dimensions.
+
+    Every padded output copies one input element (or is the constant), so
+        constant:  ∂J/∂a = δ with the padding cut off (pad by −pad; negative pads crop, and back)
+        others:    ∂J/∂a = Σ of δ over every output copied from each element: along each padded
+                   dimension, index_add of δ at the copy's source index (`pad_source_index`)
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, pad, mode, value):
+        return F.pad(a, pad, mode=mode, value=value)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, ctx.pad, ctx.mode, _ = inputs
+        ctx.a_shape = tuple(a.shape)
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, delta):
+        pad, mode = ctx.pad, ctx.mode
+        if mode == "constant":
+            return F.pad(delta, [-p for p in pad]), None, None, None
+        grad = delta
+        for j in range(len(pad) // 2):  # pad lists the last dimension first
+            dim = delta.dim() - 1 - j
+            n = ctx.a_shape[dim]
+            index = pad_source_index(n, pad[2 * j], pad[2 * j + 1], mode, delta.device)
+            shape = list(grad.shape)
+            shape[dim] = n
+            grad = grad.new_zeros(shape).index_add(dim, index, grad)
+        return grad, None, None, None
+
+
+def same_padding(kernel_size, dilation) -> tuple[list[int], list[int]]:
+    """padding="same" as torch resolves it: total d(k−1) per dimension, the odd one extra on the right."""
+    total = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+    left = [t // 2 for t in total]
+    return left, [t - lt for t, lt in zip(total, left)]
