@@ -9,6 +9,8 @@ from manual_backprop.nn.activation import ELU, GELU, LeakyReLU, ReLU, Sigmoid, S
 from manual_backprop.nn.linear import Identity, Linear
 from manual_backprop.nn.loss import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from manual_backprop.nn.mlp import MLP
+from manual_backprop.nn.embedding import Embedding
+from manual_backprop.nn.attention import MultiheadAttention, TransformerDecoderLayer, TransformerEncoderLayer
 
 __all__ = [
     "BCELoss",
@@ -27,4 +29,9 @@ __all__ = [
     "Softmax",
     "Softplus",
     "Tanh",
+    # embedding and attention
+    "Embedding",
+    "MultiheadAttention",
+    "TransformerDecoderLayer",
+    "TransformerEncoderLayer",
 ]

@@ -30,6 +30,8 @@ from manual_backprop.rules.activations import (
 )
 from manual_backprop.rules.linear import Linear
 from manual_backprop.rules.mlp import MLP
+from manual_backprop.rules.embedding import Embedding
+from manual_backprop.rules.attention import Attention
 from manual_backprop.rules.losses import (
     BinaryCrossEntropy,
     BinaryCrossEntropyWithLogits,
@@ -55,4 +57,7 @@ __all__ = [
     "Softmax",
     "Softplus",
     "Tanh",
+    # embedding and attention
+    "Attention",
+    "Embedding",
 ]
