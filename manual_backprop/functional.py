@@ -257,6 +257,8 @@ def cross_entropy(
         raise InputError(f"{op}: weight must have shape ({num_classes},) for {num_classes} classes, got {shape(weight)}")
     _constant(op, weight=weight)
     if target.is_floating_point():
+        if ignore_index != -100:  # torch refuses it for probability targets too
+            raise InputError(f"{op}: ignore_index is not supported for floating point target (got ignore_index={ignore_index})")
         if target.shape != input.shape:
             raise InputError(
                 f"{op}: probability targets must have the input's shape {shape(input)}, got {shape(target)}"

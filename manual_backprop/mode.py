@@ -11,8 +11,8 @@ calls F.linear (and ReLU F.relu, ...), it also catches stock modules.
 
 A call is routed only where it matters: grad mode on, some tensor argument requiring
 grad, and no complex tensor (our rules are real-valued). Everything else, including
-composite functions we have no rule for (F.layer_norm, F.scaled_dot_product_attention,
-F.multi_head_attention_forward: everything inside them), runs on stock torch.
+composite functions we have no rule for (F.layer_norm: everything inside them), runs
+on stock torch.
 TorchFunctionMode disables itself while a handler runs, so our functional code, which
 calls torch ops, does not re-enter the mode; and since an autograd.Function's forward
 runs with grad off, a manual module's own F.linear inside the mode is not routed twice.
@@ -37,6 +37,12 @@ def _softmax(input, dim=None, dtype=None):
     return MF.softmax(input, dim, dtype=dtype)
 
 
+def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False):
+    # sparse gradients have no rule: those calls stay on torch's embedding
+    route = F.embedding if sparse else MF.embedding
+    return route(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+
+
 def _routes() -> dict[Callable, tuple[str, Callable]]:
     T = torch.Tensor
     table = [  # (name, our function, the torch functions it stands in for)
@@ -55,6 +61,10 @@ def _routes() -> dict[Callable, tuple[str, Callable]]:
         ("binary_cross_entropy", MF.binary_cross_entropy, [F.binary_cross_entropy]),
         ("binary_cross_entropy_with_logits", MF.binary_cross_entropy_with_logits, [F.binary_cross_entropy_with_logits]),
         ("cross_entropy", MF.cross_entropy, [F.cross_entropy]),
+        # embedding and attention
+        ("embedding", _embedding, [F.embedding]),
+        ("scaled_dot_product_attention", MF.scaled_dot_product_attention, [F.scaled_dot_product_attention]),
+        ("multi_head_attention_forward", MF.multi_head_attention_forward, [F.multi_head_attention_forward]),
     ]
     return {torch_fn: (name, ours) for name, ours, torch_fns in table for torch_fn in torch_fns}
 

@@ -334,12 +334,13 @@ def test_distributed_data_parallel(tmp_path):
         dist.destroy_process_group()
 
 
-def test_lazy_parametrized_and_attention_modules_are_reported_stock():
+def test_lazy_and_parametrized_modules_are_reported_stock_attention_converts():
     parametrized = nn.utils.parametrize.register_parametrization(nn.Linear(3, 3), "weight", nn.Identity())
     model = nn.Sequential(parametrized, nn.LazyLinear(3), nn.MultiheadAttention(3, 1))
     report = mb.report(mb.convert(model))
-    assert "ParametrizedLinear (subclass of torch.nn.Linear" in report.row("0").reason
+    assert "ParametrizedLinear (subclass of torch.nn.Linear made by torch.nn.utils.parametrize" in report.row("0").reason
     assert report.row("1").reason.startswith("lazy module not materialised") and report.row("1").parameters == 0
-    assert report.row("2").status == report.row("2.out_proj").status == "stock"
+    assert report.row("2").status == report.row("2.out_proj").status == "manual"
+    assert report.row("2.out_proj").reason.endswith("subclass with the base's forward")
     model[1](torch.randn(2, 3))  # materialise the lazy layer
     assert type(mb.convert(model)[1]) is mnn.Linear  # LazyLinear became torch.nn.Linear: now converted

@@ -89,7 +89,8 @@ def test_functional_signatures_match_torch():
         try:
             expected = inspect.signature(stock)
         except ValueError:  # a builtin without a signature: read it from the docstring
-            expected = stock.__doc__.strip().splitlines()[0]
+            doc = stock.__doc__.strip()  # the signature line, which may wrap onto the next lines
+            expected = " ".join(line.strip() for line in doc[: doc.index(")") + 1].splitlines())
             assert expected.startswith(f"{name}(")
             params = [p.split("=")[0].strip() for p in expected[len(name) + 1 : expected.index(")")].split(",")]
             assert list(inspect.signature(ours).parameters) == params, name

@@ -32,6 +32,11 @@ BUILTIN_PAIRS = {
     nn.BCELoss: mnn.BCELoss,
     nn.BCEWithLogitsLoss: mnn.BCEWithLogitsLoss,
     nn.CrossEntropyLoss: mnn.CrossEntropyLoss,
+    # embedding and attention
+    nn.Embedding: mnn.Embedding,
+    nn.MultiheadAttention: mnn.MultiheadAttention,
+    nn.TransformerEncoderLayer: mnn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer: mnn.TransformerDecoderLayer,
 }
 
 
