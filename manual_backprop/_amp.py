@@ -33,6 +33,9 @@ _POLICY: dict[str, dict[str, str]] = {
         "binary_cross_entropy": FP32,
         "binary_cross_entropy_with_logits": FP32,
         "cross_entropy": FP32,
+        # embedding and attention (embedding is in no list: it keeps its dtype)
+        "scaled_dot_product_attention": LOWER,
+        "addmm": LOWER,  # transformers' Conv1D
     },
     "cuda": {
         "linear": LOWER,
@@ -41,6 +44,9 @@ _POLICY: dict[str, dict[str, str]] = {
         "mse_loss": FP32,
         "binary_cross_entropy_with_logits": FP32,
         "cross_entropy": FP32,  # log_softmax (fp32_set_opt_dtype) + nll_loss (fp32)
+        # embedding and attention (embedding is in no list: it keeps its dtype)
+        "scaled_dot_product_attention": LOWER,
+        "addmm": LOWER,  # transformers' Conv1D
     },
 }
 
