@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import types
 from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator, Sequence, TypeVar, Union
 
@@ -239,6 +240,7 @@ SUBCLASS_REASON = "subclass with the base's forward"
 # (counterpart, stock subclass) -> the class a module of that subclass converts to, and back.
 _SUBCLASS_COUNTERPARTS: dict[tuple[type, type], type] = {}
 _SUBCLASS_OF: dict[type, tuple[Rule, type]] = {}
+subclass_counterparts = types.SimpleNamespace()  # the classes above, by a unique name (so they pickle by reference)
 
 
 def _base_rule(registry: Registry, module: torch.nn.Module) -> Rule | None:
@@ -260,15 +262,17 @@ def _base_rule(registry: Registry, module: torch.nn.Module) -> Rule | None:
 def _subclass_counterpart(rule: Rule, cls: type) -> type:
     """class (rule.manual, cls): the counterpart's forward, and still an instance of `cls`. Made once per pair.
 
-    It is named in this module, so a converted model pickles by reference within the process.
+    Named like the subclass (so repr is unchanged) and reachable from this module, so a
+    converted model pickles by reference within the process.
     """
     key = (rule.manual, cls)
     counterpart = _SUBCLASS_COUNTERPARTS.get(key)
     if counterpart is None:
-        name = f"{rule.manual.__name__}_{cls.__module__}_{cls.__qualname__}".replace(".", "_")
+        unique = f"{rule.manual.__module__}.{rule.manual.__qualname__}.{cls.__module__}.{cls.__qualname__}".replace(".", "_")
         doc = f"{type_name(cls)} running {type_name(rule.manual)}'s forward (made by manual_backprop.convert)."
-        counterpart = type(name, (rule.manual, cls), {"__module__": __name__, "__qualname__": name, "__doc__": doc})
-        globals()[name] = counterpart
+        namespace = {"__module__": __name__, "__qualname__": f"subclass_counterparts.{unique}", "__doc__": doc}
+        counterpart = type(cls.__name__, (rule.manual, cls), namespace)  # same name: same repr as the subclass
+        setattr(subclass_counterparts, unique, counterpart)
         _SUBCLASS_COUNTERPARTS[key] = counterpart
         _SUBCLASS_OF[counterpart] = (rule, cls)
     return counterpart

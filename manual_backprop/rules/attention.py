@@ -34,7 +34,7 @@ def _expand_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _sum_heads(grad: torch.Tensor, groups: int) -> torch.Tensor:
     """The adjoint of `_expand_heads`: each key/value head gets the sum over the query heads it served."""
-    return grad if groups == 1 else grad.unflatten(-3, (-1, groups)).sum(-2)
+    return grad if groups == 1 else grad.unflatten(-3, (-1, groups)).sum(-3)
 
 
 def _keep_scale(dropout_p: float) -> float:
