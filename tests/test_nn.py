@@ -14,6 +14,7 @@ x4 = lambda device: [torch.randn(3, 2, 4, device=device)]  # noqa: E731
 regression = lambda device: [torch.randn(5, 3, device=device), torch.randn(5, 3, device=device)]  # noqa: E731
 probabilities = lambda device: [torch.rand(5, 3, device=device) * 0.9 + 0.05, torch.rand(5, 3, device=device)]  # noqa: E731
 classes = lambda device: [torch.randn(5, 4, device=device), torch.randint(0, 4, (5,), device=device)]  # noqa: E731
+indices = lambda device: [torch.tensor([[0, 1, 5], [5, 5, 2]], device=device)]  # noqa: E731
 
 MODULES = [
     (mnn.Linear, torch.nn.Linear, dict(in_features=4, out_features=3), x4, "LinearBackward"),
@@ -32,6 +33,8 @@ MODULES = [
     (mnn.BCELoss, torch.nn.BCELoss, dict(weight=torch.tensor([0.5, 1.0, 2.0])), probabilities, "BinaryCrossEntropyBackward"),
     (mnn.BCEWithLogitsLoss, torch.nn.BCEWithLogitsLoss, dict(pos_weight=torch.tensor([0.5, 1.0, 2.0])), regression, "BinaryCrossEntropyWithLogitsBackward"),
     (mnn.CrossEntropyLoss, torch.nn.CrossEntropyLoss, dict(weight=torch.tensor([1.0, 2.0, 0.5, 1.0]), label_smoothing=0.1), classes, "CrossEntropyBackward"),
+    # embedding (MultiheadAttention returns a tuple: its drop-in tests are in tests/test_attention.py)
+    (mnn.Embedding, torch.nn.Embedding, dict(num_embeddings=6, embedding_dim=3, padding_idx=1), indices, "EmbeddingBackward"),
 ]
 IDS = [f"{ours.__name__}-{i}" for i, (ours, *_) in enumerate(MODULES)]
 
