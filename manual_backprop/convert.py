@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import types
 from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator, Sequence, TypeVar, Union
 
@@ -240,7 +239,6 @@ SUBCLASS_REASON = "subclass with the base's forward"
 # (counterpart, stock subclass) -> the class a module of that subclass converts to, and back.
 _SUBCLASS_COUNTERPARTS: dict[tuple[type, type], type] = {}
 _SUBCLASS_OF: dict[type, tuple[Rule, type]] = {}
-subclass_counterparts = types.SimpleNamespace()  # the classes above, by a unique name (so they pickle by reference)
 
 
 def _base_rule(registry: Registry, module: torch.nn.Module) -> Rule | None:
@@ -268,11 +266,13 @@ def _subclass_counterpart(rule: Rule, cls: type) -> type:
     key = (rule.manual, cls)
     counterpart = _SUBCLASS_COUNTERPARTS.get(key)
     if counterpart is None:
-        unique = f"{rule.manual.__module__}.{rule.manual.__qualname__}.{cls.__module__}.{cls.__qualname__}".replace(".", "_")
+        # a module-level name without dots: pickle (protocol 2, torch.save's) finds it by reference
+        unique = f"_{rule.manual.__module__}.{rule.manual.__qualname__}__{cls.__module__}.{cls.__qualname__}"
+        unique = unique.replace(".", "_")
         doc = f"{type_name(cls)} running {type_name(rule.manual)}'s forward (made by manual_backprop.convert)."
-        namespace = {"__module__": __name__, "__qualname__": f"subclass_counterparts.{unique}", "__doc__": doc}
+        namespace = {"__module__": __name__, "__qualname__": unique, "__doc__": doc}
         counterpart = type(cls.__name__, (rule.manual, cls), namespace)  # same name: same repr as the subclass
-        setattr(subclass_counterparts, unique, counterpart)
+        globals()[unique] = counterpart
         _SUBCLASS_COUNTERPARTS[key] = counterpart
         _SUBCLASS_OF[counterpart] = (rule, cls)
     return counterpart

@@ -344,3 +344,88 @@ def test_lazy_and_parametrized_modules_are_reported_stock_attention_converts():
     assert report.row("2.out_proj").reason.endswith("subclass with the base's forward")
     model[1](torch.randn(2, 3))  # materialise the lazy layer
     assert type(mb.convert(model)[1]) is mnn.Linear  # LazyLinear became torch.nn.Linear: now converted
+
+
+# ------------------------------------------ subclasses, shared parameters, parameters used directly
+
+
+class SameForwardLinear(nn.Linear):
+    """A subclass that keeps Linear's forward (like torch's NonDynamicallyQuantizableLinear)."""
+
+
+def test_subclass_with_the_base_forward_converts_like_its_base_and_restores_to_itself():
+    ndq = nn.modules.linear.NonDynamicallyQuantizableLinear
+    model = nn.Sequential(ndq(3, 4), SameForwardLinear(4, 2), MyLinear(2, 2))
+    converted = mb.convert(model)
+    report = mb.report(converted)
+    for name, cls in (("0", ndq), ("1", SameForwardLinear)):
+        module = converted[int(name)]
+        assert isinstance(module, cls) and isinstance(module, mnn.Linear) and type(module) is not cls
+        assert report.row(name).status == "manual" and report.row(name).reason.endswith("subclass with the base's forward")
+    assert repr(converted) == repr(model)  # the counterpart keeps the subclass's name
+    assert report.row("2").status == "stock" and "overrides forward" in report.row("2").reason
+    x = torch.randn(5, 3, requires_grad=True)
+    assert rule_nodes(converted(x)) == {"LinearBackward": 2}
+    assert type(mb.convert(model)[0]) is type(converted[0])  # one counterpart class per subclass
+    restored = mb.restore(converted)
+    assert [type(m) for m in restored] == [ndq, SameForwardLinear, MyLinear]
+
+
+def test_subclass_counterpart_pickles_by_reference(tmp_path):
+    converted = mb.convert(nn.Sequential(SameForwardLinear(3, 2)))
+    torch.save(converted, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert type(loaded[0]) is type(converted[0])
+
+
+def test_subclass_report_before_convert_says_a_rule_is_available():
+    report = mb.report(nn.Sequential(SameForwardLinear(3, 2)))
+    assert report.row("0").status == "stock" and "subclass with the base's forward" in report.row("0").reason
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.out = nn.Linear(4, 7, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, x):
+        return self.out(self.embed(x))
+
+
+def test_shared_parameter_is_manual_only_if_every_owner_is():
+    both = mb.report(mb.convert(Tied()))
+    assert both.parameter("embed.weight").status == "manual" and both.manual_parameters == 28
+    assert both.parameter("embed.weight").owners == ("embed.weight", "out.weight")
+    half = mb.report(mb.convert(Tied(), exclude=["out"]), exclude=["out"])
+    assert half.row("embed").status == "manual" and half.row("out").status == "stock"
+    assert half.parameter("embed.weight").status == "stock" and half.manual_parameters == 0
+    assert half.stock_parameters == 28  # counted once
+    assert "embed.weight (28): shared by 2 modules" in str(half)
+
+
+class WithToken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(1, 4))
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.proj(torch.cat([self.token.expand(x.shape[0], -1), x], dim=0))
+
+
+def test_parameters_used_directly_by_a_custom_forward_are_listed_stock():
+    report = mb.report(mb.convert(WithToken()))
+    row = report.parameter("token")
+    assert row.status == "stock" and "custom forward uses its own parameters (token) directly" in row.reason
+    assert report.parameter("proj.weight").status == "manual"
+    assert [p.name for p in report.stock_parameter_rows] == ["token"]
+
+
+def test_identity_adds_no_node_after_convert():
+    model = mb.convert(nn.Sequential(nn.Linear(3, 3), nn.Identity(), nn.Identity()))
+    x = torch.randn(2, 3, requires_grad=True)
+    out = model(x)
+    assert out.grad_fn.name() == "LinearBackward" and rule_nodes(out) == {"LinearBackward": 1}
+    assert model[1](x) is x

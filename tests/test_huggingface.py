@@ -6,6 +6,7 @@ stand-in (tests/stand_ins/transformers) on sys.path.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -86,6 +87,10 @@ def test_conv1d_module_converts_with_stock_gradients(registry, transformers, dev
     stock(x).square().sum().backward()
     for p, q in zip(ours.parameters(), stock.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, **FLOAT32)
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    assert type(torch.load(buffer, weights_only=False)) is type(ours)  # pickles by reference
     assert type(mb.restore(ours, registry=registry)) is transformers.pytorch_utils.Conv1D
 
 

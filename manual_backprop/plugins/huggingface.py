@@ -21,7 +21,6 @@ or through torch.nn.functional; each becomes our GELU rule with the same σ.
 from __future__ import annotations
 
 import importlib.util
-import types
 from typing import Callable
 
 import torch
@@ -111,7 +110,6 @@ FORWARDS: dict[tuple[str, str], Callable] = {
 }
 
 _COUNTERPARTS: dict[type, type] = {}  # transformers' class -> ours, made once
-modules = types.SimpleNamespace()  # our counterparts by name, e.g. modules.Conv1D (so they pickle by reference)
 
 
 def counterpart(stock: type[torch.nn.Module], forward: Callable) -> type[torch.nn.Module]:
@@ -119,10 +117,11 @@ def counterpart(stock: type[torch.nn.Module], forward: Callable) -> type[torch.n
     cls = _COUNTERPARTS.get(stock)
     if cls is None:
         doc = f"{stock.__module__}.{stock.__qualname__} on manual_backprop's rules (forward only)."
+        qualname = f"{stock.__name__}Module"  # a module-level name (Conv1D is the rule's), so pickle finds it
         cls = type(stock.__name__, (stock,), {"forward": forward, "__module__": __name__,
-                                              "__qualname__": f"modules.{stock.__name__}", "__doc__": doc})
+                                              "__qualname__": qualname, "__doc__": doc})
         _COUNTERPARTS[stock] = cls
-        setattr(modules, stock.__name__, cls)
+        globals()[qualname] = cls
     return cls
 
 
