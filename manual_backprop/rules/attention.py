@@ -64,13 +64,15 @@ class Attention(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v, mask, keep, dropout_p, scale, is_causal, groups, safe):
         k, v = _expand_heads(k, groups), _expand_heads(v, groups)
-        S = (q @ k.transpose(-2, -1)) * scale
+        S = (q @ k.transpose(-2, -1)).mul_(scale)  # in place: S is ours (forward runs without autograd)
         L, S_len = S.shape[-2], S.shape[-1]
         if is_causal:
             causal = torch.ones(L, S_len, dtype=torch.bool, device=S.device).tril()
-            S = S.masked_fill(~causal, float("-inf"))
+            S = S.masked_fill_(~causal, float("-inf"))
         if mask is not None:
-            S = S.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else S + mask
+            if torch.broadcast_shapes(S.shape, mask.shape) != S.shape:  # the mask adds batch dimensions
+                S = S.expand(torch.broadcast_shapes(S.shape, mask.shape)).clone()
+            S = S.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else S.add_(mask)
         P = torch.softmax(S, dim=-1)
         if safe and (mask is not None):
             P = P.masked_fill((S == float("-inf")).all(-1, keepdim=True), 0.0)
@@ -98,14 +100,20 @@ class Attention(torch.autograd.Function):
             P_dropped = P if dropout is None else P * dropout
             grad_v = _sum_to(_sum_heads(P_dropped.transpose(-2, -1) @ delta, groups), v)  # Pᵀ δ
         if need_q or need_k or need_mask:
-            grad_P = delta_P
-            if delta is not None:
-                grad_P_dropped = delta @ v_all.transpose(-2, -1)  # δ Vᵀ
-                grad_P_dropped = grad_P_dropped if dropout is None else grad_P_dropped * dropout
-                grad_P = grad_P_dropped if grad_P is None else grad_P + grad_P_dropped
-            if grad_P is None:
+            if delta is None and delta_P is None:
                 return None, None, None, None, None, None, None, None, None, None
-            grad_S = P * (grad_P - (grad_P * P).sum(-1, keepdim=True))  # softmax's Jacobian, row by row
+            if delta is None:
+                grad_S = delta_P * P
+            else:
+                grad_P = delta @ v_all.transpose(-2, -1)  # δ Vᵀ (through the dropout mask, if any)
+                if dropout is not None:
+                    grad_P = grad_P.mul_(dropout)
+                if delta_P is not None:
+                    grad_P = grad_P.add_(delta_P)
+                grad_S = grad_P.mul_(P)
+            # ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)): softmax's Jacobian, row by row; in place on our own
+            # intermediate (autograd still tracks it when backward is differentiated again)
+            grad_S = grad_S.addcmul_(P, grad_S.sum(-1, keepdim=True), value=-1)
             if need_q:
                 grad_q = _sum_to(grad_S @ k_all * scale, q)  # ∂S K · scale
             if need_k:
