@@ -536,25 +536,28 @@ def multi_head_attention_forward(
     elif (bias_k is None) != (bias_v is None):
         raise InputError("multi_head_attention_forward: bias_k and bias_v must both be set or both be None")
 
-    # heads: (L, N, E) -> (N·H, L, E/H)
-    q = q.reshape(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)
-    k = k.reshape(k.shape[0], bsz * num_heads, head_dim).transpose(0, 1) if static_k is None else static_k
-    v = v.reshape(v.shape[0], bsz * num_heads, head_dim).transpose(0, 1) if static_v is None else static_v
+    # heads as views: (L, N, E) -> (N, H, L, E/H), no copy (static keys/values come as (N·H, S, E/H))
+    def heads(t):
+        return t.unflatten(-1, (num_heads, head_dim)).permute(1, 2, 0, 3)
+
+    q = heads(q)
+    k = heads(k) if static_k is None else static_k.view(bsz, num_heads, -1, head_dim)
+    v = heads(v) if static_v is None else static_v.view(bsz, num_heads, -1, head_dim)
     if add_zero_attn:  # one all-zero key/value appended
-        zeros = torch.zeros((bsz * num_heads, 1, head_dim), dtype=k.dtype, device=k.device)
-        k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros.to(v.dtype)], dim=1)
+        zeros = torch.zeros((bsz, num_heads, 1, head_dim), dtype=k.dtype, device=k.device)
+        k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros.to(v.dtype)], dim=2)
         attn_mask = None if attn_mask is None else pad(attn_mask, (0, 1))
         key_padding_mask = None if key_padding_mask is None else pad(key_padding_mask, (0, 1))
-    src_len = k.shape[1]
+    src_len = k.shape[2]
+    if attn_mask is not None:  # (1 or N·H, L, S) -> (1 or N, 1 or H, L, S)
+        attn_mask = attn_mask.unsqueeze(0) if attn_mask.shape[0] == 1 else attn_mask.view(bsz, num_heads, -1, src_len)
     if key_padding_mask is not None:
         if key_padding_mask.shape != (bsz, src_len):
             raise InputError(
                 f"multi_head_attention_forward: key_padding_mask must have shape {(bsz, src_len)}, "
                 f"got {tuple(key_padding_mask.shape)}"
             )
-        key_padding_mask = (
-            key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1).reshape(bsz * num_heads, 1, src_len)
-        )
+        key_padding_mask = key_padding_mask.view(bsz, 1, 1, src_len)
         attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
     if not training:
         dropout_p = 0.0
@@ -563,11 +566,10 @@ def multi_head_attention_forward(
     attn_output, weights = attention_with_weights(
         q, k, v, attn_mask, dropout_p, is_causal and attn_mask is None, safe=not need_weights
     )
-    attn_output = attn_output.transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
+    attn_output = attn_output.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
     attn_output = linear(attn_output, out_proj_weight, out_proj_bias).view(tgt_len, bsz, -1)
     if not need_weights:
         return (attn_output if is_batched else attn_output.squeeze(1)), None
-    weights = weights.view(bsz, num_heads, tgt_len, src_len)
     if average_attn_weights:
         weights = weights.mean(dim=1)
     if not is_batched:
