@@ -116,7 +116,7 @@ def test_fully_masked_rows_give_what_torch_gives(mask_kind):
     _parity(case, "cpu", torch.float32, FLOAT32)
 
 
-def test_computes_only_requested_gradients():
+def test_computes_only_requested_gradients_correctly():
     q, k, v = (torch.randn(2, 3, 4) for _ in range(3))
     v.requires_grad_()
     out = SDPA_OURS(q, k, v)
@@ -462,3 +462,13 @@ def test_layer_drop_ins():
         overridden = {k for k, v in vars(ours_cls).items() if callable(v) and not k.startswith("__")}
         assert overridden == {"forward"} and issubclass(ours_cls, stock_cls)
         assert _parameters(ours_cls.forward) == _parameters(stock_cls.forward)
+
+
+def test_saves_only_what_the_requested_gradients_need():
+    q, k, v = (torch.randn(2, 3, 4) for _ in range(3))
+    out = SDPA_OURS(q, k, v.requires_grad_())  # only ∂V: needs P, not Q, K or V
+    saved_q, saved_k, saved_v, P, keep = out.grad_fn.saved_tensors
+    assert saved_q is None and saved_k is None and saved_v is None and P is not None and keep is None
+    out = SDPA_OURS(q.requires_grad_(), k, v.detach())  # ∂Q = ∂S K·scale: needs K and V (for ∂P), not Q
+    saved_q, saved_k, saved_v, _, _ = out.grad_fn.saved_tensors
+    assert saved_q is None and saved_k is not None and saved_v is not None

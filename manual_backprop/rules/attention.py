@@ -42,9 +42,9 @@ def _keep_scale(dropout_p: float) -> float:
     return 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
 
 
-def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Sum a gradient over the dimensions `like` was broadcast along."""
-    return grad if grad.shape == like.shape else grad.sum_to_size(like.shape)
+def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a gradient over the dimensions an input of `shape` was broadcast along."""
+    return grad if grad.shape == shape else grad.sum_to_size(shape)
 
 
 class Attention(torch.autograd.Function):
@@ -84,8 +84,10 @@ class Attention(torch.autograd.Function):
         q, k, v, mask, keep, dropout_p, scale, is_causal, groups, safe = inputs
         ctx.set_materialize_grads(False)
         ctx.dropout_p, ctx.scale, ctx.groups = dropout_p, scale, groups
-        ctx.mask_shape = None if mask is None else mask.shape
-        ctx.save_for_backward(q, k, v, output[1], keep)
+        ctx.shapes = q.shape, k.shape, v.shape, None if mask is None else mask.shape
+        need_q, need_k, need_v, need_mask = ctx.needs_input_grad[:4]
+        need_S = need_q or need_k or need_mask  # ∂S needs V (for ∂P = δVᵀ)
+        ctx.save_for_backward(q if need_k else None, k if need_q else None, v if need_S else None, output[1], keep)
 
     @staticmethod
     @without_autocast
@@ -93,19 +95,19 @@ class Attention(torch.autograd.Function):
         q, k, v, P, keep = ctx.saved_tensors
         need_q, need_k, need_v, need_mask = ctx.needs_input_grad[:4]
         scale, groups = ctx.scale, ctx.groups
-        k_all, v_all = _expand_heads(k, groups), _expand_heads(v, groups)
+        q_shape, k_shape, v_shape, mask_shape = ctx.shapes
         dropout = None if keep is None else keep * _keep_scale(ctx.dropout_p)
         grad_q = grad_k = grad_v = grad_mask = None
         if need_v and delta is not None:
             P_dropped = P if dropout is None else P * dropout
-            grad_v = _sum_to(_sum_heads(P_dropped.transpose(-2, -1) @ delta, groups), v)  # Pᵀ δ
+            grad_v = _sum_to(_sum_heads(P_dropped.transpose(-2, -1) @ delta, groups), v_shape)  # Pᵀ δ
         if need_q or need_k or need_mask:
             if delta is None and delta_P is None:
                 return None, None, None, None, None, None, None, None, None, None
             if delta is None:
                 grad_S = delta_P * P
             else:
-                grad_P = delta @ v_all.transpose(-2, -1)  # δ Vᵀ (through the dropout mask, if any)
+                grad_P = delta @ _expand_heads(v, groups).transpose(-2, -1)  # δ Vᵀ (through the dropout mask, if any)
                 if dropout is not None:
                     grad_P = grad_P.mul_(dropout)
                 if delta_P is not None:
@@ -113,11 +115,11 @@ class Attention(torch.autograd.Function):
                 grad_S = grad_P.mul_(P)
             # ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)): softmax's Jacobian, row by row; in place on our own
             # intermediate (autograd still tracks it when backward is differentiated again)
-            grad_S = grad_S.addcmul_(P, grad_S.sum(-1, keepdim=True), value=-1)
+            grad_S = grad_S.sub_(P * grad_S.sum(-1, keepdim=True))  # (addcmul_ has no vmap batching rule)
             if need_q:
-                grad_q = _sum_to(grad_S @ k_all * scale, q)  # ∂S K · scale
+                grad_q = _sum_to(grad_S @ _expand_heads(k, groups) * scale, q_shape)  # ∂S K · scale
             if need_k:
-                grad_k = _sum_to(_sum_heads(grad_S.transpose(-2, -1) @ q * scale, groups), k)  # ∂Sᵀ Q · scale
+                grad_k = _sum_to(_sum_heads(grad_S.transpose(-2, -1) @ q * scale, groups), k_shape)  # ∂Sᵀ Q · scale
             if need_mask:
-                grad_mask = grad_S.sum_to_size(ctx.mask_shape)
+                grad_mask = grad_S.sum_to_size(mask_shape)
         return grad_q, grad_k, grad_v, grad_mask, None, None, None, None, None, None
