@@ -253,8 +253,25 @@ def _base_rule(registry: Registry, module: torch.nn.Module) -> Rule | None:
     for base in cls.__mro__[1:]:
         rule = registry.rule_for(base)
         if rule is not None:
-            return rule if cls.forward is base.forward else None
+            return rule if cls.forward is base.forward and not _overridden_methods(cls, base) else None
     return None
+
+
+def _overridden_methods(cls: type, base: type) -> list[str]:
+    """Methods (other than __init__ and repr helpers) that `cls` defines between itself and `base`.
+
+    The base's forward may call them (TransformerEncoderLayer.forward calls self._ff_block), and our
+    counterpart's forward would not; parameters a subclass adds in __init__ are used by no forward.
+    """
+    allowed = {"extra_repr", "_get_name"}
+    names = []
+    for klass in cls.__mro__[: cls.__mro__.index(base)]:
+        for name, value in vars(klass).items():
+            if name.startswith("__") or name in allowed:
+                continue
+            if callable(value) or isinstance(value, (property, staticmethod, classmethod)):
+                names.append(name)
+    return names
 
 
 def _subclass_counterpart(rule: Rule, cls: type) -> type:
@@ -304,20 +321,27 @@ def _classify(name, module, ancestors, registry, known, include, exclude) -> _Oc
     own_state = next(module.parameters(recurse=False), None) is not None or next(
         module.buffers(recurse=False), None
     ) is not None
+    base = next((b for b in cls.__mro__[1:] if registry.rule_for(b) is not None), None)
     if not own_state and module._modules:
         if isinstance(module, _PURE_CONTAINERS):
             return _Occurrence(name, module, CONTAINER, "runs its children")
+        why = ""
+        if base is not None and cls.forward is base.forward:
+            why = f" (subclass of {type_name(base)} that overrides {', '.join(_overridden_methods(cls, base))})"
         return _Occurrence(
-            name, module, CONTAINER, "custom forward: torch functions it calls run on autograd unless manual_functions()"
+            name, module, CONTAINER,
+            f"custom forward{why}: torch functions it calls run on autograd unless manual_functions()",
         )
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         return _Occurrence(name, module, STOCK, "lazy module not materialised yet: run one forward pass, then convert")
-    base = next((b for b in cls.__mro__[1:] if registry.rule_for(b) is not None), None)
     reason = f"no rule registered for {type_name(cls)}"
     if base is not None and torch.nn.utils.parametrize.is_parametrized(module):
         reason += f" (subclass of {type_name(base)} made by torch.nn.utils.parametrize, which swaps the class itself)"
-    elif base is not None:
+    elif base is not None and cls.forward is not base.forward:
         reason += f" (subclass of {type_name(base)} that overrides forward, which a rule would drop)"
+    elif base is not None:
+        names = ", ".join(_overridden_methods(cls, base))
+        reason += f" (subclass of {type_name(base)} that overrides {names}, which its forward may call)"
     elif own_state and module._modules:
         names = ", ".join(n for n, _ in module.named_parameters(recurse=False))
         if names:

@@ -56,7 +56,7 @@ def test_gradcheck_and_gradgradcheck(case):
     inputs = [leaf(t) for t in case.make("cpu", torch.float64)]
     fn = case.call(SDPA_OURS)
     assert torch.autograd.gradcheck(fn, inputs)
-    assert torch.autograd.gradgradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)  # a random projection: the full one is slow
 
 
 def test_gradcheck_with_dropout_and_weights_output():

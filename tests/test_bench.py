@@ -91,6 +91,7 @@ def test_ratios_pair_contenders_within_each_round(bench):
     assert case.ratio("fused") == pytest.approx(1.5)  # median of 1.5, 1.1, 3.0; not 2.2 / 2.0
 
 
+@pytest.mark.slow
 def test_transformer_block_checks_gradients_and_reports_the_target(bench):
     lines, errors = bench.transformer_block("cpu", (8, 2, 4, 2), "aot_eager", samples=1)
     assert errors == []

@@ -371,6 +371,28 @@ def test_subclass_with_the_base_forward_converts_like_its_base_and_restores_to_i
     assert [type(m) for m in restored] == [ndq, SameForwardLinear, MyLinear]
 
 
+class OwnFeedForward(nn.TransformerEncoderLayer):
+    """Keeps torch's forward but changes a method it calls: a rule's forward would drop that."""
+
+    def _ff_block(self, x):
+        return super()._ff_block(x) * 2
+
+
+class ExtraParameter(nn.Linear):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unused = nn.Parameter(torch.zeros(2))  # the base's forward never reads it
+
+
+def test_subclass_overriding_a_method_the_forward_calls_stays_stock():
+    report = mb.report(mb.convert(OwnFeedForward(8, 2, dim_feedforward=8)))
+    row = report.row("")  # no parameters of its own: a container whose own forward runs stock
+    assert row.status == "container" and "that overrides _ff_block" in row.reason
+    assert report.row("linear1").status == "manual"
+    converted = mb.convert(ExtraParameter(3, 2))
+    assert isinstance(converted, mnn.Linear) and mb.report(converted).row("").status == "manual"
+
+
 def test_subclass_counterpart_pickles_by_reference(tmp_path):
     converted = mb.convert(nn.Sequential(SameForwardLinear(3, 2)))
     torch.save(converted, tmp_path / "model.pt")
