@@ -472,3 +472,21 @@ def test_saves_only_what_the_requested_gradients_need():
     out = SDPA_OURS(q.requires_grad_(), k, v.detach())  # ∂Q = ∂S K·scale: needs K and V (for ∂P), not Q
     saved_q, saved_k, saved_v, _, _ = out.grad_fn.saved_tensors
     assert saved_q is None and saved_k is not None and saved_v is not None
+
+
+def test_multihead_attention_under_autocast_and_compile():
+    torch.manual_seed(0)
+    stock = nn.MultiheadAttention(8, 2, batch_first=True)
+    ours = mb.convert(stock)
+    x = torch.randn(2, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, wa = ours(x, x, x)
+        b, wb = stock(x, x, x)
+    assert a.dtype == b.dtype == torch.bfloat16
+    torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    out, _ = compiled(x, x, x, need_weights=False)
+    torch.testing.assert_close(out, stock(x, x, x, need_weights=False)[0], **FLOAT32)
+    out.sum().backward()
+    stock(x, x, x, need_weights=False)[0].sum().backward()
+    torch.testing.assert_close(ours.in_proj_weight.grad, stock.in_proj_weight.grad, **FLOAT32)
