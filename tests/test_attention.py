@@ -490,3 +490,22 @@ def test_multihead_attention_under_autocast_and_compile():
     out.sum().backward()
     stock(x, x, x, need_weights=False)[0].sum().backward()
     torch.testing.assert_close(ours.in_proj_weight.grad, stock.in_proj_weight.grad, **FLOAT32)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")  # torch's, on its fast path
+def test_encoder_inference_with_nested_tensors_still_runs():
+    """In eval under no_grad, TransformerEncoder packs padded batches into nested tensors for torch's fast
+    path; a converted layer hands those to torch's forward (no gradient is wanted there) and agrees."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    stock = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True).eval()
+    ours = mb.convert(stock)
+    assert type(ours.layers[0]) is mnn.TransformerEncoderLayer
+    x = torch.randn(3, 5, 8)
+    kpm = torch.zeros(3, 5, dtype=torch.bool)
+    kpm[0, 3:] = True
+    with torch.no_grad():
+        a, b = ours(x, src_key_padding_mask=kpm), stock(x, src_key_padding_mask=kpm)
+    torch.testing.assert_close(a, b, **FLOAT32)
+    out = ours.train()(x, src_key_padding_mask=kpm)  # with gradients: our rules
+    assert "AttentionBackward" in rule_nodes(out)
