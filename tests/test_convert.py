@@ -451,3 +451,25 @@ def test_identity_adds_no_node_after_convert():
     out = model(x)
     assert out.grad_fn.name() == "LinearBackward" and rule_nodes(out) == {"LinearBackward": 1}
     assert model[1](x) is x
+
+
+def _graph_names(out: torch.Tensor) -> list[str]:
+    names, stack, seen = [], [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        stack += [n for n, _ in node.next_functions]
+    return names
+
+
+def test_modules_with_nothing_to_compute_add_no_nodes_after_convert():
+    """Identity, eval-mode Dropout and Flatten add nothing of their own (Flatten's view node is torch's, before and after)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Identity(), nn.Dropout(0.5), nn.Flatten(0), nn.Identity()).eval()
+    x = torch.randn(2, 3, requires_grad=True)
+    stock = [n for n in _graph_names(model(x)) if not n.startswith(("AddmmBackward", "TBackward", "AccumulateGrad"))]
+    converted = mb.convert(model)
+    names = [n for n in _graph_names(converted(x)) if n != "AccumulateGrad"]
+    assert sorted(names) == sorted(stock + ["LinearBackward"])  # the view of Flatten, and our Linear
