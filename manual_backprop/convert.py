@@ -400,11 +400,18 @@ def _parameter_reports(plan: list[_Occurrence]) -> list[ParameterReport]:
 
 
 def _report_from(plan: list[_Occurrence]) -> Report:
+    parameters = _parameter_reports(plan)
+    stock_names = {name for p in parameters if p.status == STOCK for name in p.owners}
     rows = []
     for occ in plan:
         params = _own_parameters(occ.module)
-        rows.append(ModuleReport(occ.name, type_name(type(occ.module)), occ.status, occ.reason, sum(map(_numel, params))))
-    parameters = _parameter_reports(plan)
+        reason = occ.reason
+        if occ.status == MANUAL:  # a manual module whose parameter another, stock, module shares
+            shared = [n for n, _ in occ.module.named_parameters(recurse=False)
+                      if (f"{occ.name}.{n}" if occ.name else n) in stock_names]
+            if shared:
+                reason += f"; {', '.join(shared)} shared with a stock module: counted as stock"
+        rows.append(ModuleReport(occ.name, type_name(type(occ.module)), occ.status, reason, sum(map(_numel, params))))
     totals = {status: sum(p.numel for p in parameters if p.status == status) for status in (MANUAL, STOCK)}
     return Report(tuple(rows), totals[MANUAL], totals[STOCK], tuple(parameters))
 

@@ -422,6 +422,7 @@ def test_shared_parameter_is_manual_only_if_every_owner_is():
     assert both.parameter("embed.weight").owners == ("embed.weight", "out.weight")
     half = mb.report(mb.convert(Tied(), exclude=["out"]), exclude=["out"])
     assert half.row("embed").status == "manual" and half.row("out").status == "stock"
+    assert half.row("embed").reason.endswith("weight shared with a stock module: counted as stock")
     assert half.parameter("embed.weight").status == "stock" and half.manual_parameters == 0
     assert half.stock_parameters == 28  # counted once
     assert "embed.weight (28): shared by 2 modules" in str(half)
