@@ -36,6 +36,7 @@ NEEDS = {
 @pytest.fixture(scope="module")
 def zoo():
     """scripts/zoo_transformers.py, with the stand-in transformers importable while this module runs."""
+    len(mb.default_registry())  # the default registry loads its plugins before, never with the stand-in
     sys.path.insert(0, str(STAND_INS))
     spec = importlib.util.spec_from_file_location("zoo_transformers", ROOT / "scripts" / "zoo_transformers.py")
     module = importlib.util.module_from_spec(spec)

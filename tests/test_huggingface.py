@@ -28,6 +28,7 @@ STAND_INS = Path(__file__).parent / "stand_ins"
 @pytest.fixture
 def transformers(monkeypatch):
     """The stand-in transformers package, importable for this test only."""
+    len(mb.default_registry())  # the default registry loads its plugins before, never with the stand-in
     monkeypatch.syspath_prepend(str(STAND_INS))
     import transformers.activations
     import transformers.pytorch_utils
