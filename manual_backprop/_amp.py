@@ -42,6 +42,9 @@ _POLICY: dict[str, dict[str, str]] = {
         **dict.fromkeys(["max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d",
                          "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d",
                          "replication_pad3d"], FP32),
+        # embedding and attention (embedding is in no list: it keeps its dtype)
+        "scaled_dot_product_attention": LOWER,
+        "addmm": LOWER,  # transformers' Conv1D
     },
     "cuda": {
         "linear": LOWER,
@@ -58,6 +61,9 @@ _POLICY: dict[str, dict[str, str]] = {
         "prelu": LOWER,
         # convolution (issue 8): conv and conv_transpose in the lower precision; no pool or pad is listed
         **dict.fromkeys(["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"], LOWER),
+        # embedding and attention (embedding is in no list: it keeps its dtype)
+        "scaled_dot_product_attention": LOWER,
+        "addmm": LOWER,  # transformers' Conv1D
     },
 }
 

@@ -15,8 +15,18 @@ the module's own attributes, so they are untouched by construction. A counterpar
 that needs extra state (feedback alignment's fixed matrix B) creates it in an optional
 ``after_convert(self)`` method and removes it in ``before_restore(self)``.
 
-Rules match exact types: a subclass of torch.nn.Linear may have its own forward,
-which a swap would silently drop, so it stays stock and the report says so.
+Rules match exact types, and subclasses that keep their base's forward: a subclass of
+torch.nn.Linear that does not override forward (torch's NonDynamicallyQuantizableLinear)
+computes exactly what torch.nn.Linear computes, so it converts like its base, to a class
+made once per subclass that derives from both the counterpart and the subclass (so
+`isinstance` still holds and restore gives the subclass back). A subclass that overrides
+forward may compute something else, which a swap would silently drop, so it stays stock
+and the report says so.
+
+The report counts a parameter as manual only if every module that owns it is manual (a
+weight tied between an embedding and an output layer), and lists, per parameter, those
+left on stock autograd with the reason: a parameter a custom forward uses directly (a
+ViT's class token) gets its gradient from autograd.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from torch.nn.parameter import UninitializedParameter
 
 from manual_backprop.registry import Registry, Rule, default_registry, resolve, type_name
 
-__all__ = ["ConversionError", "ModuleReport", "Report", "convert", "report", "restore"]
+__all__ = ["ConversionError", "ModuleReport", "ParameterReport", "Report", "convert", "report", "restore"]
 
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 Pattern = Union[str, type]  # a qualified-name glob ("encoder.*") or a module type
@@ -65,15 +75,32 @@ class ModuleReport:
 
 
 @dataclass(frozen=True)
+class ParameterReport:
+    """One parameter tensor (counted once however many modules share it).
+
+    status: "manual" if every module that owns it runs on our rules, else "stock".
+    owners: the qualified names of the modules that own it (two for a tied weight).
+    """
+
+    name: str
+    owners: tuple[str, ...]
+    status: str
+    reason: str
+    numel: int
+
+
+@dataclass(frozen=True)
 class Report(Sequence[ModuleReport]):
     """What runs where, one row per (qualified name, module); a shared module appears under each name.
 
-    `manual_parameters` / `stock_parameters` count each parameter tensor once.
+    `manual_parameters` / `stock_parameters` count each parameter tensor once, from `parameters`
+    (one `ParameterReport` per tensor), so the summary agrees with the per-parameter statuses.
     """
 
     rows: tuple[ModuleReport, ...]
     manual_parameters: int
     stock_parameters: int
+    parameters: tuple[ParameterReport, ...] = ()
 
     def __getitem__(self, index):  # type: ignore[override]
         return self.rows[index]
@@ -104,6 +131,17 @@ class Report(Sequence[ModuleReport]):
     def to_dicts(self) -> list[dict]:
         return [asdict(row) for row in self.rows]
 
+    def parameter(self, name: str) -> ParameterReport:
+        for row in self.parameters:
+            if row.name == name:
+                return row
+        raise KeyError(f"no parameter named {name!r} in the report")
+
+    @property
+    def stock_parameter_rows(self) -> list[ParameterReport]:
+        """The parameters whose gradients come from stock autograd, with why."""
+        return [row for row in self.parameters if row.status == STOCK]
+
     def summary(self) -> str:
         counts = {s: sum(row.status == s for row in self.rows) for s in (MANUAL, STOCK, CONTAINER)}
         total = self.manual_parameters + self.stock_parameters
@@ -121,6 +159,9 @@ class Report(Sequence[ModuleReport]):
         widths = [max(len(c[i]) for c in cells) for i in range(4)]
         lines = ["  ".join(c[i].ljust(widths[i]) for i in range(4)) + "  " + c[4] for c in cells]
         lines.insert(1, "-" * (sum(widths) + 8 + len(header[4])))
+        stock = self.stock_parameter_rows
+        if stock:
+            lines += ["", "parameters on stock autograd:"] + [f"  {p.name} ({p.numel}): {p.reason}" for p in stock]
         return "\n".join(line.rstrip() for line in lines) + "\n" + self.summary()
 
 
@@ -135,6 +176,7 @@ class _Occurrence:
     reason: str
     rule: Rule | None = None  # set when the module can be converted
     deselected: bool = False  # left stock because of include/exclude (strict mode accepts that)
+    subclass: bool = False  # the rule is its base's: it converts to `_subclass_counterpart(rule, type)`
 
 
 def _walk(module: torch.nn.Module, prefix: str = "", ancestors: tuple = ()):
@@ -193,12 +235,80 @@ def _known_manual(registry: Registry) -> dict[type, Rule]:
     return known
 
 
+# ------------------------------------------------- subclasses with their base's forward
+
+SUBCLASS_REASON = "subclass with the base's forward"
+# (counterpart, stock subclass) -> the class a module of that subclass converts to, and back.
+_SUBCLASS_COUNTERPARTS: dict[tuple[type, type], type] = {}
+_SUBCLASS_OF: dict[type, tuple[Rule, type]] = {}
+
+
+def _base_rule(registry: Registry, module: torch.nn.Module) -> Rule | None:
+    """The rule of `module`'s nearest registered base, if its class keeps that base's forward.
+
+    Lazy modules become their base after one forward pass, and parametrized modules have
+    their class swapped by torch.nn.utils.parametrize itself: neither is taken here.
+    """
+    cls = type(module)
+    if isinstance(module, LazyModuleMixin) or torch.nn.utils.parametrize.is_parametrized(module):
+        return None
+    for base in cls.__mro__[1:]:
+        rule = registry.rule_for(base)
+        if rule is not None:
+            return rule if cls.forward is base.forward and not _overridden_methods(cls, base) else None
+    return None
+
+
+def _overridden_methods(cls: type, base: type) -> list[str]:
+    """Methods (other than __init__ and repr helpers) that `cls` defines between itself and `base`.
+
+    The base's forward may call them (TransformerEncoderLayer.forward calls self._ff_block), and our
+    counterpart's forward would not; parameters a subclass adds in __init__ are used by no forward.
+    """
+    allowed = {"extra_repr", "_get_name"}
+    names = []
+    for klass in cls.__mro__[: cls.__mro__.index(base)]:
+        for name, value in vars(klass).items():
+            if name.startswith("__") or name in allowed:
+                continue
+            if callable(value) or isinstance(value, (property, staticmethod, classmethod)):
+                names.append(name)
+    return names
+
+
+def _subclass_counterpart(rule: Rule, cls: type) -> type:
+    """class (rule.manual, cls): the counterpart's forward, and still an instance of `cls`. Made once per pair.
+
+    Named like the subclass (so repr is unchanged) and reachable from this module, so a
+    converted model pickles by reference within the process.
+    """
+    key = (rule.manual, cls)
+    counterpart = _SUBCLASS_COUNTERPARTS.get(key)
+    if counterpart is None:
+        # a module-level name without dots: pickle (protocol 2, torch.save's) finds it by reference
+        unique = f"_{rule.manual.__module__}.{rule.manual.__qualname__}__{cls.__module__}.{cls.__qualname__}"
+        unique = unique.replace(".", "_")
+        doc = f"{type_name(cls)} running {type_name(rule.manual)}'s forward (made by manual_backprop.convert)."
+        namespace = {"__module__": __name__, "__qualname__": unique, "__doc__": doc}
+        counterpart = type(cls.__name__, (rule.manual, cls), namespace)  # same name: same repr as the subclass
+        globals()[unique] = counterpart
+        _SUBCLASS_COUNTERPARTS[key] = counterpart
+        _SUBCLASS_OF[counterpart] = (rule, cls)
+    return counterpart
+
+
 def _classify(name, module, ancestors, registry, known, include, exclude) -> _Occurrence:
     cls = type(module)
     if cls in known:
         return _Occurrence(name, module, MANUAL, f"rule {type_name(cls)}")
-    rule = registry.rule_for(cls)
+    if cls in _SUBCLASS_OF:
+        return _Occurrence(name, module, MANUAL, f"rule {type_name(_SUBCLASS_OF[cls][0].manual)}: {SUBCLASS_REASON}")
+    rule, subclass = registry.rule_for(cls), False
+    if rule is None:
+        rule = _base_rule(registry, module)
+        subclass = rule is not None
     if rule is not None:
+        how = f": {SUBCLASS_REASON}" if subclass else ""
         if "forward" in vars(module):
             return _Occurrence(name, module, STOCK, "forward is overridden on this instance, so a rule would not run")
         reason = rule.unsupported_reason(module)
@@ -207,24 +317,39 @@ def _classify(name, module, ancestors, registry, known, include, exclude) -> _Oc
         deselected = _deselection(name, module, ancestors, include, exclude)
         if deselected is not None:
             return _Occurrence(name, module, STOCK, deselected, deselected=True)
-        return _Occurrence(name, module, STOCK, f"not converted (rule {type_name(rule.manual)} is available)", rule)
+        return _Occurrence(
+            name, module, STOCK, f"not converted (rule {type_name(rule.manual)} is available{how})", rule, subclass=subclass
+        )
     if cls in _VIEWS:
         return _Occurrence(name, module, CONTAINER, "a view (reshape only): nothing to differentiate, no rule needed")
     own_state = next(module.parameters(recurse=False), None) is not None or next(
         module.buffers(recurse=False), None
     ) is not None
+    base = next((b for b in cls.__mro__[1:] if registry.rule_for(b) is not None), None)
     if not own_state and module._modules:
         if isinstance(module, _PURE_CONTAINERS):
             return _Occurrence(name, module, CONTAINER, "runs its children")
+        why = ""
+        if base is not None and cls.forward is base.forward:
+            why = f" (subclass of {type_name(base)} that overrides {', '.join(_overridden_methods(cls, base))})"
         return _Occurrence(
-            name, module, CONTAINER, "custom forward: torch functions it calls run on autograd unless manual_functions()"
+            name, module, CONTAINER,
+            f"custom forward{why}: torch functions it calls run on autograd unless manual_functions()",
         )
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         return _Occurrence(name, module, STOCK, "lazy module not materialised yet: run one forward pass, then convert")
-    base = next((b for b in cls.__mro__[1:] if registry.rule_for(b) is not None), None)
     reason = f"no rule registered for {type_name(cls)}"
-    if base is not None:
-        reason += f" (subclass of {type_name(base)}; rules match exact types since a subclass may change forward)"
+    if base is not None and torch.nn.utils.parametrize.is_parametrized(module):
+        reason += f" (subclass of {type_name(base)} made by torch.nn.utils.parametrize, which swaps the class itself)"
+    elif base is not None and cls.forward is not base.forward:
+        reason += f" (subclass of {type_name(base)} that overrides forward, which a rule would drop)"
+    elif base is not None:
+        names = ", ".join(_overridden_methods(cls, base))
+        reason += f" (subclass of {type_name(base)} that overrides {names}, which its forward may call)"
+    elif own_state and module._modules:
+        names = ", ".join(n for n, _ in module.named_parameters(recurse=False))
+        if names:
+            reason += f"; its custom forward uses its own parameters ({names}) directly, on stock autograd"
     return _Occurrence(name, module, STOCK, reason)
 
 
@@ -254,16 +379,45 @@ def _numel(p: torch.Tensor) -> int:
     return 0 if isinstance(p, UninitializedParameter) else p.numel()
 
 
+def _parameter_reports(plan: list[_Occurrence]) -> list[ParameterReport]:
+    """One row per parameter tensor: manual only if every module owning it (under any name) is manual."""
+    owners: dict[int, list[tuple[str, _Occurrence]]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for occ in plan:
+        for pname, p in occ.module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((f"{occ.name}.{pname}" if occ.name else pname, occ))
+            tensors[id(p)] = p
+    rows = []
+    for key, uses in owners.items():
+        names = tuple(dict.fromkeys(n for n, _ in uses))
+        modules = {id(o.module): o for _, o in uses}.values()
+        stock = [o for o in modules if o.status != MANUAL]
+        if not stock:
+            status, reason = MANUAL, "every module owning it runs on manual rules"
+        else:
+            status, first = STOCK, stock[0]
+            reason = f"owned by {first.name or '(root)'!r} ({type_name(type(first.module))}): {first.reason}"
+            if len(modules) > 1:
+                reason = f"shared by {len(modules)} modules, not all manual; " + reason
+        rows.append(ParameterReport(names[0], names, status, reason, _numel(tensors[key])))
+    return rows
+
+
 def _report_from(plan: list[_Occurrence]) -> Report:
-    rows, counted, totals = [], set(), {MANUAL: 0, STOCK: 0}
+    parameters = _parameter_reports(plan)
+    stock_names = {name for p in parameters if p.status == STOCK for name in p.owners}
+    rows = []
     for occ in plan:
         params = _own_parameters(occ.module)
-        rows.append(ModuleReport(occ.name, type_name(type(occ.module)), occ.status, occ.reason, sum(map(_numel, params))))
-        for p in params:
-            if id(p) not in counted and occ.status in totals:
-                counted.add(id(p))
-                totals[occ.status] += _numel(p)
-    return Report(tuple(rows), totals[MANUAL], totals[STOCK])
+        reason = occ.reason
+        if occ.status == MANUAL:  # a manual module whose parameter another, stock, module shares
+            shared = [n for n, _ in occ.module.named_parameters(recurse=False)
+                      if (f"{occ.name}.{n}" if occ.name else n) in stock_names]
+            if shared:
+                reason += f"; {', '.join(shared)} shared with a stock module: counted as stock"
+        rows.append(ModuleReport(occ.name, type_name(type(occ.module)), occ.status, reason, sum(map(_numel, params))))
+    totals = {status: sum(p.numel for p in parameters if p.status == status) for status in (MANUAL, STOCK)}
+    return Report(tuple(rows), totals[MANUAL], totals[STOCK], tuple(parameters))
 
 
 # ---------------------------------------------------------------------- API
@@ -317,7 +471,7 @@ def convert(
     for occ in plan:
         if occ.rule is not None and id(occ.module) not in done:
             done.add(id(occ.module))
-            occ.module.__class__ = occ.rule.manual
+            occ.module.__class__ = _subclass_counterpart(occ.rule, type(occ.module)) if occ.subclass else occ.rule.manual
             after_convert = getattr(occ.module, "after_convert", None)
             if after_convert is not None:
                 after_convert()
@@ -335,12 +489,15 @@ def restore(model: ModuleT, *, inplace: bool = False, registry: Registry | str |
     done: set[int] = set()
     for _, module, _ in _walk(model):
         rule = known.get(type(module))
-        if rule is not None and id(module) not in done:
+        stock = None if rule is None else rule.stock
+        if type(module) in _SUBCLASS_OF:  # back to the subclass it was, whichever registry made it
+            stock = _SUBCLASS_OF[type(module)][1]
+        if stock is not None and id(module) not in done:
             done.add(id(module))
             before_restore = getattr(module, "before_restore", None)
             if before_restore is not None:
                 before_restore()
-            module.__class__ = rule.stock
+            module.__class__ = stock
     return model
 
 

@@ -11,8 +11,8 @@ calls F.linear (and ReLU F.relu, ...), it also catches stock modules.
 
 A call is routed only where it matters: grad mode on, some tensor argument requiring
 grad, and no complex tensor (our rules are real-valued). Everything else, including
-composite functions we have no rule for (F.scaled_dot_product_attention,
-F.multi_head_attention_forward: everything inside them), runs on stock torch.
+composite functions we have no rule for (F.instance_norm: everything inside them), runs
+on stock torch.
 TorchFunctionMode disables itself while a handler runs, so our functional code, which
 calls torch ops, does not re-enter the mode; and since an autograd.Function's forward
 runs with grad off, a manual module's own F.linear inside the mode is not routed twice.
@@ -55,6 +55,8 @@ def _torch_group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, cudnn
 
 def _torch_dropout(input, p, train):
     return MF.dropout(input, p, train)
+
+
 def _with_indices(ours: Callable) -> Callable:
     """F.max_pool2d_with_indices & co.: ours with return_indices=True (same signature)."""
 
@@ -85,6 +87,12 @@ def _conv_and_pool_routes() -> list:
             aliases = {getattr(F, name), getattr(torch, name, None), getattr(_nn, name, None)} - {None}
             routes.append((name, getattr(MF, name), list(aliases)))
     return routes
+
+
+def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False):
+    # sparse gradients have no rule: those calls stay on torch's embedding
+    route = F.embedding if sparse else MF.embedding
+    return route(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
 
 
 def _routes() -> dict[Callable, tuple[str, Callable]]:
@@ -127,6 +135,10 @@ def _routes() -> dict[Callable, tuple[str, Callable]]:
         # convolution and pooling (issue 8); F.conv2d is torch.conv2d, F.max_pool2d dispatches on
         # return_indices to F.max_pool2d_with_indices or torch.max_pool2d, all seen by the mode
         *_conv_and_pool_routes(),
+        # embedding and attention
+        ("embedding", _embedding, [F.embedding]),
+        ("scaled_dot_product_attention", MF.scaled_dot_product_attention, [F.scaled_dot_product_attention]),
+        ("multi_head_attention_forward", MF.multi_head_attention_forward, [F.multi_head_attention_forward]),
     ]
     return {torch_fn: (name, ours) for name, ours, torch_fns in table for torch_fn in torch_fns}
 

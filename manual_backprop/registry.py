@@ -316,7 +316,34 @@ def _builtin_rules() -> list[Rule]:
         (nn.AdaptiveMaxPool2d, mnn.AdaptiveMaxPool2d),
         (nn.AdaptiveMaxPool3d, mnn.AdaptiveMaxPool3d),
     ]
-    return [Rule(stock, manual, supports_real_parameters, "builtin") for stock, manual in pairs]
+    rules = [Rule(stock, manual, supports_real_parameters, "builtin") for stock, manual in pairs]
+    # embedding and attention
+    rules += [
+        Rule(nn.Embedding, mnn.Embedding, supports_embedding, "builtin"),
+        Rule(nn.MultiheadAttention, mnn.MultiheadAttention, supports_real_parameters, "builtin"),
+        Rule(nn.TransformerEncoderLayer, mnn.TransformerEncoderLayer, supports_transformer_layer, "builtin"),
+        Rule(nn.TransformerDecoderLayer, mnn.TransformerDecoderLayer, supports_transformer_layer, "builtin"),
+    ]
+    return rules
+
+
+# embedding and attention
+
+
+def supports_embedding(module: torch.nn.Module) -> str | None:
+    if module.sparse:
+        return "sparse=True (sparse weight gradients); the rule gives dense ones"
+    return supports_real_parameters(module)
+
+
+def supports_transformer_layer(module: torch.nn.Module) -> str | None:
+    """The layer's own computation is its activation when that is a function (F.relu, F.gelu)."""
+    from manual_backprop.nn.attention import manual_activation
+
+    if manual_activation(module.activation) is None:
+        name = getattr(module.activation, "__qualname__", repr(module.activation))
+        return f"activation function {name} has no manual rule (pass an activation module to convert it)"
+    return None
 
 
 _default = Registry(builtins=True, plugins=True)

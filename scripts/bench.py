@@ -2,6 +2,7 @@
 
     python scripts/bench.py                     # full grid, CPU (+ CUDA where available)
     python scripts/bench.py --quick --out /tmp  # tiny grid, few repeats: a smoke test
+    python scripts/bench.py --only transformer  # the transformer block alone (converted vs stock)
 
 Contenders, all started from the same parameters and fed the same batch:
     stock      torch.nn.Sequential(Linear, act, …): stock autograd
@@ -539,6 +540,70 @@ def cnn_targets(cases: list[Case]) -> list[tuple[bool, str]]:
         over = [c.network for c in on if c.saved.get("converted") is not None and c.saved["converted"] > c.saved["stock"]]
         results.append((not over, f"{device}: CNN saved bytes never above stock: {'ok' if not over else 'above in ' + ', '.join(over)}"))
     return results
+# ------------------------------------------------------------------ a transformer block
+
+# (d_model, heads, T, batch): the issue's block, and a tiny one for --quick
+TRANSFORMER_FULL = (256, 4, 128, 16)
+TRANSFORMER_QUICK = (16, 2, 8, 2)
+TRANSFORMER_CONTENDERS = ["stock", "converted", "stock compiled", "converted compiled"]
+
+
+def transformer_block(device: str, dims: tuple, backend: str, samples: int) -> tuple[list[str], list[str]]:
+    """One training step of torch.nn.TransformerEncoderLayer (pre-norm, GELU, feed-forward 4d), stock against
+    `manual_backprop.convert` of it, eager and compiled. Returns the report lines and any gradient errors."""
+    import manual_backprop as mb
+
+    d, heads, T, batch = dims
+    torch.manual_seed(0)
+    stock = nn.TransformerEncoderLayer(d, heads, dim_feedforward=4 * d, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True).to(device)
+    converted = mb.convert(stock)
+    x = torch.randn(batch, T, d, device=device)
+    target = torch.randn(batch, T, d, device=device)
+    loss = nn.MSELoss()
+    torch._dynamo.reset()
+    forwards = {
+        "stock": lambda: loss(stock(x), target),
+        "converted": lambda: loss(converted(x), target),
+        "stock compiled": torch.compile(lambda: loss(stock(x), target), backend=backend),
+        "converted compiled": torch.compile(lambda: loss(converted(x), target), backend=backend),
+    }
+    models = {"stock": stock, "converted": converted, "stock compiled": stock, "converted compiled": converted}
+    steps = {name: make_step(forward, list(models[name].parameters())) for name, forward in forwards.items()}
+    errors, reference = [], None
+    for name, forward in forwards.items():
+        params = list(models[name].parameters())
+        for p in params:
+            p.grad = None
+        value = forward()
+        value.backward()
+        got = [value.detach()] + [p.grad for p in params]
+        if reference is None:
+            reference = got
+        elif not all(g is not None and torch.allclose(g, r, rtol=1e-4, atol=1e-5) for g, r in zip(got, reference)):
+            errors.append(f"{device} transformer block {name}: gradients differ from stock")
+    rounds = time_all(steps, device, samples)
+    times = {name: statistics.median(ts) for name, ts in rounds.items()}
+
+    def ratio(name, to):
+        return statistics.median(t / u for t, u in zip(rounds[name], rounds[to]))
+
+    saved = {}
+    for name in ("stock", "converted"):
+        saved[name] = count_saved_bytes(forwards[name], list(models[name].parameters()))
+    conversion = mb.report(converted)
+    share = 100 * conversion.manual_parameters / (conversion.manual_parameters + conversion.stock_parameters)
+    lines = [f"Transformer block on {device}: nn.TransformerEncoderLayer(d={d}, {heads} heads, feed-forward {4 * d}, "
+             f"GELU, pre-norm), T={T}, batch {batch}; converted: {share:.1f}% of parameters on manual rules", "",
+             "| contender | step ms | × stock (same mode) | saved KiB |", "|---|---:|---:|---:|"]
+    for name in TRANSFORMER_CONTENDERS:
+        base = "stock compiled" if "compiled" in name else "stock"
+        kib = f"{saved[name] / 1024:.0f}" if name in saved else ""
+        lines.append(f"| {name} | {times[name] * 1e3:.3f} | {ratio(name, base):.2f} | {kib} |")
+    for name, base in (("converted", "stock"), ("converted compiled", "stock compiled")):
+        r = ratio(name, base)
+        lines.append(f"- transformer block {'met' if r <= 1.2 else 'MISSED'} on {device}: {name} ≤ 1.2× {base}: {r:.2f}×")
+    return lines, errors
 
 
 def main(argv=None) -> int:
@@ -552,6 +617,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor, quick aot_eager)")
     parser.add_argument("--our-loss", action="store_true",
                         help="per-layer, fused and compiled use manual_backprop's loss (default: torch's, for all)")
+    parser.add_argument("--only", choices=["all", "mlp", "transformer"], default="all",
+                        help="which benchmark: the MLP grid, the transformer block, or both (default)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice, one per core)")
     parser.add_argument("--cnn", choices=["include", "skip", "only"], default="include",
@@ -571,7 +638,9 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     cases, errors = [], []
-    for device in devices if args.cnn != "only" else []:
+    run_mlp = args.cnn != "only" and args.only in ("all", "mlp")
+    run_transformer = args.cnn != "only" and args.only in ("all", "transformer")
+    for device in devices if run_mlp else []:
         for sizes, batch, gemm_bound in grid:
             for act in activations:
                 case = Case(device, sizes, batch, act, gemm_bound)
@@ -591,7 +660,7 @@ def main(argv=None) -> int:
                       + ", ".join(f"{n} {t * 1e3:.3f} ms" for n, t in case.times.items()), flush=True)
 
     cnn_cases: list[Case] = []
-    if args.cnn != "skip":
+    if args.cnn != "skip" and args.only == "all":
         cnn_cases, cnn_errors = run_cnn_cases(devices, CNN_QUICK if args.quick else CNN_FULL, samples, backend)
         errors += cnn_errors
 
@@ -599,21 +668,31 @@ def main(argv=None) -> int:
                    f"compile backend {backend}, {samples} samples per contender, "
                    f"{'our' if args.our_loss else 'torch'} loss for our contenders; "
                    + ("CUDA: " + torch.cuda.get_device_name() if "cuda" in devices else "CPU only"))
-    report = [f"Benchmark ({environment}); wall time {time.perf_counter() - start:.0f} s", "",
-              "Step time ÷ stock autograd, geometric mean over the activations:", "", summary(cases), "",
-              "Every case:", "", table(cases), "", "Targets:"]
-    if cnn_cases:  # convolutional networks (issue 8): their own table, before the targets
-        report[-1:] = ["Convolutional networks (train mode; stock autograd, convert(), convert() + torch.compile):", "",
-                       cnn_table(cnn_cases), "", "Targets:"]
-    for met, text in targets(cases) + cnn_targets(cnn_cases):
-        report.append(f"- {'met' if met else 'MISSED'}: {text}")
-    markdown = "\n".join(report)
+    block_lines = []
+    for device in devices if run_transformer else []:
+        lines, block_errors = transformer_block(device, TRANSFORMER_QUICK if args.quick else TRANSFORMER_FULL,
+                                                backend, samples)
+        block_lines += ["", *lines]
+        errors += block_errors
+        print("\n".join(lines), flush=True)
+    report = [f"Benchmark ({environment}); wall time {time.perf_counter() - start:.0f} s"]
+    if cases:
+        report += ["", "Step time ÷ stock autograd, geometric mean over the activations:", "", summary(cases), "",
+                   "Every case:", "", table(cases)]
+    if cnn_cases:  # convolutional networks (issue 8): their own table
+        report += ["", "Convolutional networks (train mode; stock autograd, convert(), convert() + torch.compile):", "",
+                   cnn_table(cnn_cases)]
+    if cases or cnn_cases:
+        report += ["", "Targets:"]
+        for met, text in targets(cases) + cnn_targets(cnn_cases):
+            report.append(f"- {'met' if met else 'MISSED'}: {text}")
+    markdown = "\n".join(report + block_lines)
     print(markdown)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.md").write_text(markdown + "\n")
     if cases:
         chart(cases, args.out / "bench.png")
-    print(f"wrote {args.out / 'bench.md'} and {args.out / 'bench.png'}")
+    print(f"wrote {args.out / 'bench.md'}" + (f" and {args.out / 'bench.png'}" if cases else ""))
     if errors:
         print("WRONG GRADIENTS:\n" + "\n".join(errors), file=sys.stderr)
         return 1

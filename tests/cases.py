@@ -208,6 +208,8 @@ def assert_parity(ours: Callable, stock: Callable, inputs: list[torch.Tensor], g
         assert type(out_ours.grad_fn).__name__ == grad_fn, f"expected {grad_fn}, got {out_ours.grad_fn}"
     upstream = torch.randn(out_stock.shape, dtype=out_stock.dtype, device=out_stock.device)
     wrt = [i for i, t in enumerate(stock_in) if t.requires_grad]
+    if not wrt:  # integer inputs only (embedding indices): the module's parameter gradients are compared by the caller
+        return
     g_ours = torch.autograd.grad(out_ours, [ours_in[i] for i in wrt], upstream, allow_unused=True)
     g_stock = torch.autograd.grad(out_stock, [stock_in[i] for i in wrt], upstream, allow_unused=True)
     for i, a, b in zip(wrt, g_ours, g_stock):
@@ -244,6 +246,23 @@ class Spatial:
     shapes: tuple  # shapes of the floating inputs (input, weight, bias, ...), made by `make`
     kwargs: dict = field(default_factory=dict)
     grad_fn: str = ""
+# ------------------------------------------------------ embedding and attention
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """q: (*batch, L, E), k: (*kv_batch, S, E), v: (*kv_batch, S, Ev), a mask kind and keyword arguments."""
+
+    name: str
+    batch: tuple[int, ...]
+    L: int
+    S: int
+    E: int = 4
+    Ev: int = 3
+    kv_batch: tuple[int, ...] | None = None  # None: the query's batch
+    mask: str | None = None  # None, "bool", "float", "bool_full_rows", "float_full_rows", "float_grad"
+    mask_batch: tuple[int, ...] = ()  # leading dimensions of the mask (broadcast against the batch)
+    kwargs: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return self.name
@@ -382,3 +401,53 @@ POOL_CASES = [Spatial(name, *spec) for name, spec in [
     ("adaptive_max_pool2d_upsample", _pool("adaptive_max_pool2d", _AMAX, (1, 2, 3, 3), output_size=(5, 4))),
     ("adaptive_max_pool3d_unbatched", _pool("adaptive_max_pool3d", _AMAX, (3, 7, 5, 4), output_size=2)),
 ]]
+    def make(self, device, dtype, generator=None):
+        g = generator or torch.Generator().manual_seed(0)
+        kv_batch = self.batch if self.kv_batch is None else self.kv_batch
+        q = torch.randn(*self.batch, self.L, self.E, dtype=dtype, generator=g)
+        k = torch.randn(*kv_batch, self.S, self.E, dtype=dtype, generator=g)
+        v = torch.randn(*kv_batch, self.S, self.Ev, dtype=dtype, generator=g)
+        inputs = [q.to(device), k.to(device), v.to(device)]
+        if self.mask is not None:
+            keep = torch.rand(*self.mask_batch, self.L, self.S, generator=g) > 0.3
+            keep[..., 0] = True  # every row may attend somewhere, unless masked whole below
+            if self.mask.endswith("full_rows"):
+                keep[..., self.L // 2, :] = False  # one query may attend to nothing
+            if self.mask.startswith("bool"):
+                mask = keep
+            else:
+                mask = torch.randn(*self.mask_batch, self.L, self.S, dtype=dtype, generator=g)
+                mask = mask.masked_fill(~keep, float("-inf")) if self.mask != "float_grad" else mask
+            inputs.append(mask.to(device))
+        return inputs
+
+    def call(self, fn):
+        """fn(q, k, v[, mask]) with this case's keyword arguments."""
+        kwargs = self.kwargs
+
+        def run(q, k, v, mask=None):
+            return fn(q, k, v, attn_mask=mask, **kwargs)
+
+        return run
+
+
+ATTENTION_CASES = [
+    AttentionCase("4d", (2, 3), 5, 6),
+    AttentionCase("3d", (2,), 4, 4),
+    AttentionCase("2d_unbatched", (), 3, 5),
+    AttentionCase("batch_0", (0, 2), 3, 4),
+    AttentionCase("T_1", (2, 2), 1, 1),
+    AttentionCase("bool_mask", (2, 3), 5, 6, mask="bool"),
+    AttentionCase("bool_mask_per_head", (2, 3), 5, 6, mask="bool", mask_batch=(2, 3)),
+    AttentionCase("float_mask", (2, 3), 5, 6, mask="float", mask_batch=(2, 1)),
+    AttentionCase("float_mask_grad", (2, 3), 4, 5, mask="float_grad"),
+    AttentionCase("bool_full_rows", (2, 3), 5, 6, mask="bool_full_rows"),
+    AttentionCase("float_full_rows", (2, 3), 5, 6, mask="float_full_rows"),
+    AttentionCase("causal", (2, 3), 5, 5, kwargs=dict(is_causal=True)),
+    AttentionCase("causal_L_lt_S", (2, 2), 3, 6, kwargs=dict(is_causal=True)),
+    AttentionCase("causal_L_gt_S", (2, 2), 6, 3, kwargs=dict(is_causal=True)),
+    AttentionCase("scale", (2, 3), 5, 6, mask="bool", kwargs=dict(scale=0.3)),
+    AttentionCase("gqa", (2, 4), 5, 6, kv_batch=(2, 2), kwargs=dict(enable_gqa=True)),
+    AttentionCase("gqa_mask", (2, 6), 3, 4, kv_batch=(2, 2), mask="bool_full_rows", kwargs=dict(enable_gqa=True)),
+    AttentionCase("broadcast_kv", (2, 3), 4, 5, kv_batch=(1, 3)),
+]

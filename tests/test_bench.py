@@ -92,3 +92,14 @@ def test_ratios_pair_contenders_within_each_round(bench):
     case.rounds = {"stock": [1.0, 2.0, 3.0], "fused": [1.5, 2.2, 9.0]}
     case.times = {name: sorted(ts)[1] for name, ts in case.rounds.items()}
     assert case.ratio("fused") == pytest.approx(1.5)  # median of 1.5, 1.1, 3.0; not 2.2 / 2.0
+
+
+@pytest.mark.slow
+def test_transformer_block_checks_gradients_and_reports_the_target(bench):
+    lines, errors = bench.transformer_block("cpu", (8, 2, 4, 2), "aot_eager", samples=1)
+    assert errors == []
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| contender")]
+    assert [row.split("|")[1].strip() for row in rows] == bench.TRANSFORMER_CONTENDERS
+    assert "of parameters on manual rules" in lines[0]
+    targets = [line for line in lines if line.startswith("- transformer block")]
+    assert len(targets) == 2 and all(("met" in t or "MISSED" in t) and "1.2×" in t for t in targets)

@@ -334,12 +334,143 @@ def test_distributed_data_parallel(tmp_path):
         dist.destroy_process_group()
 
 
-def test_lazy_parametrized_and_attention_modules_are_reported_stock():
+def test_lazy_and_parametrized_modules_are_reported_stock_attention_converts():
     parametrized = nn.utils.parametrize.register_parametrization(nn.Linear(3, 3), "weight", nn.Identity())
     model = nn.Sequential(parametrized, nn.LazyLinear(3), nn.MultiheadAttention(3, 1))
     report = mb.report(mb.convert(model))
-    assert "ParametrizedLinear (subclass of torch.nn.Linear" in report.row("0").reason
+    assert "ParametrizedLinear (subclass of torch.nn.Linear made by torch.nn.utils.parametrize" in report.row("0").reason
     assert report.row("1").reason.startswith("lazy module not materialised") and report.row("1").parameters == 0
-    assert report.row("2").status == report.row("2.out_proj").status == "stock"
+    assert report.row("2").status == report.row("2.out_proj").status == "manual"
+    assert report.row("2.out_proj").reason.endswith("subclass with the base's forward")
     model[1](torch.randn(2, 3))  # materialise the lazy layer
     assert type(mb.convert(model)[1]) is mnn.Linear  # LazyLinear became torch.nn.Linear: now converted
+
+
+# ------------------------------------------ subclasses, shared parameters, parameters used directly
+
+
+class SameForwardLinear(nn.Linear):
+    """A subclass that keeps Linear's forward (like torch's NonDynamicallyQuantizableLinear)."""
+
+
+def test_subclass_with_the_base_forward_converts_like_its_base_and_restores_to_itself():
+    ndq = nn.modules.linear.NonDynamicallyQuantizableLinear
+    model = nn.Sequential(ndq(3, 4), SameForwardLinear(4, 2), MyLinear(2, 2))
+    converted = mb.convert(model)
+    report = mb.report(converted)
+    for name, cls in (("0", ndq), ("1", SameForwardLinear)):
+        module = converted[int(name)]
+        assert isinstance(module, cls) and isinstance(module, mnn.Linear) and type(module) is not cls
+        assert report.row(name).status == "manual" and report.row(name).reason.endswith("subclass with the base's forward")
+    assert repr(converted) == repr(model)  # the counterpart keeps the subclass's name
+    assert report.row("2").status == "stock" and "overrides forward" in report.row("2").reason
+    x = torch.randn(5, 3, requires_grad=True)
+    assert rule_nodes(converted(x)) == {"LinearBackward": 2}
+    assert type(mb.convert(model)[0]) is type(converted[0])  # one counterpart class per subclass
+    restored = mb.restore(converted)
+    assert [type(m) for m in restored] == [ndq, SameForwardLinear, MyLinear]
+
+
+class OwnFeedForward(nn.TransformerEncoderLayer):
+    """Keeps torch's forward but changes a method it calls: a rule's forward would drop that."""
+
+    def _ff_block(self, x):
+        return super()._ff_block(x) * 2
+
+
+class ExtraParameter(nn.Linear):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unused = nn.Parameter(torch.zeros(2))  # the base's forward never reads it
+
+
+def test_subclass_overriding_a_method_the_forward_calls_stays_stock():
+    report = mb.report(mb.convert(OwnFeedForward(8, 2, dim_feedforward=8)))
+    row = report.row("")  # no parameters of its own: a container whose own forward runs stock
+    assert row.status == "container" and "that overrides _ff_block" in row.reason
+    assert report.row("linear1").status == "manual"
+    converted = mb.convert(ExtraParameter(3, 2))
+    assert isinstance(converted, mnn.Linear) and mb.report(converted).row("").status == "manual"
+
+
+def test_subclass_counterpart_pickles_by_reference(tmp_path):
+    converted = mb.convert(nn.Sequential(SameForwardLinear(3, 2)))
+    torch.save(converted, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert type(loaded[0]) is type(converted[0])
+
+
+def test_subclass_report_before_convert_says_a_rule_is_available():
+    report = mb.report(nn.Sequential(SameForwardLinear(3, 2)))
+    assert report.row("0").status == "stock" and "subclass with the base's forward" in report.row("0").reason
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.out = nn.Linear(4, 7, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, x):
+        return self.out(self.embed(x))
+
+
+def test_shared_parameter_is_manual_only_if_every_owner_is():
+    both = mb.report(mb.convert(Tied()))
+    assert both.parameter("embed.weight").status == "manual" and both.manual_parameters == 28
+    assert both.parameter("embed.weight").owners == ("embed.weight", "out.weight")
+    half = mb.report(mb.convert(Tied(), exclude=["out"]), exclude=["out"])
+    assert half.row("embed").status == "manual" and half.row("out").status == "stock"
+    assert half.row("embed").reason.endswith("weight shared with a stock module: counted as stock")
+    assert half.parameter("embed.weight").status == "stock" and half.manual_parameters == 0
+    assert half.stock_parameters == 28  # counted once
+    assert "embed.weight (28): shared by 2 modules" in str(half)
+
+
+class WithToken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(1, 4))
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.proj(torch.cat([self.token.expand(x.shape[0], -1), x], dim=0))
+
+
+def test_parameters_used_directly_by_a_custom_forward_are_listed_stock():
+    report = mb.report(mb.convert(WithToken()))
+    row = report.parameter("token")
+    assert row.status == "stock" and "custom forward uses its own parameters (token) directly" in row.reason
+    assert report.parameter("proj.weight").status == "manual"
+    assert [p.name for p in report.stock_parameter_rows] == ["token"]
+
+
+def test_identity_adds_no_node_after_convert():
+    model = mb.convert(nn.Sequential(nn.Linear(3, 3), nn.Identity(), nn.Identity()))
+    x = torch.randn(2, 3, requires_grad=True)
+    out = model(x)
+    assert out.grad_fn.name() == "LinearBackward" and rule_nodes(out) == {"LinearBackward": 1}
+    assert model[1](x) is x
+
+
+def _graph_names(out: torch.Tensor) -> list[str]:
+    names, stack, seen = [], [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        stack += [n for n, _ in node.next_functions]
+    return names
+
+
+def test_modules_with_nothing_to_compute_add_no_nodes_after_convert():
+    """Identity, eval-mode Dropout and Flatten add nothing of their own (Flatten's view node is torch's, before and after)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Identity(), nn.Dropout(0.5), nn.Flatten(0), nn.Identity()).eval()
+    x = torch.randn(2, 3, requires_grad=True)
+    stock = [n for n in _graph_names(model(x)) if not n.startswith(("AddmmBackward", "TBackward", "AccumulateGrad"))]
+    converted = mb.convert(model)
+    names = [n for n in _graph_names(converted(x)) if n != "AccumulateGrad"]
+    assert sorted(names) == sorted(stock + ["LinearBackward"])  # the view of Flatten, and our Linear

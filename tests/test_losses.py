@@ -75,6 +75,15 @@ def test_ce_all_targets_ignored_is_nan_like_torch():
     assert MF.cross_entropy(z, y).isnan() and TF.cross_entropy(z, y).isnan()
 
 
+def test_ce_probability_targets_refuse_ignore_index_like_torch():
+    z, p = torch.randn(3, 4), torch.softmax(torch.randn(3, 4), 1)
+    with pytest.raises(RuntimeError, match="ignore_index is not supported for floating point target"):
+        TF.cross_entropy(z, p, ignore_index=1)
+    with pytest.raises(RuntimeError, match="ignore_index is not supported for floating point target"):
+        MF.cross_entropy(z, p, ignore_index=1)
+    MF.cross_entropy(z, p, ignore_index=-100)  # the default is accepted, as by torch
+
+
 def test_ce_minus_inf_logit_elsewhere_is_finite_like_torch():
     z = torch.tensor([[0.0, float("-inf"), 1.0]], requires_grad=True)
     y = torch.tensor([2])

@@ -145,9 +145,24 @@ def test_functions_without_a_rule_run_stock_inside():
     x = torch.randn(2, 4, 8, requires_grad=True)
     with mb.manual_functions() as mode:
         out = F.instance_norm(x)
-        attn = F.scaled_dot_product_attention(x, x, x)
+        attn = F.normalize(x, dim=-1)
     assert not mode.routed
     assert not rule_nodes(out) and not rule_nodes(attn)
+
+
+def test_attention_and_embedding_functions_are_routed():
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    E = torch.randn(5, 8, requires_grad=True)
+    mha = torch.nn.MultiheadAttention(8, 2)  # stock: its slow path calls F.multi_head_attention_forward
+    with mb.manual_functions() as mode:
+        attn = F.scaled_dot_product_attention(x, x, x)
+        looked_up = F.embedding(torch.tensor([1, 4]), E)
+        sparse = F.embedding(torch.tensor([1, 4]), E, sparse=True)  # no rule for sparse gradients: stock
+        out, _ = mha(x, x, x)
+    assert mode.routed == {"scaled_dot_product_attention": 1, "embedding": 2, "multi_head_attention_forward": 1}
+    assert rule_nodes(attn) == {"AttentionBackward": 1} and rule_nodes(looked_up) == {"EmbeddingBackward": 1}
+    assert not rule_nodes(sparse)
+    assert rule_nodes(out) == {"LinearBackward": 2, "AttentionBackward": 1}
 
 
 def test_backward_after_the_block_uses_our_rules():

@@ -14,11 +14,12 @@ x4 = lambda device: [torch.randn(3, 2, 4, device=device)]  # noqa: E731
 regression = lambda device: [torch.randn(5, 3, device=device), torch.randn(5, 3, device=device)]  # noqa: E731
 probabilities = lambda device: [torch.rand(5, 3, device=device) * 0.9 + 0.05, torch.rand(5, 3, device=device)]  # noqa: E731
 classes = lambda device: [torch.randn(5, 4, device=device), torch.randint(0, 4, (5,), device=device)]  # noqa: E731
+indices = lambda device: [torch.tensor([[0, 1, 5], [5, 5, 2]], device=device)]  # noqa: E731
 
 MODULES = [
     (mnn.Linear, torch.nn.Linear, dict(in_features=4, out_features=3), x4, "LinearBackward"),
     (mnn.Linear, torch.nn.Linear, dict(in_features=4, out_features=3, bias=False), x4, "LinearBackward"),
-    (mnn.Identity, torch.nn.Identity, {}, x4, "IdentityBackward"),
+    (mnn.Identity, torch.nn.Identity, {}, x4, None),  # returns its input: no node
     (mnn.Sigmoid, torch.nn.Sigmoid, {}, x4, "SigmoidBackward"),
     (mnn.Tanh, torch.nn.Tanh, {}, x4, "TanhBackward"),
     (mnn.ReLU, torch.nn.ReLU, {}, x4, "ReLUBackward"),
@@ -32,6 +33,8 @@ MODULES = [
     (mnn.BCELoss, torch.nn.BCELoss, dict(weight=torch.tensor([0.5, 1.0, 2.0])), probabilities, "BinaryCrossEntropyBackward"),
     (mnn.BCEWithLogitsLoss, torch.nn.BCEWithLogitsLoss, dict(pos_weight=torch.tensor([0.5, 1.0, 2.0])), regression, "BinaryCrossEntropyWithLogitsBackward"),
     (mnn.CrossEntropyLoss, torch.nn.CrossEntropyLoss, dict(weight=torch.tensor([1.0, 2.0, 0.5, 1.0]), label_smoothing=0.1), classes, "CrossEntropyBackward"),
+    # embedding (MultiheadAttention returns a tuple: its drop-in tests are in tests/test_attention.py)
+    (mnn.Embedding, torch.nn.Embedding, dict(num_embeddings=6, embedding_dim=3, padding_idx=1), indices, "EmbeddingBackward"),
 ]
 # norm branch: normalisation and the activations CNNs use (Dropout, random, has its own drop-in test below)
 x2 = lambda device: [torch.randn(5, 3, device=device)]  # noqa: E731
@@ -140,7 +143,8 @@ def test_functional_signatures_match_torch():
         try:
             expected = inspect.signature(stock)
         except ValueError:  # a builtin without a signature: read it from the docstring
-            expected = stock.__doc__.strip().splitlines()[0]
+            doc = stock.__doc__.strip()  # the signature line, which may wrap onto the next lines
+            expected = " ".join(line.strip() for line in doc[: doc.index(")") + 1].splitlines())
             assert expected.startswith(f"{name}(")
             params = [p.split("=")[0].strip() for p in expected[len(name) + 1 : expected.index(")")].split(",")]
             assert list(inspect.signature(ours).parameters) == params, name

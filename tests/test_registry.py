@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import manual_backprop as mb
+import manual_backprop.functional as MF
 import manual_backprop.nn as mnn
 from manual_backprop.registry import ENTRY_POINT_GROUP, Registry
 from manual_backprop.testing import rule_nodes
@@ -48,6 +49,11 @@ BUILTIN_PAIRS = {
     nn.Hardswish: mnn.Hardswish,
     nn.Mish: mnn.Mish,
     nn.PReLU: mnn.PReLU,
+    # embedding and attention
+    nn.Embedding: mnn.Embedding,
+    nn.MultiheadAttention: mnn.MultiheadAttention,
+    nn.TransformerEncoderLayer: mnn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer: mnn.TransformerDecoderLayer,
 }
 # convolution and pooling (issue 8)
 BUILTIN_PAIRS.update({getattr(nn, name): getattr(mnn, name) for name in [
@@ -62,7 +68,7 @@ class ManualSoftsign(nn.Softsign):
     """A rule a user adds: Softsign on our Elementwise machinery would go here; forward only."""
 
     def forward(self, input):
-        return mnn.Identity.forward(self, input).div(1 + input.abs())
+        return MF.identity(input).div(1 + input.abs())
 
 
 def test_default_registry_holds_the_builtin_pairs():
@@ -172,11 +178,11 @@ def test_unknown_rule_set_names_the_known_ones():
 
 GOOD_PLUGIN = '''
     import torch
-    import manual_backprop.nn as mnn
+    import manual_backprop.functional as MF
 
     class Softsign(torch.nn.Softsign):
         def forward(self, input):
-            return mnn.Identity.forward(self, input).div(1 + input.abs())
+            return MF.identity(input).div(1 + input.abs())
 
     def register(registry):
         registry.register(torch.nn.Softsign, Softsign)

@@ -9,6 +9,8 @@ from manual_backprop.nn.activation import ELU, GELU, LeakyReLU, ReLU, Sigmoid, S
 from manual_backprop.nn.linear import Identity, Linear
 from manual_backprop.nn.loss import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from manual_backprop.nn.mlp import MLP
+from manual_backprop.nn.embedding import Embedding
+from manual_backprop.nn.attention import MultiheadAttention, TransformerDecoderLayer, TransformerEncoderLayer
 
 # norm branch: normalisation, dropout, the activations CNNs use
 from manual_backprop.nn.activation import Hardsigmoid, Hardswish, Hardtanh, Mish, PReLU, ReLU6
@@ -84,4 +86,9 @@ __all__ = [
     "MaxPool1d",
     "MaxPool2d",
     "MaxPool3d",
+    # embedding and attention
+    "Embedding",
+    "MultiheadAttention",
+    "TransformerDecoderLayer",
+    "TransformerEncoderLayer",
 ]

@@ -15,7 +15,11 @@ class Linear(torch.nn.Linear):
 
 
 class Identity(torch.nn.Identity):
-    """torch.nn.Identity on our rule (σ(z) = z, σ' = 1), so δ passes through a node of ours."""
+    """torch.nn.Identity: z = a, δ passes unchanged. Nothing to compute, so no graph node either.
+
+    Returns its input itself, as torch's does (`F.identity` / `rules.Identity` remain for
+    the fused MLP, where "identity" is a layer's activation).
+    """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.identity(input)
+        return input

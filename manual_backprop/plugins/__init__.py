@@ -17,4 +17,8 @@ the import does), the plugin is skipped with a `PluginWarning` naming it.
 `feedback_alignment` is the worked example: it replaces a built-in rule, so it offers
 a rule set (``convert(model, registry="feedback_alignment")``) instead of overriding
 torch.nn.Linear for everyone who installs it.
+
+`huggingface` is the worked example of rules for a third-party library's classes
+(transformers' Conv1D and GELU modules): it registers them only when that library is
+importable, and imports it only then, never when manual_backprop is imported.
 """

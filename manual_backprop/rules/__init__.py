@@ -34,6 +34,8 @@ from manual_backprop.rules.mlp import MLP
 from manual_backprop.rules.activations import Hardsigmoid, Hardswish, Hardtanh, Mish, PReLU, ReLU6
 from manual_backprop.rules.dropout import Dropout
 from manual_backprop.rules.norm import BatchNorm, BatchNormEval, GroupNorm, LayerNorm, RMSNorm
+from manual_backprop.rules.embedding import Embedding
+from manual_backprop.rules.attention import Attention
 from manual_backprop.rules.losses import (
     BinaryCrossEntropy,
     BinaryCrossEntropyWithLogits,
@@ -84,4 +86,7 @@ __all__ = [
     "ConvTranspose",
     "MaxPool",
     "Pad",
+    # embedding and attention
+    "Attention",
+    "Embedding",
 ]

@@ -1,0 +1,69 @@
+"""Embedding: a lookup, z[n] = E[x[n]], whose gradient adds δ back into the rows looked up.
+
+An embedding is a Linear layer applied to one-hot inputs: with a[n] = onehot(x[n]),
+z[n] = Eᵀ a[n] picks row x[n] of E (torch's weight, num_embeddings × embedding_dim).
+The notes' ∂J/∂W = Σₙ δₙ aₙᵀ then becomes, row by row,
+
+    ∂J/∂E[i] = Σ_{n : x[n] = i} δₙ           (index_add of δ into the rows looked up)
+
+and no gradient flows to the integer indices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from manual_backprop._amp import without_autocast
+
+
+class Embedding(torch.autograd.Function):
+    """z = E[x] for integer x: (*), E: (num_embeddings, embedding_dim); z: (*, embedding_dim).
+
+    Backward, with δ = ∂J/∂z of shape (*, embedding_dim):
+
+        ∂J/∂E[i] = Σ_{n : x[n] = i} δₙ                 (`embedding_weight_grad`)
+
+    with the rows of padding_idx left at zero and, for scale_grad_by_freq, each δₙ
+    divided by how often x[n] occurs in x.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, E, padding_idx, scale_grad_by_freq):
+        return F.embedding(x, E)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, E, padding_idx, scale_grad_by_freq = inputs
+        ctx.num_embeddings = E.shape[0]
+        ctx.padding_idx, ctx.scale_grad_by_freq = padding_idx, scale_grad_by_freq
+        ctx.save_for_backward(x)
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, delta):
+        (x,) = ctx.saved_tensors
+        grad_E = None
+        if ctx.needs_input_grad[1]:
+            grad_E = embedding_weight_grad(delta, x, ctx.num_embeddings, ctx.padding_idx, ctx.scale_grad_by_freq)
+        return None, grad_E, None, None
+
+
+def embedding_weight_grad(delta, x, num_embeddings: int, padding_idx: int | None = None,
+                          scale_grad_by_freq: bool = False):
+    """∂J/∂E = Σₙ onehot(x[n]) δₙᵀ: δₙ added into row x[n], summed over every position of x.
+
+    delta: (*, embedding_dim), x: (*) integer indices. Rows of `padding_idx` get zero;
+    with `scale_grad_by_freq`, δₙ is divided by the number of times x[n] occurs in x.
+    """
+    x = x.reshape(-1)
+    delta = delta.reshape(x.shape[0], delta.shape[-1])
+    if scale_grad_by_freq:
+        counts = torch.bincount(x, minlength=num_embeddings)
+        delta = delta / counts[x].unsqueeze(1).to(delta.dtype)
+    if padding_idx is not None:
+        delta = delta * (x != padding_idx).unsqueeze(1).to(delta.dtype)
+    grad_E = delta.new_zeros(num_embeddings, delta.shape[1])
+    return grad_E.index_add(0, x, delta)

@@ -1,0 +1,117 @@
+"""Transformer models users convert: most parameters on our rules, gradients equal to stock.
+
+The models are faithful copies (scripts/zoo_transformers.py) of BERT, GPT-2, torchvision's
+and timm's ViT, and torch.nn.Transformer; transformers' own classes come from the stand-in
+package (tests/stand_ins), with this package's Hugging Face plugin registered.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import manual_backprop as mb
+from manual_backprop.plugins import huggingface
+from manual_backprop.testing import assert_grad_parity, rule_nodes
+
+ROOT = Path(__file__).resolve().parents[1]
+STAND_INS = ROOT / "tests" / "stand_ins"
+
+# Rules each model needs for ≥ 95% (from other rule families: LayerNorm, Dropout from norm; Conv2d from conv).
+NEEDS = {
+    "bert_classifier": [nn.LayerNorm],
+    "gpt2_lm": [nn.LayerNorm],
+    "torchvision_vit": [nn.LayerNorm, nn.Conv2d],
+    "timm_vit": [nn.LayerNorm, nn.Conv2d],
+    "timm_vit_layerscale": [nn.LayerNorm, nn.Conv2d],
+    "torch_transformer": [nn.LayerNorm],
+}
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    """scripts/zoo_transformers.py, with the stand-in transformers importable while this module runs."""
+    len(mb.default_registry())  # the default registry loads its plugins before, never with the stand-in
+    sys.path.insert(0, str(STAND_INS))
+    spec = importlib.util.spec_from_file_location("zoo_transformers", ROOT / "scripts" / "zoo_transformers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["zoo_transformers"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(str(STAND_INS))
+    for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def registry(zoo):
+    registry = mb.Registry(builtins=True)
+    huggingface.register(registry)
+    return registry
+
+
+@pytest.mark.parametrize("name", list(NEEDS))
+def test_gradients_equal_stock(zoo, registry, name):
+    model, inputs, target, loss_fn = zoo.MODELS[name]()
+    model.train()  # dropout on: both runs draw the same masks
+    result = assert_grad_parity(model, inputs, target, loss_fn, registry=registry, rtol=1e-6, atol=1e-8)
+    assert {"LinearBackward"} <= set(result.rule_nodes)
+
+
+@pytest.mark.parametrize("name", list(NEEDS))
+def test_at_least_95_percent_of_parameters_on_our_rules(zoo, registry, name):
+    missing = [t.__name__ for t in NEEDS[name] if t not in registry]
+    if missing:
+        pytest.skip(f"needs rules for {', '.join(missing)} (other rule families; this branch has none)")
+    model = zoo.MODELS[name]()[0]
+    report = mb.report(mb.convert(model, registry=registry), registry=registry)
+    assert zoo.manual_share(report) >= 0.95, str(report)
+
+
+def test_gpt2_tied_weight_is_counted_once_as_manual_only_if_both_owners_are(zoo, registry):
+    model = zoo.gpt2_lm()[0]
+    converted = mb.convert(model, registry=registry)
+    row = mb.report(converted, registry=registry).parameter("transformer.wte.weight")
+    assert row.owners == ("transformer.wte.weight", "lm_head.weight") and row.status == "manual"
+    assert type(converted.transformer.h[0].attn.c_attn).__module__ == huggingface.__name__
+    half = mb.convert(model, registry=registry, exclude=["lm_head"])
+    report = mb.report(half, registry=registry, exclude=["lm_head"])
+    row = report.parameter("transformer.wte.weight")
+    assert row.status == "stock" and "shared by 2 modules" in row.reason and "excluded by 'lm_head'" in row.reason
+    assert report.row("transformer.wte").status == "manual"  # the module is manual; its tied weight is not
+    # the summary counts every tensor once, from the per-parameter statuses
+    assert report.manual_parameters == sum(p.numel for p in report.parameters if p.status == "manual")
+    assert report.manual_parameters + report.stock_parameters == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,parameters", [("torchvision_vit", ["class_token", "encoder.pos_embedding"]),
+                                             ("timm_vit", ["cls_token", "pos_embed"])])
+def test_parameters_a_custom_forward_uses_are_listed_stock_with_the_reason(zoo, registry, name, parameters):
+    report = mb.report(mb.convert(zoo.MODELS[name]()[0], registry=registry), registry=registry)
+    for parameter in parameters:
+        row = report.parameter(parameter)
+        assert row.status == "stock" and "custom forward uses its own parameters" in row.reason
+    assert "parameters on stock autograd:" in str(report)
+
+
+def test_identity_modules_add_no_graph_nodes(zoo, registry):
+    """timm's ViT holds Identity modules (patch_drop, norm_pre, q_norm, ls1, drop_path1, ...): none in the graph."""
+    model, (x,), _, _ = zoo.timm_vit()
+    converted = mb.convert(model, registry=registry)
+    identities = [m for m in converted.modules() if isinstance(m, nn.Identity)]
+    assert len(identities) >= 10 and all(type(m) is mb.nn.Identity for m in identities)
+    nodes, stack, seen = [], [converted(x).grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.append(node.name())
+        stack += [n for n, _ in node.next_functions]
+    assert not [n for n in nodes if "Identity" in n]
+    assert "IdentityBackward" not in rule_nodes(converted(x))
