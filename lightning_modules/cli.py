@@ -103,6 +103,12 @@ class ManualBackpropCLI(LightningCLI):
             # write them into default_root_dir (by default the current folder). Say where they go.
             print(f"{PROG}: --trainer.logger=false: writing config.yaml, checkpoints and plots under {root}", file=sys.stderr)
 
+    def instantiate_trainer(self, **kwargs) -> pl.Trainer:
+        # Model and data module exist: a task that does not fit the data fails now, before the Trainer.
+        if hasattr(self.model, "check_datamodule") and self.datamodule is not None:
+            self.model.check_datamodule(self.datamodule)
+        return super().instantiate_trainer(**kwargs)
+
     def after_fit(self) -> None:
         wrote = [Path(self.trainer.log_dir or self.trainer.default_root_dir)]
         checkpoint = self.trainer.checkpoint_callback
@@ -172,8 +178,10 @@ def quiet() -> None:
 
 
 class _DropTips(logging.Filter):
+    """Lightning's advertising, and "Seed set to N" (config.yaml records the seed): an error comes alone."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip")
+        return not str(record.msg).startswith(("💡 Tip", "Seed set to"))
 
 
 def cli_main(args: ArgsType = None) -> None:

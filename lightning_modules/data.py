@@ -127,6 +127,7 @@ class TableDataModule(pl.LightningDataModule):
                 if len(self.classes) < 2:
                     raise ConfigError(f"multiclass labels take at least 2 values; got only {self.classes.tolist()}")
         self.features = features
+        self.check_split_sizes()  # now, not at setup: bad input fails before a Trainer exists
 
     # -------------------------------------------------------------- splits
 

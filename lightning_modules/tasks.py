@@ -12,7 +12,9 @@ torch, for comparison. A checkpoint of either backend loads into either.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import warnings
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
@@ -93,17 +95,26 @@ class TaskModule(pl.LightningModule):
         weights_only=True. A `net` module passed from Python is not saved (pass `net` again to
         load_from_checkpoint); a `net` config (class path and init args, as the CLI records a
         `net` given by class_path) is, so such a checkpoint reloads on its own."""
-        self.save_hyperparameters(frame=subclass_frame)
-        if "net" in self.hparams and not isinstance(self.hparams["net"], Mapping):
-            del self.hparams["net"]
+        with warnings.catch_warnings():  # a `net` module is dropped just below
+            warnings.filterwarnings("ignore", message="Attribute 'net' is an instance of `nn.Module`")
+            self.save_hyperparameters(frame=subclass_frame)
+        hparams = self.hparams
+        if "net" in hparams and not isinstance(hparams["net"], Mapping):
+            del hparams["net"]
+        if isinstance(hparams.get("net"), Mapping):
+            hparams["net"] = dict(hparams["net"])
+            # load_from_checkpoint then calls this class with net=<config>, which __init__ builds
+            # (LightningCLI's instantiator would build it first and its config would be lost).
+            hparams.pop("_instantiator", None)
         if net is not None:  # the built-in network's arguments: unused when `net` is given
             for key in ("hidden_sizes", "activation"):
-                self.hparams.pop(key, None)
+                hparams.pop(key, None)
         # LightningCLI records every applied link, also ones this class does not take
         # (num_targets → out_features on a classifier); keep only real arguments.
         accepted = inspect.signature(type(self).__init__).parameters
-        for key in [k for k in self.hparams if k not in accepted and not k.startswith("_")]:
-            del self.hparams[key]
+        for key in [k for k in hparams if k not in accepted and not k.startswith("_")]:
+            del hparams[key]
+        self._hparams_initial = copy.deepcopy(self._hparams)  # what loggers record (hparams.yaml)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The built-in network's keys depend on the backend (MLP `net.layers.{k}.` vs Sequential
@@ -141,8 +152,12 @@ class TaskModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # Runs after the data module's setup and before any batch: mismatches fail here, not mid-epoch.
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is None:
-            return
+        if datamodule is not None:
+            self.check_datamodule(datamodule)
+
+    def check_datamodule(self, datamodule: Any) -> None:
+        """Raise a ConfigError when `datamodule` does not fit this task (the CLI calls this as soon
+        as both exist, before building the Trainer; `setup` calls it again)."""
         data_task = getattr(datamodule, "task", None)
         if data_task is not None and data_task != self.task:
             raise ConfigError(
