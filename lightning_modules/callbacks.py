@@ -168,3 +168,20 @@ class PredictionWriter(pl.Callback):
             return [names[0], *(f"p_{label}" for label in labels)], [[labels[k] for k in best], *probabilities]
         values = predictions.reshape(len(predictions), -1)
         return [f"prediction_{j}" for j in range(values.shape[1])], [values[:, j].tolist() for j in range(values.shape[1])]
+
+
+class DistributedTeardown(pl.Callback):
+    """Destroys the default process group when a stage ends, in every process.
+
+    Lightning destroys NCCL groups at exit, but leaves a gloo group (CPU DDP) to the
+    interpreter's shutdown, where its threads sometimes abort the process
+    ("terminate called without an active exception", SIGABRT) after training finished.
+    The next stage in the same process sets the group up again.
+    """
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no process leaves while another still talks to it
+            dist.destroy_process_group()

@@ -30,7 +30,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from lightning_modules.callbacks import PredictionWriter, TrainingCurves
+from lightning_modules.callbacks import DistributedTeardown, PredictionWriter, TrainingCurves
 from lightning_modules.errors import ConfigError
 
 PROG = "manual-backprop"
@@ -107,7 +107,9 @@ class ManualBackpropCLI(LightningCLI):
         # Model and data module exist: a task that does not fit the data fails now, before the Trainer.
         if hasattr(self.model, "check_datamodule") and self.datamodule is not None:
             self.model.check_datamodule(self.datamodule)
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(DistributedTeardown())  # a no-op on one process
+        return trainer
 
     def after_fit(self) -> None:
         wrote = [Path(self.trainer.log_dir or self.trainer.default_root_dir)]
