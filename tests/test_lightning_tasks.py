@@ -128,7 +128,7 @@ def test_bad_network_arguments_name_the_value(kwargs, message):
     [
         (lambda: RegressionTask(hidden_sizes=[4]), ValueError, "RegressionTask needs in_features"),
         (lambda: MulticlassClassificationTask(4, num_classes=1), ValueError, "num_classes must be an integer >= 2; got 1"),
-        (lambda: MulticlassClassificationTask(4), ValueError, "num_classes must be an integer >= 2; got None"),
+        (lambda: MulticlassClassificationTask(4), ValueError, r"needs num_classes \(an integer >= 2\); got None\. The CLI links it"),
         (lambda: RegressionTask(4, out_features=0), ValueError, "out_features must be a positive integer; got 0"),
         (lambda: RegressionTask(4, lr=0.0), ValueError, "lr must be positive; got 0.0"),
         (lambda: RegressionTask(4, weight_decay=-1.0), ValueError, "weight_decay must be >= 0; got -1.0"),
@@ -393,7 +393,7 @@ def test_builtin_network_checkpoint_loads_weights_only_and_restores_target_scale
     state = torch.load(tmp_path / "model.ckpt", weights_only=True)
     assert state["hyper_parameters"] == {
         "in_features": 3, "out_features": 3, "hidden_sizes": [4], "activation": "relu",
-        "backend": "manual", "lr": 1e-3, "weight_decay": 0.0,
+        "backend": "manual", "lr": 1e-3, "weight_decay": 0.0, "target_names": None,
     }  # fmt: skip
     restored = RegressionTask.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=True)
     torch.testing.assert_close(restored.target_mean, torch.tensor(data.target_mean, dtype=torch.float32))
