@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 
 class TrainingCurves(pl.Callback):
@@ -132,7 +132,10 @@ class PredictionWriter(pl.Callback):
         self._outputs.append(outputs.detach().float().cpu())
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._outputs or trainer.world_size > 1:
+        if trainer.world_size > 1:
+            rank_zero_warn(f"{self.filename} is written on one process only: predict with --trainer.devices=1")
+            return
+        if not self._outputs:
             return
         import torch
 
