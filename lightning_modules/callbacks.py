@@ -68,9 +68,12 @@ class TrainingCurves(pl.Callback):
     @staticmethod
     def _metric_label(pl_module: pl.LightningModule, metric: str) -> str:
         name = {"r2": "R²", "mse": "MSE", "mae": "MAE", "f1": "F1", "auroc": "AUROC"}.get(metric, metric)
-        if metric in ("r2", "mse", "mae"):
+        if metric in ("r2", "mse", "mae"):  # R² has no units; MSE and MAE are in the target's
             outputs = getattr(pl_module, "out_features", 1)
-            name += " (target units)" if outputs == 1 else f" (mean over {outputs} targets)"
+            if outputs > 1:
+                name += f" (mean over {outputs} targets)"
+            elif metric != "r2":
+                name += " (target units)"
         elif metric == "accuracy" and getattr(pl_module, "task", "") == "multiclass":
             name += " (micro: fraction correct)"
         return name

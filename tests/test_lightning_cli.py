@@ -291,6 +291,10 @@ def test_curves_say_what_they_plot(two_target_run):
     fit = two_target_run["fit"]
     assert TrainingCurves._title(fit.trainer, fit.model) == f"regression on {two_target_run['table']}, backend manual"
     assert TrainingCurves._metric_label(fit.model, "r2") == "R² (mean over 2 targets)"
+    single = RegressionTask(3)
+    assert [TrainingCurves._metric_label(single, m) for m in ("r2", "mae")] == ["R²", "MAE (target units)"]
+    binary = BinaryClassificationTask(3)
+    assert (binary.loss_label, TrainingCurves._metric_label(binary, "accuracy")) == ("loss: binary cross-entropy", "accuracy")
     assert fit.model.loss_label == "loss: MSE on standardized targets"
     assert (two_target_run["log_dir"] / "training_curves.png").stat().st_size > 10_000
 
