@@ -134,7 +134,6 @@ class TableDataModule(pl.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.splits:  # once: every stage sees the same split and scalers
             return
-        self.check_split_sizes()
         rows = np.arange(len(self.features))
         stratify = None if self.task == "regression" else self.targets
         try:
