@@ -75,23 +75,39 @@ class ManualBackpropCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.target_names", "model.init_args.target_names", apply_on="instantiate")
 
-    def before_instantiate_classes(self) -> None:
-        if self.subcommand is None:
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
             return
-        config = self.config[self.subcommand]
+        # A backend given on the command line wins over the checkpoint's (LightningCLI rebuilds the
+        # model from the checkpoint's hyperparameters): a manual run's checkpoint tests on autograd.
+        argv = sys.argv[1:] if args is None else args
+        self._backend = _option_value(argv, ("--model.init_args.backend", "--model.backend")) if isinstance(argv, list) else None
+        # `--ckpt_path last` becomes the path itself now, so LightningCLI reads that checkpoint's
+        # hyperparameters as it does for a path, and the saved config.yaml says which checkpoint.
+        config = self.config[subcommand]
         ckpt_path = config.get("ckpt_path")
         root = Path(config.get("trainer.default_root_dir") or os.getcwd())
         if ckpt_path == "last":
             found = latest_last_checkpoint(root)
-            if found is None and self.subcommand in EVALUATING:
+            if found is None and subcommand in EVALUATING:
                 raise ConfigError(
                     f"--ckpt_path last: no last.ckpt under {root / 'lightning_logs'}/version_*/checkpoints/; "
                     "train first (`fit`), or pass --ckpt_path=PATH/TO.ckpt"
                 )
-            if found is not None:  # the path itself, so the saved config.yaml says which one
+            if found is not None:
                 config["ckpt_path"] = str(found)
         elif ckpt_path is not None and not Path(ckpt_path).is_file() and not str(ckpt_path).startswith(("best", "hpc", "registry")):
             raise ConfigError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is None:
+            return
+        config = self.config[self.subcommand]
+        root = Path(config.get("trainer.default_root_dir") or os.getcwd())
+        if getattr(self, "_backend", None) and config.get("model.init_args.backend") is not None:
+            config["model.init_args.backend"] = self._backend
         if self.subcommand in EVALUATING and config.get("ckpt_path") is None and not config.get("allow_untrained"):
             raise ConfigError(
                 f"{self.subcommand} needs --ckpt_path: without a checkpoint it would score a freshly built, untrained "
@@ -123,6 +139,16 @@ class ManualBackpropCLI(LightningCLI):
         writer = next((cb for cb in self.trainer.callbacks if isinstance(cb, PredictionWriter)), None)
         if writer is not None and writer.path is not None:
             print(f"{PROG}: predictions written to {writer.path}")
+
+
+def _option_value(argv: list, names: tuple[str, ...]) -> Optional[str]:
+    """The last value given to any of `names` in argv (`--name=value` or `--name value`)."""
+    value = None
+    for i, token in enumerate(map(str, argv)):
+        name, equals, given = token.partition("=")
+        if name in names:
+            value = given if equals else (str(argv[i + 1]) if i + 1 < len(argv) else None)
+    return value
 
 
 def latest_last_checkpoint(root: Path) -> Optional[Path]:

@@ -122,6 +122,13 @@ class TaskModule(pl.LightningModule):
         # Lightning calls this before it loads checkpoint["state_dict"], on every load path.
         if self._builtin_network:
             checkpoint["state_dict"] = state_dict_for_backend(checkpoint["state_dict"], self.hparams.backend, "net.")
+        own = self.state_dict()
+        for key, value in checkpoint["state_dict"].items():
+            if key in own and tuple(own[key].shape) != tuple(value.shape):
+                raise ConfigError(
+                    f"the checkpoint's {key} has shape {tuple(value.shape)}, this model's {tuple(own[key].shape)}: "
+                    "it was trained with other data columns or network settings"
+                )
 
     # ------------------------------------------------------------ per task
 

@@ -356,6 +356,15 @@ def test_test_and_predict_from_the_checkpoint_write_predictions_csv(two_target_r
 
     code, out, err = run_cli(["test", *common, "--ckpt_path", "last"], capsys)
     assert code == 0 and "test/r2/rooms" in out and "test/mae/price" in out
+    manual = [line for line in out.splitlines() if "test/r2/rooms" in line]
+    # The same checkpoint on stock autograd: the command line's backend wins over the checkpoint's.
+    code, out, err = run_cli(["test", *common, "--ckpt_path", "last", "--model.init_args.backend=autograd"], capsys)
+    assert code == 0 and [line for line in out.splitlines() if "test/r2/rooms" in line] == manual
+
+    # Data with another number of columns than the checkpoint's: one line, not torch's size-mismatch traceback.
+    wider = write_table(tmp_path / "wider.csv", ["size", "age", "dist", "extra", "price", "rooms"], 60)
+    code, out, err = run_cli(["test", *common, f"--data.init_args.path={wider}", f"--ckpt_path={checkpoint}"], capsys)
+    assert code == 2 and err.startswith("manual-backprop: error: the checkpoint's net.layers.0.weight has shape (32, 3), this model's (32, 4)")
 
 
 def test_classifier_predictions_name_the_data_labels(tmp_path, capsys):
