@@ -124,16 +124,22 @@ class ManualBackpropCLI(LightningCLI):
         if hasattr(self.model, "check_datamodule") and self.datamodule is not None:
             self.model.check_datamodule(self.datamodule)
         trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.append(DistributedTeardown())  # a no-op on one process
+        trainer.callbacks += [DistributedTeardown(), _QuietWorkers()]  # no-ops on one process
         return trainer
 
     def after_fit(self) -> None:
-        wrote = [Path(self.trainer.log_dir or self.trainer.default_root_dir)]
+        if self.trainer.fast_dev_run:
+            return
+        folder, last = Path(self.trainer.log_dir or self.trainer.default_root_dir), None
         checkpoint = self.trainer.checkpoint_callback
-        if checkpoint is not None and getattr(checkpoint, "last_model_path", ""):
-            wrote.append(Path(checkpoint.last_model_path))
-        if not self.trainer.fast_dev_run:
-            print(f"{PROG}: run folder {wrote[0]}" + (f"; resume with --ckpt_path last ({wrote[1]})" if len(wrote) > 1 else ""))
+        # The checkpoint's folder is the run's, also under ddp_spawn, where only best_model_path
+        # comes back to this process and its own logger would name the next version.
+        saved = getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", "")
+        if saved:
+            checkpoints = Path(saved).parent
+            folder = checkpoints.parent if checkpoints.name == "checkpoints" else folder
+            last = checkpoints / "last.ckpt" if (checkpoints / "last.ckpt").is_file() else None
+        print(f"{PROG}: run folder {folder}" + (f"; resume with --ckpt_path last ({last})" if last else ""))
 
     def after_predict(self) -> None:
         writer = next((cb for cb in self.trainer.callbacks if isinstance(cb, PredictionWriter)), None)
@@ -203,6 +209,13 @@ def quiet() -> None:
         for handler in [logger, *logger.handlers]:
             if not any(isinstance(f, _DropTips) for f in handler.filters):
                 handler.addFilter(_DropTips())
+
+
+class _QuietWorkers(pl.Callback):
+    """Spawned DDP processes start a fresh interpreter: quiet them too."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        quiet()
 
 
 class _DropTips(logging.Filter):
