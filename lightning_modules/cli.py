@@ -98,7 +98,12 @@ class ManualBackpropCLI(LightningCLI):
                 )
             if found is not None:
                 config["ckpt_path"] = str(found)
-        elif ckpt_path is not None and not Path(ckpt_path).is_file() and not str(ckpt_path).startswith(("best", "hpc", "registry")):
+        elif (
+            ckpt_path is not None
+            and not Path(ckpt_path).is_file()
+            and not str(ckpt_path).startswith(("best", "hpc", "registry"))
+            and "://" not in str(ckpt_path)  # remote checkpoints are Lightning's to find
+        ):
             raise ConfigError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
 
     def before_instantiate_classes(self) -> None:
