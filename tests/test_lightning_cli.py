@@ -515,3 +515,29 @@ def test_console_script_error_is_one_line_and_output_is_quiet(tmp_path):
     assert done.returncode == 2
     assert done.stderr == "manual-backprop: error: data.csv: row 2 (line 3), column 'b' holds 'five', which is not a number\n"
     assert done.stdout == ""
+
+
+def readme_walkthrough() -> list[list[str]]:
+    """The commands of the README's "Your own CSV" walkthrough, as argument lists."""
+    section = (ROOT / "README.md").read_text().split("#### Your own CSV", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    return [shlex.split(line)[1:] for line in block.splitlines() if line.startswith("manual-backprop ")]
+
+
+def test_readme_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys):
+    """fit → resume → test → predict, word for word, in a folder holding the user's two CSVs."""
+    (tmp_path / "lightning_modules").symlink_to(ROOT / "lightning_modules")  # the paths are a clone's
+    monkeypatch.chdir(tmp_path)
+    write_table(tmp_path / "houses.csv", ["size", "rooms", "age", "price"], 100)
+    new = write_table(tmp_path / "all.csv", ["size", "rooms", "age", "price"], 7, seed=3).read_text().splitlines()
+    (tmp_path / "new_houses.csv").write_text("\n".join(",".join(line.split(",")[:3]) for line in new) + "\n")
+    commands = readme_walkthrough()
+    assert [args[0] for args in commands] == ["fit", "fit", "test", "predict"]
+    outputs = []
+    for args in commands:
+        code, out, err = run_cli([*args, *QUIET], capsys)
+        assert code == 0, (args, err)
+        outputs.append(out)
+    assert "resume with --ckpt_path last" in outputs[0] and "test/r2" in outputs[2]
+    predictions = Path(outputs[3].strip().split("predictions written to ")[-1]).read_text().splitlines()
+    assert predictions[0] == "row,price" and len(predictions) == 8
