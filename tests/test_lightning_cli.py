@@ -241,11 +241,14 @@ def write_table(path: Path, columns: list[str], rows: int, seed: int = 0, labels
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """cli_main in-process: (exit code, stdout, stderr)."""
     capsys.readouterr()
+    path = list(sys.path)  # cli_main puts the current folder on it, as a console script run there would
     try:
         cli_main(args)
         code = 0
     except SystemExit as exit_info:
         code = exit_info.code
+    finally:
+        sys.path[:] = path
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -436,6 +439,7 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
         raise RuntimeError("a bug in our plot")
 
     monkeypatch.setattr(TrainingCurves, "_plot", broken)
+    monkeypatch.setattr(sys, "path", list(sys.path))
     args = ["fit", "--config", str(config_path("regression_diabetes")), "--trainer.max_steps=1",
             f"--trainer.default_root_dir={tmp_path}", *QUIET]  # fmt: skip
     with pytest.raises(RuntimeError, match="a bug in our plot"):
