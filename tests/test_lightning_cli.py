@@ -25,6 +25,7 @@ from lightning_modules import (
     TrainingCurves,
     config_path,
 )
+from lightning_modules.callbacks import PredictionWriter
 from lightning_modules.cli import build_cli, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -363,6 +364,8 @@ def test_test_and_predict_from_the_checkpoint_write_predictions_csv(two_target_r
     # The same checkpoint on stock autograd: the command line's backend wins over the checkpoint's.
     code, out, err = run_cli(["test", *common, "--ckpt_path", "last", "--model.init_args.backend=autograd"], capsys)
     assert code == 0 and [line for line in out.splitlines() if "test/r2/rooms" in line] == manual
+    stock = build_cli(["test", *common, "--ckpt_path", "last", "--model.backend", "autograd"])
+    assert type(stock.model.net) is torch.nn.Sequential and stock.model.hparams["backend"] == "autograd"
 
     # Data with another number of columns than the checkpoint's: one line, not torch's size-mismatch traceback.
     wider = write_table(tmp_path / "wider.csv", ["size", "age", "dist", "extra", "price", "rooms"], 60)
@@ -545,3 +548,13 @@ def test_readme_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys):
     assert "resume with --ckpt_path last" in outputs[0] and "test/r2" in outputs[2]
     predictions = Path(outputs[3].strip().split("predictions written to ")[-1]).read_text().splitlines()
     assert predictions[0] == "row,price" and len(predictions) == 8
+
+
+def test_prediction_columns_per_task():
+    columns = PredictionWriter.columns
+    header, values = columns("binary", torch.tensor([0.2, 0.9]), ["malignant"], None)
+    assert header == ["malignant", "p_0", "p_1"] and [list(v) for v in zip(*values)] == [[0, "0.8", "0.2"], [1, "0.1", "0.9"]]
+    header, values = columns("regression", torch.tensor([[1.5, 20.0]]), ["price", "rooms"], None)
+    assert header == ["price", "rooms"] and values == [["1.5"], ["20"]]
+    header, values = columns("multiclass", torch.tensor([[0.1, 0.7, 0.2]]), ["kind"], np.array([3, 5, 7]))
+    assert header == ["kind", "p_3", "p_5", "p_7"] and [v[0] for v in values] == [5, "0.1", "0.7", "0.2"]
