@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lightning_modules.callbacks import TrainingCurves
+from lightning_modules.callbacks import DistributedTeardown, PredictionWriter, TrainingCurves
+from lightning_modules.errors import ConfigError
 from lightning_modules.data import SKLEARN_DATASETS, CSVDataModule, SklearnDataModule, TableDataModule
 from lightning_modules.network import ACTIVATIONS, BACKENDS, build_network, state_dict_for_backend
 from lightning_modules.network import SmallCNN  # issue 8: a CNN for images (digits as 1×8×8)
@@ -39,7 +40,10 @@ __all__ = [
     "BinaryClassificationTask",
     "CONFIG_DIR",
     "CSVDataModule",
+    "ConfigError",
+    "DistributedTeardown",
     "MulticlassClassificationTask",
+    "PredictionWriter",
     "RegressionTask",
     "SKLEARN_DATASETS",
     "SklearnDataModule",

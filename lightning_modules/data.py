@@ -23,6 +23,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from lightning_modules.errors import ConfigError, InputFileNotFoundError
+
 TASKS = ("regression", "binary", "multiclass")
 
 
@@ -48,14 +50,14 @@ class TableDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(map(repr, TASKS))}; got {task!r}")
+            raise ConfigError(f"task must be one of {', '.join(map(repr, TASKS))}; got {task!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+            raise ConfigError(f"batch_size must be a positive integer; got {batch_size!r}")
         for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 < fraction < 1:
-                raise ValueError(f"{name} must lie strictly between 0 and 1; got {fraction!r}")
+                raise ConfigError(f"{name} must lie strictly between 0 and 1; got {fraction!r}")
         if val_fraction + test_fraction >= 1:
-            raise ValueError(
+            raise ConfigError(
                 f"val_fraction + test_fraction must leave rows to train on; got {val_fraction} + {test_fraction} >= 1"
             )
         self.task = task
@@ -68,9 +70,13 @@ class TableDataModule(pl.LightningDataModule):
         self.features = np.empty((0, 0), dtype=np.float64)
         self.targets = np.empty((0,), dtype=np.float64)
         self.classes: Optional[np.ndarray] = None  # original labels; column j of predictions is classes[j]
+        self.feature_mean: Optional[np.ndarray] = None  # the scalers, fitted on the training split
+        self.feature_scale: Optional[np.ndarray] = None
         self.target_mean: Optional[np.ndarray] = None
         self.target_scale: Optional[np.ndarray] = None
         self.splits: dict[str, TensorDataset] = {}
+        self.rows: dict[str, np.ndarray] = {}  # split -> its rows' numbers in the table (1 = first row)
+        self.target_names: list[str] = []  # column names for predictions.csv (set by the subclasses)
 
     # -------------------------------------------------------------- shapes
 
@@ -96,29 +102,35 @@ class TableDataModule(pl.LightningDataModule):
             self.targets = targets.reshape(len(targets), -1)
         else:
             if targets.ndim == 2 and targets.shape[1] != 1:
-                raise ValueError(f"{self.task} classification takes one target column; got {targets.shape[1]}")
+                raise ConfigError(f"{self.task} classification takes one target column; got {targets.shape[1]}")
             targets = targets.reshape(-1)
             if self.task == "binary":
                 bad = np.flatnonzero((targets != 0) & (targets != 1))
                 if len(bad):
-                    raise ValueError(
+                    raise ConfigError(
                         f"binary targets must be 0 or 1; {describe(bad[0])} holds {targets[bad[0]]:g} "
                         f"({len(bad)} such rows)"
+                    )
+                if len(np.unique(targets)) < 2:
+                    raise ConfigError(
+                        f"binary targets hold only the value {targets[0]:g} in all {len(targets)} rows: a classifier "
+                        "needs rows of both classes 0 and 1 (otherwise it reports a perfect accuracy for nothing)"
                     )
                 self.classes = np.array([0, 1])
                 self.targets = targets
             else:
                 bad = np.flatnonzero(targets != np.round(targets))
                 if len(bad):
-                    raise ValueError(
+                    raise ConfigError(
                         f"multiclass labels must be integers; {describe(bad[0])} holds {targets[bad[0]]:g} "
                         f"({len(bad)} such rows)"
                     )
                 # Any integer labels (e.g. 1..K or −1/1) become class indices 0..K−1, in sorted order.
                 self.classes, self.targets = np.unique(targets.astype(np.int64), return_inverse=True)
                 if len(self.classes) < 2:
-                    raise ValueError(f"multiclass labels take at least 2 values; got only {self.classes.tolist()}")
+                    raise ConfigError(f"multiclass labels take at least 2 values; got only {self.classes.tolist()}")
         self.features = features
+        self.check_split_sizes()  # now, not at setup: bad input fails before a Trainer exists
 
     # -------------------------------------------------------------- splits
 
@@ -127,27 +139,105 @@ class TableDataModule(pl.LightningDataModule):
             return
         rows = np.arange(len(self.features))
         stratify = None if self.task == "regression" else self.targets
-        train_val, test = train_test_split(rows, test_size=self.test_fraction, random_state=self.seed, stratify=stratify)
-        stratify = None if stratify is None else self.targets[train_val]
-        train, val = train_test_split(
-            train_val,
-            test_size=self.val_fraction / (1 - self.test_fraction),
-            random_state=self.seed,
-            stratify=stratify,
-        )
-        x, y = self.features, self.targets
-        if self.standardize:
-            x = StandardScaler().fit(x[train]).transform(x)
+        try:
+            train_val, test = train_test_split(rows, test_size=self.test_fraction, random_state=self.seed, stratify=stratify)
+            stratify = None if stratify is None else self.targets[train_val]
+            train, val = train_test_split(
+                train_val,
+                test_size=self.val_fraction / (1 - self.test_fraction),
+                random_state=self.seed,
+                stratify=stratify,
+            )
+        except ValueError as error:  # a corner check_split_sizes does not foresee: still the user's table
+            raise ConfigError(f"{self.describe_source()}: cannot split {len(rows)} rows into train / val / test: {error}") from None
+        self.rows = {"train": train + 1, "val": val + 1, "test": test + 1}
+        if self.standardize and self.feature_mean is None:  # not already restored from a checkpoint
+            scaler = StandardScaler().fit(self.features[train])
+            self.feature_mean, self.feature_scale = scaler.mean_, scaler.scale_
             if self.task == "regression":
-                target_scaler = StandardScaler().fit(y[train])
-                y = target_scaler.transform(y)
+                target_scaler = StandardScaler().fit(self.targets[train])
                 self.target_mean, self.target_scale = target_scaler.mean_, target_scaler.scale_
+        self._build_splits()
+
+    def _build_splits(self) -> None:
+        x, y = self.scale_features(self.features), self.targets
+        if self.target_mean is not None:
+            y = (y - self.target_mean) / self.target_scale
         y_dtype = torch.int64 if self.task == "multiclass" else torch.float32
         shape = (-1, *self.image_shape) if self.image_shape else (-1, x.shape[1])  # images: after scaling each pixel
-        for name, index in (("train", train), ("val", val), ("test", test)):
+        for name, rows in self.rows.items():
+            index = rows - 1
             self.splits[name] = TensorDataset(
                 torch.as_tensor(x[index], dtype=torch.float32).reshape(shape), torch.as_tensor(y[index], dtype=y_dtype)
             )
+
+    def scale_features(self, features: np.ndarray) -> np.ndarray:
+        """Features standardized with the training split's scaler (as they are, without `standardize`)."""
+        if self.feature_mean is None:
+            return features
+        return (features - self.feature_mean) / self.feature_scale
+
+    def check_split_sizes(self) -> None:
+        """Refuse a table too small for the train / val / test split, saying how many rows it needs."""
+        n = len(self.features)
+        per_split = 1 if self.task == "regression" else len(self.classes)  # stratified: one row of each class
+        smallest = min(self.split_sizes(n))
+        if smallest >= per_split and (self.task == "regression" or np.bincount(self.targets.astype(np.int64)).min() >= 3):
+            return
+        needed = next(m for m in range(1, 100_000) if min(self.split_sizes(m)) >= per_split)
+        what = "a row" if self.task == "regression" else f"a row of each of the {per_split} classes (stratified)"
+        message = (
+            f"{self.describe_source()} has {n} rows, too few to split into train / val / test with "
+            f"val_fraction={self.val_fraction} and test_fraction={self.test_fraction}: each split needs {what}, "
+            f"which takes at least {needed} rows"
+        )
+        if self.task != "regression":
+            counts = np.bincount(self.targets.astype(np.int64), minlength=len(self.classes))
+            label, count = self.classes[counts.argmin()], counts.min()
+            if count < 3:
+                message += f", and at least 3 rows of each class (class {label} has {count})"
+        raise ConfigError(message + "; add rows or raise the fractions")
+
+    def split_sizes(self, n: int) -> tuple[int, int, int]:
+        """(train, val, test) row counts for n rows, as scikit-learn's train_test_split rounds them."""
+        test = math.ceil(self.test_fraction * n)
+        val = math.ceil(self.val_fraction / (1 - self.test_fraction) * (n - test))
+        return n - test - val, val, test
+
+    def describe_source(self) -> str:
+        return type(self).__name__
+
+    # -------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        """The fitted scalers and class labels, as plain lists: saved in checkpoints (weights_only loads them),
+        so test and predict from a checkpoint transform rows exactly as the training run did."""
+        plain = {
+            name: getattr(self, name).tolist()
+            for name in ("feature_mean", "feature_scale", "target_mean", "target_scale", "classes")
+            if getattr(self, name) is not None
+        }
+        return plain
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the checkpoint's scalers (Lightning calls this after `setup`: the splits are rebuilt)."""
+        if "feature_mean" in state_dict and len(state_dict["feature_mean"]) != self.num_features:
+            raise ConfigError(
+                f"the checkpoint's feature scaler has {len(state_dict['feature_mean'])} features, "
+                f"but {self.describe_source()} has {self.num_features}"
+            )
+        for name in ("feature_mean", "feature_scale", "target_mean", "target_scale"):
+            if name in state_dict:
+                setattr(self, name, np.asarray(state_dict[name], dtype=np.float64))
+        if "classes" in state_dict and self.classes is not None:
+            saved = np.asarray(state_dict["classes"])
+            if saved.shape != self.classes.shape or not np.array_equal(saved, self.classes):
+                raise ConfigError(
+                    f"the checkpoint was trained on classes {saved.tolist()}, "
+                    f"but {self.describe_source()} holds classes {self.classes.tolist()}"
+                )
+        if self.rows:
+            self._build_splits()
 
     def train_dataloader(self) -> DataLoader:
         # A DistributedSampler even on one process: its shuffle is seeded by (seed, epoch), so a run
@@ -167,8 +257,12 @@ class TableDataModule(pl.LightningDataModule):
         return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        """The test split's rows (predictions in the targets' units, in row order)."""
+        """The test split's rows, in `predict_rows()` order."""
         return self._loader("test")
+
+    def predict_rows(self) -> np.ndarray:
+        """Row numbers (1 = the table's first row) of what `predict_dataloader` yields, in order."""
+        return self.rows["test"]
 
     def split(self, name: str) -> TensorDataset:
         """The "train", "val" or "test" rows (splitting first if `setup` has not run)."""
@@ -219,7 +313,7 @@ class SklearnDataModule(TableDataModule):
         image_shape: Optional[list[int]] = None,
     ) -> None:
         if dataset not in SKLEARN_DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(SKLEARN_DATASETS)}")
+            raise ConfigError(f"unknown dataset {dataset!r}; choose one of: {', '.join(SKLEARN_DATASETS)}")
         task, load = SKLEARN_DATASETS[dataset]
         super().__init__(task, batch_size, val_fraction, test_fraction, seed, standardize, num_workers)
         self.save_hyperparameters()
@@ -230,9 +324,16 @@ class SklearnDataModule(TableDataModule):
             image_shape = list(image_shape)
             if any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in image_shape) or \
                     math.prod(image_shape) != self.num_features:
-                raise ValueError(f"image_shape must be positive integers whose product is the number of features "
+                raise ConfigError(f"image_shape must be positive integers whose product is the number of features "
                                  f"({self.num_features} for {dataset}); got {image_shape}")
             self.image_shape = image_shape
+        names = [str(name) for name in getattr(bunch, "target_names", [])] if task == "regression" else []
+        if len(names) != self.num_targets:  # diabetes has none; iris' target_names are its classes
+            names = ["target"] if self.num_targets == 1 else [f"target_{j}" for j in range(self.num_targets)]
+        self.target_names = names
+
+    def describe_source(self) -> str:
+        return f"scikit-learn's {self.dataset} data"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.dataset!r})"
@@ -245,6 +346,9 @@ class CSVDataModule(TableDataModule):
     task: "regression" (any number of target columns), "binary" (one column of 0/1)
     or "multiclass" (one column of integer labels; sorted labels become classes 0..K−1,
     kept in `classes`).
+
+    predict_path: a CSV to predict on instead of the test split (`manual-backprop predict`);
+    it needs the feature columns, not the targets, and is scaled with the training scalers.
     """
 
     def __init__(
@@ -259,24 +363,26 @@ class CSVDataModule(TableDataModule):
         seed: int = 42,
         standardize: bool = True,
         num_workers: int = 0,
+        predict_path: Optional[Union[str, os.PathLike]] = None,
     ) -> None:
         super().__init__(task, batch_size, val_fraction, test_fraction, seed, standardize, num_workers)
         # Plain values, so hparams and checkpoints hold no Path or tuple.
         path = str(path)
+        predict_path = None if predict_path is None else str(predict_path)
         target_columns = [target_columns] if isinstance(target_columns, str) else list(target_columns)
         feature_columns = None if feature_columns is None else list(feature_columns)
         self.save_hyperparameters()
         self.path = Path(path)
         header, rows, lines = read_numeric_csv(self.path)
         if not target_columns:
-            raise ValueError("target_columns must name at least one column")
+            raise ConfigError("target_columns must name at least one column")
         missing = [c for c in target_columns + (feature_columns or []) if c not in header]
         if missing:
-            raise ValueError(f"{self.path}: no column {missing[0]!r}; the columns are: {', '.join(header)}")
+            raise ConfigError(f"{self.path}: no column {missing[0]!r}; the columns are: {', '.join(header)}")
         if feature_columns is None:
             feature_columns = [c for c in header if c not in target_columns]
         if not feature_columns:
-            raise ValueError(f"{self.path}: no feature columns left once the targets {target_columns} are taken")
+            raise ConfigError(f"{self.path}: no feature columns left once the targets {target_columns} are taken")
         self.target_columns, self.feature_columns = target_columns, feature_columns
         table = np.array(rows, dtype=np.float64)
         column = {name: j for j, name in enumerate(header)}
@@ -285,6 +391,32 @@ class CSVDataModule(TableDataModule):
             table[:, [column[c] for c in target_columns]],
             describe=lambda i: f"{self.path}: row {i + 1} (line {lines[i]}), column {target_columns[0]!r}",
         )
+        self.target_names = list(target_columns)
+        self.predict_path = None if predict_path is None else Path(predict_path)
+        if self.predict_path is not None and not self.predict_path.exists():
+            raise InputFileNotFoundError(f"CSV file to predict on not found: {self.predict_path}")
+
+    def describe_source(self) -> str:
+        return str(self.path)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The rows of `predict_path` (targets not needed), or without one the test split."""
+        if self.predict_path is None:
+            return super().predict_dataloader()
+        header, rows, _ = read_numeric_csv(self.predict_path)
+        missing = [c for c in self.feature_columns if c not in header]
+        if missing:
+            raise ConfigError(
+                f"{self.predict_path}: no feature column {missing[0]!r} (the model was trained on "
+                f"{', '.join(self.feature_columns)}); its columns are: {', '.join(header)}"
+            )
+        table = np.array(rows, dtype=np.float64)
+        x = self.scale_features(table[:, [header.index(c) for c in self.feature_columns]])
+        self._predict_rows = np.arange(1, len(rows) + 1)
+        return DataLoader(TensorDataset(torch.as_tensor(x, dtype=torch.float32)), batch_size=self.batch_size)
+
+    def predict_rows(self) -> np.ndarray:
+        return self._predict_rows if self.predict_path is not None else super().predict_rows()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r})"
@@ -293,18 +425,18 @@ class CSVDataModule(TableDataModule):
 def read_numeric_csv(path: Path) -> tuple[list[str], list[list[float]], list[int]]:
     """Header, rows of finite numbers and each row's line in the file; errors name the file, row, line and column."""
     if not path.exists():
-        raise FileNotFoundError(f"CSV file not found: {path}")
+        raise InputFileNotFoundError(f"CSV file not found: {path}")
     if not path.is_file():
-        raise ValueError(f"{path} is not a file")
+        raise ConfigError(f"{path} is not a file")
     with path.open(newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or not any(cell.strip() for cell in header):
-            raise ValueError(f"{path} is empty: expected a header row of column names, then rows of numbers")
+            raise ConfigError(f"{path} is empty: expected a header row of column names, then rows of numbers")
         header = [name.strip() for name in header]
         duplicates = sorted({name for name in header if header.count(name) > 1})
         if duplicates:
-            raise ValueError(f"{path}: duplicate column names {duplicates}")
+            raise ConfigError(f"{path}: duplicate column names {duplicates}")
         rows, lines = [], []
         for cells in reader:
             line = reader.line_num
@@ -312,19 +444,19 @@ def read_numeric_csv(path: Path) -> tuple[list[str], list[list[float]], list[int
                 continue  # blank lines, e.g. a trailing newline
             i = len(rows) + 1
             if len(cells) != len(header):
-                raise ValueError(f"{path}: row {i} (line {line}) has {len(cells)} cells; the header has {len(header)}")
+                raise ConfigError(f"{path}: row {i} (line {line}) has {len(cells)} cells; the header has {len(header)}")
             row = []
             for name, cell in zip(header, cells):
                 where = f"{path}: row {i} (line {line}), column {name!r}"
                 try:
                     value = float(cell)
                 except ValueError:
-                    raise ValueError(f"{where} holds {cell!r}, which is not a number") from None
+                    raise ConfigError(f"{where} holds {cell!r}, which is not a number") from None
                 if not math.isfinite(value):
-                    raise ValueError(f"{where} holds {cell.strip()!r}; NaN and infinite values are not allowed")
+                    raise ConfigError(f"{where} holds {cell.strip()!r}; NaN and infinite values are not allowed")
                 row.append(value)
             rows.append(row)
             lines.append(line)
     if not rows:
-        raise ValueError(f"{path} has a header but no data rows")
+        raise ConfigError(f"{path} has a header but no data rows")
     return header, rows, lines

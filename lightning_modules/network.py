@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 import torch
 
 import manual_backprop.nn as mnn
+from lightning_modules.errors import ConfigError
 from manual_backprop.nn.activation import ACTIVATIONS
 
 BACKENDS = ("manual", "autograd")
@@ -29,13 +30,13 @@ BACKENDS = ("manual", "autograd")
 
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+        raise ConfigError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     return backend
 
 
 def check_activation(name: str) -> str:
     if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}")
+        raise ConfigError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}")
     return name
 
 
@@ -47,7 +48,7 @@ def check_sizes(in_features: int, hidden_sizes: Sequence[int], out_features: int
     for name, size in named:
         # bool is an int in Python; a width of True is a config mistake, not 1.
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            raise ValueError(f"{name} must be a positive integer; got {size!r} (hidden_sizes={list(hidden_sizes)})")
+            raise ConfigError(f"{name} must be a positive integer; got {size!r} (hidden_sizes={list(hidden_sizes)})")
     return [size for _, size in named]
 
 

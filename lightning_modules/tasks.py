@@ -12,16 +12,21 @@ torch, for comparison. A checkpoint of either backend loads into either.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import warnings
+from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
 import torchmetrics
 from torchmetrics import classification, regression
+from torchmetrics.wrappers.abstract import WrapperMetric
 
 import manual_backprop
 import manual_backprop.nn as mnn
+from lightning_modules.errors import ConfigError
 from lightning_modules.network import build_network, check_backend, state_dict_for_backend
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -37,10 +42,13 @@ class TaskModule(pl.LightningModule):
     (`build_network`: an MLP on backend "manual", an nn.Sequential on "autograd"), unless
     `net` (any torch.nn.Module) is given: then it is used as is for backend "autograd"
     and through `manual_backprop.convert` (a converted copy) for backend "manual".
+    `net` may also be a config, {"class_path": "pkg.Net", "init_args": {...}}: the CLI
+    records a `net` given by class path this way, so its checkpoints reload on their own.
     """
 
     task: str = ""
     main_metric: str = "loss"  # the metric plotted next to the loss
+    loss_label: str = "loss"  # what the logged loss is, for plots and tables
 
     def __init__(
         self,
@@ -54,16 +62,18 @@ class TaskModule(pl.LightningModule):
         net: Optional[torch.nn.Module],
     ) -> None:
         super().__init__()
-        self._save_plain_hparams(inspect.currentframe().f_back)
+        self._save_plain_hparams(inspect.currentframe().f_back, net)
+        if isinstance(net, Mapping):
+            net = instantiate_net(net)
         check_backend(backend)
         if lr <= 0:
-            raise ValueError(f"lr must be positive; got {lr!r}")
+            raise ConfigError(f"lr must be positive; got {lr!r}")
         if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0; got {weight_decay!r}")
+            raise ConfigError(f"weight_decay must be >= 0; got {weight_decay!r}")
         self._builtin_network = net is None
         if net is None:
             if in_features is None:
-                raise ValueError(
+                raise ConfigError(
                     f"{type(self).__name__} needs in_features to build its network (or a `net` module); "
                     "the CLI links it from the data module's num_features"
                 )
@@ -80,15 +90,31 @@ class TaskModule(pl.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
-    def _save_plain_hparams(self, subclass_frame: Any) -> None:
-        """Save the subclass's init arguments (all plain values; `net` is not saved, so a
-        checkpoint loads with weights_only=True; pass `net` again to load_from_checkpoint)."""
-        self.save_hyperparameters(ignore=["net"], frame=subclass_frame)
+    def _save_plain_hparams(self, subclass_frame: Any, net: Any) -> None:
+        """Save the subclass's init arguments, all plain values, so a checkpoint loads with
+        weights_only=True. A `net` module passed from Python is not saved (pass `net` again to
+        load_from_checkpoint); a `net` config (class path and init args, as the CLI records a
+        `net` given by class_path) is, so such a checkpoint reloads on its own."""
+        with warnings.catch_warnings():  # a `net` module is dropped just below
+            warnings.filterwarnings("ignore", message="Attribute 'net' is an instance of `nn.Module`")
+            self.save_hyperparameters(frame=subclass_frame)
+        hparams = self.hparams
+        if "net" in hparams and not isinstance(hparams["net"], Mapping):
+            del hparams["net"]
+        if isinstance(hparams.get("net"), Mapping):
+            hparams["net"] = dict(hparams["net"])
+            # load_from_checkpoint then calls this class with net=<config>, which __init__ builds
+            # (LightningCLI's instantiator would build it first and its config would be lost).
+            hparams.pop("_instantiator", None)
+        if net is not None:  # the built-in network's arguments: unused when `net` is given
+            for key in ("hidden_sizes", "activation"):
+                hparams.pop(key, None)
         # LightningCLI records every applied link, also ones this class does not take
         # (num_targets → out_features on a classifier); keep only real arguments.
         accepted = inspect.signature(type(self).__init__).parameters
-        for key in [k for k in self.hparams if k not in accepted and not k.startswith("_")]:
-            del self.hparams[key]
+        for key in [k for k in hparams if k not in accepted and not k.startswith("_")]:
+            del hparams[key]
+        self._hparams_initial = copy.deepcopy(self._hparams)  # what loggers record (hparams.yaml)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The built-in network's keys depend on the backend (MLP `net.layers.{k}.` vs Sequential
@@ -96,6 +122,13 @@ class TaskModule(pl.LightningModule):
         # Lightning calls this before it loads checkpoint["state_dict"], on every load path.
         if self._builtin_network:
             checkpoint["state_dict"] = state_dict_for_backend(checkpoint["state_dict"], self.hparams.backend, "net.")
+        own = self.state_dict()
+        for key, value in checkpoint["state_dict"].items():
+            if key in own and tuple(own[key].shape) != tuple(value.shape):
+                raise ConfigError(
+                    f"the checkpoint's {key} has shape {tuple(value.shape)}, this model's {tuple(own[key].shape)}: "
+                    "it was trained with other data columns or network settings"
+                )
 
     # ------------------------------------------------------------ per task
 
@@ -126,11 +159,15 @@ class TaskModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # Runs after the data module's setup and before any batch: mismatches fail here, not mid-epoch.
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is None:
-            return
+        if datamodule is not None:
+            self.check_datamodule(datamodule)
+
+    def check_datamodule(self, datamodule: Any) -> None:
+        """Raise a ConfigError when `datamodule` does not fit this task (the CLI calls this as soon
+        as both exist, before building the Trainer; `setup` calls it again)."""
         data_task = getattr(datamodule, "task", None)
         if data_task is not None and data_task != self.task:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__} trains on {self.task} data, but {type(datamodule).__name__} "
                 f"holds a {data_task} task; pick the matching task class"
             )
@@ -164,6 +201,20 @@ class TaskModule(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
 
+def instantiate_net(config: Mapping) -> torch.nn.Module:
+    """{"class_path": "pkg.Net", "init_args": {...}} → the module, as the CLI builds it (jsonargparse)."""
+    from jsonargparse import ArgumentParser
+
+    if "class_path" not in config:
+        raise ConfigError(f"a net config needs a class_path; got {dict(config)!r}")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--net", type=torch.nn.Module)
+    try:
+        return parser.instantiate_classes(parser.parse_object({"net": dict(config)})).net
+    except Exception as error:  # jsonargparse's message names the class path and what is wrong
+        raise ConfigError(f"cannot build net {config['class_path']!r}: {error}") from error
+
+
 def _loss(backend: str, manual: type[torch.nn.Module]) -> torch.nn.Module:
     """Our loss module, or on backend "autograd" torch's (the class ours subclasses)."""
     return manual() if backend == "manual" else manual.__bases__[0]()
@@ -176,11 +227,16 @@ class RegressionTask(TaskModule):
     those standardized targets, while the logged MSE / MAE / R² and `predict` are in
     the targets' original units (the data module's target scaler, copied into the
     `target_mean` / `target_scale` buffers so checkpoints predict on their own).
-    MSE and MAE average over all outputs; R² is the uniform average over outputs.
+    The logged `loss` is that MSE on standardized targets (what the network trains on);
+    `mse` is in the targets' units. With several targets, `mse`, `mae` and `r2` are
+    uniform means over the targets (of values in mixed units), and each target also gets
+    its own, `mse/<name>`, `mae/<name>`, `r2/<name>`, named by `target_names` (the CLI
+    links them from the data module's column names).
     """
 
     task = "regression"
     main_metric = "r2"
+    loss_label = "loss: MSE on standardized targets"
 
     def __init__(
         self,
@@ -192,9 +248,15 @@ class RegressionTask(TaskModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         net: Optional[torch.nn.Module] = None,
+        target_names: Optional[Sequence[str]] = None,
     ) -> None:
         hidden_sizes = list(hidden_sizes)  # plain list in hparams and checkpoints
         self.out_features = out_features
+        if target_names is not None:
+            target_names = [str(name) for name in target_names]
+            if len(target_names) != out_features:
+                raise ConfigError(f"target_names has {len(target_names)} names for out_features={out_features}")
+        self.target_names = target_names or [f"target_{j}" for j in range(out_features)]
         super().__init__(in_features, out_features, hidden_sizes, activation, backend, lr, weight_decay, net)
         self.register_buffer("target_mean", torch.zeros(out_features))
         self.register_buffer("target_scale", torch.ones(out_features))
@@ -203,14 +265,21 @@ class RegressionTask(TaskModule):
         return _loss(backend, mnn.MSELoss)
 
     def make_metrics(self) -> torchmetrics.MetricCollection:
-        return torchmetrics.MetricCollection(
-            {"mse": regression.MeanSquaredError(), "mae": regression.MeanAbsoluteError(), "r2": regression.R2Score()}
-        )
+        averaged = {"mse": regression.MeanSquaredError(), "mae": regression.MeanAbsoluteError(), "r2": regression.R2Score()}
+        if self.out_features == 1:
+            return torchmetrics.MetricCollection(averaged)
+        per_target = {
+            f"{name}/{column}": TargetColumn(make(), j)
+            for name, make in (("mse", regression.MeanSquaredError), ("mae", regression.MeanAbsoluteError), ("r2", regression.R2Score))
+            for j, column in enumerate(self.target_names)
+        }
+        # No compute groups: the column wrappers hold no state of their own to compare.
+        return torchmetrics.MetricCollection(averaged | per_target, compute_groups=False)
 
     def check_data(self, datamodule: Any) -> None:
         num_targets = getattr(datamodule, "num_targets", None)
         if num_targets is not None and num_targets != self.out_features:
-            raise ValueError(f"RegressionTask has out_features={self.out_features} but the data has {num_targets} targets")
+            raise ConfigError(f"RegressionTask has out_features={self.out_features} but the data has {num_targets} targets")
         mean, scale = getattr(datamodule, "target_mean", None), getattr(datamodule, "target_scale", None)
         if mean is not None and scale is not None:
             self.target_mean.copy_(torch.as_tensor(mean))
@@ -228,11 +297,30 @@ class RegressionTask(TaskModule):
         return self.to_target_units(output)
 
 
+class TargetColumn(WrapperMetric):
+    """`metric` on one column of (N, u) predictions and targets: a per-target regression metric."""
+
+    def __init__(self, metric: torchmetrics.Metric, column: int) -> None:
+        super().__init__()
+        self.metric, self.column = metric, column
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.metric.update(preds[:, self.column], target[:, self.column])
+
+    def compute(self) -> torch.Tensor:
+        return self.metric.compute()
+
+    def reset(self) -> None:
+        self.metric.reset()
+        super().reset()
+
+
 class BinaryClassificationTask(TaskModule):
     """Binary classification: one logit z, BCE on logits (δ(L) = σ(z) − y), predictions P(y = 1)."""
 
     task = "binary"
     main_metric = "accuracy"
+    loss_label = "loss: binary cross-entropy"
 
     def __init__(
         self,
@@ -262,7 +350,7 @@ class BinaryClassificationTask(TaskModule):
     def check_data(self, datamodule: Any) -> None:
         num_targets = getattr(datamodule, "num_targets", None)
         if num_targets not in (None, 1):
-            raise ValueError(f"BinaryClassificationTask needs one target column; the data has {num_targets}")
+            raise ConfigError(f"BinaryClassificationTask needs one target column; the data has {num_targets}")
 
     def loss_inputs(self, output: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return output.squeeze(-1), y.to(output.dtype)
@@ -279,6 +367,7 @@ class MulticlassClassificationTask(TaskModule):
 
     task = "multiclass"
     main_metric = "accuracy"
+    loss_label = "loss: cross-entropy"
 
     def __init__(
         self,
@@ -291,8 +380,15 @@ class MulticlassClassificationTask(TaskModule):
         weight_decay: float = 0.0,
         net: Optional[torch.nn.Module] = None,
     ) -> None:
+        if num_classes is None:
+            raise ConfigError(
+                "MulticlassClassificationTask needs num_classes (an integer >= 2); got None. The CLI links it "
+                "from the data module's num_classes, which is None when the data's task is regression: "
+                "for class labels set the data's task to multiclass (--data.init_args.task=multiclass), "
+                "for numeric targets use RegressionTask; pick the matching task class"
+            )
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2; got {num_classes!r}")
+            raise ConfigError(f"num_classes must be an integer >= 2; got {num_classes!r}")
         hidden_sizes = list(hidden_sizes)
         self.num_classes = num_classes
         super().__init__(in_features, num_classes, hidden_sizes, activation, backend, lr, weight_decay, net)
@@ -312,7 +408,7 @@ class MulticlassClassificationTask(TaskModule):
     def check_data(self, datamodule: Any) -> None:
         num_classes = getattr(datamodule, "num_classes", None)
         if num_classes is not None and num_classes != self.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"MulticlassClassificationTask has num_classes={self.num_classes} but the data has {num_classes} classes"
             )
 

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from manual_backprop.registry import resolve
 from manual_backprop.testing import VIAS, grad_parity
 
 # Loss modules, so convert puts the loss on our rules too (and the mode catches their F call).
@@ -30,14 +34,31 @@ LOSSES = {
 
 
 def load_object(path: str):
-    """'pkg.module:attr.attr' → the object."""
-    module_name, sep, attribute = path.partition(":")
+    """'pkg.module:attr.attr' or 'path/to/file.py:attr' → the object.
+
+    Modules in the current folder import (as under `python -m`)."""
+    module_name, sep, attribute = path.rpartition(":")
     if not sep or not module_name or not attribute:
-        raise ValueError(f"expected an import path 'pkg.module:factory', got {path!r}")
-    obj = importlib.import_module(module_name)
+        raise ValueError(f"expected an import path 'pkg.module:factory' or 'path/to/file.py:factory', got {path!r}")
+    if module_name.endswith(".py"):
+        obj = _import_file(Path(module_name))
+    else:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        obj = importlib.import_module(module_name)
     for part in attribute.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _import_file(file: Path):
+    if not file.is_file():
+        raise ValueError(f"no such file: {file}")
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[file.stem] = module  # so classes defined there pickle and repr by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -90,8 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(kwargs, dict):
             raise ValueError(f"--kwargs must be a JSON object, got {args.kwargs!r}")
         factory = load_object(args.factory)
+        resolve(args.registry)  # an unknown rule set name fails here, naming the known ones
     except (ValueError, ImportError, AttributeError) as error:
         parser.error(str(error))
+    except KeyError as error:
+        parser.error(error.args[0])
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     if isinstance(factory, torch.nn.Module):
@@ -105,8 +129,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = model.to(device=args.device, dtype=dtype)
     generator = torch.Generator().manual_seed(args.seed)
     inputs = [torch.randn(shape, generator=generator, dtype=dtype).to(args.device) for shape in args.input_shape]
-    with torch.no_grad():
-        output = model(*inputs)
+    try:
+        with torch.no_grad():
+            output = model(*inputs)
+    except (RuntimeError, ValueError, TypeError) as error:  # inputs that do not fit the model
+        shapes = " and ".join(",".join(map(str, shape)) for shape in args.input_shape)
+        parser.error(f"the model fails on random inputs of shape {shapes}: {error}")
+    if args.loss == "bce" and not bool(((output >= 0) & (output <= 1)).all()):
+        parser.error(
+            f"--loss bce takes probabilities in [0, 1], but the model's outputs lie in "
+            f"[{float(output.min()):.3g}, {float(output.max()):.3g}]: use --loss bce-logits for logits "
+            "(or end the model in a Sigmoid)"
+        )
     target = make_target(args.loss, output, generator)
     result = grad_parity(
         model,

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         print(line.format(*row))
     print(
         f"total {time.perf_counter() - total:.0f}s; backend {options.backend} (network: {', '.join(sorted(networks))}); "
-        "regression metrics in the target's units"
+        "regression metrics in the target's units; test loss is the training loss "
+        "(regression: MSE on standardized targets, not the mse column)"
     )
     for failure in failures:
         print(f"FLOOR MISSED: {failure}", file=sys.stderr)

@@ -185,6 +185,26 @@ LOSSES += [
     Loss("ce_unbatched", MF.cross_entropy, TF.cross_entropy, "CrossEntropyBackward", lambda n, d, t, g: (torch.randn(4, dtype=t, generator=g).to(d), torch.tensor(2, device=d))),
 ]
 
+# ---- weights under every reduction, and a non-default ignore_index (issue 14: mutants that survived a
+# backward using the default ignore_index, and weighted MSE's backward under reduction "sum").
+# The weighted cases above run with "mean"; these add "sum" and "none". ignore_index=1 is a real class
+# that the random targets hit about one time in four.
+for reduction in ("sum", "none"):
+    LOSSES += [
+        Loss(f"mse_weight_{reduction}", _weighted("weight", -1)(partial(MF.mse_loss, reduction=reduction)), _weighted("weight", -1)(partial(TF.mse_loss, reduction=reduction)), "MSELossBackward", lambda n, d, t, g: _regression(n, d, t, g, (3,)), True),
+        Loss(f"bce_weight_{reduction}", _weighted("weight", 3)(partial(MF.binary_cross_entropy, reduction=reduction)), _weighted("weight", 3)(partial(TF.binary_cross_entropy, reduction=reduction)), "BinaryCrossEntropyBackward", _probabilities, True),
+        Loss(f"bce_logits_weight_{reduction}", _weighted("weight", 3)(partial(MF.binary_cross_entropy_with_logits, reduction=reduction)), _weighted("weight", 3)(partial(TF.binary_cross_entropy_with_logits, reduction=reduction)), "BinaryCrossEntropyWithLogitsBackward", _logits_binary, True),
+        Loss(f"bce_logits_pos_weight_{reduction}", _weighted("pos_weight", 3)(partial(MF.binary_cross_entropy_with_logits, reduction=reduction)), _weighted("pos_weight", 3)(partial(TF.binary_cross_entropy_with_logits, reduction=reduction)), "BinaryCrossEntropyWithLogitsBackward", _logits_binary, True),
+        Loss(f"ce_weight_{reduction}", _weighted("weight", 4)(partial(MF.cross_entropy, reduction=reduction)), _weighted("weight", 4)(partial(TF.cross_entropy, reduction=reduction)), "CrossEntropyBackward", partial(_logits_classes, ignore=True)),
+        Loss(f"ce_soft_weight_{reduction}", _weighted("weight", 4)(partial(MF.cross_entropy, reduction=reduction)), _weighted("weight", 4)(partial(TF.cross_entropy, reduction=reduction)), "CrossEntropyBackward", _logits_soft, True),
+    ]
+for reduction in ("mean", "sum", "none"):
+    LOSSES += [
+        Loss(f"ce_ignore_index_1_{reduction}", *_both(MF.cross_entropy, TF.cross_entropy, reduction=reduction, ignore_index=1), "CrossEntropyBackward", _logits_classes),
+        Loss(f"ce_ignore_index_1_weight_smooth_{reduction}", _weighted("weight", 4)(partial(MF.cross_entropy, reduction=reduction, ignore_index=1, label_smoothing=0.2)), _weighted("weight", 4)(partial(TF.cross_entropy, reduction=reduction, ignore_index=1, label_smoothing=0.2)), "CrossEntropyBackward", _logits_classes),
+        Loss(f"ce_2d_ignore_index_1_{reduction}", *_both(MF.cross_entropy, TF.cross_entropy, reduction=reduction, ignore_index=1), "CrossEntropyBackward", partial(_logits_classes, extra=(2, 3))),
+    ]
+
 
 # ------------------------------------------------------------------ parity
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +22,10 @@ from lightning_modules import (
     MulticlassClassificationTask,
     RegressionTask,
     SklearnDataModule,
+    TrainingCurves,
     config_path,
 )
+from lightning_modules.callbacks import PredictionWriter
 from lightning_modules.cli import build_cli, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +134,7 @@ def test_csv_config_fits_then_test_and_predict_subcommands_use_the_checkpoint(tm
     log_dir = Path(fit.trainer.log_dir)
     assert (log_dir / "metrics.csv").is_file() and (log_dir / "config.yaml").is_file()
     assert (log_dir / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
-    (checkpoint,) = (log_dir / "checkpoints").glob("*.ckpt")
+    checkpoint = log_dir / "checkpoints" / "last.ckpt"
     assert "net" not in torch.load(checkpoint, weights_only=True)["hyper_parameters"]
 
     test = build_cli(["test", *common, f"--ckpt_path={checkpoint}", *QUIET])
@@ -192,6 +196,8 @@ def test_console_script_runs_a_fast_dev_run(tmp_path):
     done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=1` reached." in done.stderr + done.stdout
+    for noise in ("💡 Tip", "tensorboardX", "Seed set to", "LeafSpec", "logging interval"):
+        assert noise not in done.stderr + done.stdout, noise
 
 
 def load_train_examples():
@@ -214,3 +220,342 @@ def test_make_train_script_prints_one_table_and_fails_when_a_floor_is_missed(tmp
     assert [line.split()[0] for line in lines[2:5]] == ["regression_diabetes", "binary_breast_cancer", "multiclass_digits"]
     assert code == 1 and "FLOOR MISSED: regression_diabetes: test r2 = " in err
     assert (tmp_path / "multiclass_digits" / "lightning_logs" / "version_0" / "training_curves.png").is_file()
+
+
+# ------------------------------------------------------------------ the command as people use it (issue 14)
+
+CSV_CONFIG = str(config_path("csv_example"))
+
+
+def write_table(path: Path, columns: list[str], rows: int, seed: int = 0, labels=None) -> Path:
+    """A numeric CSV: the last column is the target (a linear function of the others, or class `labels`)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, len(columns) - 1))
+    if labels is None:
+        y = x @ np.linspace(1.0, -1.0, x.shape[1]) * 10 + 50
+    else:  # the class follows the first feature, so it can be learned
+        y = np.asarray(labels)[np.digitize(x[:, 0], np.quantile(x[:, 0], np.linspace(0, 1, len(labels) + 1)[1:-1]))]
+    lines = [",".join(columns)] + [",".join(f"{v:.6g}" for v in (*a, b)) for a, b in zip(x, y)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """cli_main in-process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    path = list(sys.path)  # cli_main puts the current folder on it, as a console script run there would
+    try:
+        cli_main(args)
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    finally:
+        sys.path[:] = path
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def two_target_run(tmp_path_factory):
+    """One 2-epoch fit of the CSV config on a CSV with two targets in different units; shared by the
+    resume, test and predict tests below (a Lightning fit is the slow part)."""
+    root = tmp_path_factory.mktemp("two_targets")
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(120, 3))
+    price, rooms = x @ [30.0, -20.0, 5.0] + 300, x @ [0.5, 0.2, -0.1] + 4
+    table = root / "houses.csv"
+    table.write_text("size,age,dist,price,rooms\n" + "\n".join(",".join(f"{v:.6g}" for v in (*a, p, r)) for a, p, r in zip(x, price, rooms)) + "\n")
+    common = [
+        "--config", CSV_CONFIG, f"--data.init_args.path={table}", "--data.init_args.target_columns=[price,rooms]",
+        f"--trainer.default_root_dir={root}", *QUIET,
+    ]  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["manual-backprop"])
+        fit = build_cli(["fit", *common, "--trainer.max_epochs=2"])
+    return {"root": root, "table": table, "common": common, "fit": fit, "log_dir": Path(fit.trainer.log_dir)}
+
+
+def test_shipped_configs_save_last_ckpt():
+    for path in CONFIG_DIR.glob("*.yaml"):
+        (callback,) = yaml.safe_load(path.read_text())["trainer"]["callbacks"]
+        assert callback["class_path"] == "pytorch_lightning.callbacks.ModelCheckpoint", path
+        assert callback["init_args"]["save_last"] is True, path
+
+
+def test_per_target_metrics_and_named_averages(two_target_run):
+    fit = two_target_run["fit"]
+    assert fit.model.hparams["target_names"] == ["price", "rooms"]  # linked from the CSV's columns
+    metrics = fit.trainer.callback_metrics
+    for name in ("mse", "mae", "r2"):
+        per_target = [float(metrics[f"val/{name}/{column}"]) for column in ("price", "rooms")]
+        assert float(metrics[f"val/{name}"]) == pytest.approx(sum(per_target) / 2, rel=1e-5)
+    assert float(metrics["val/mae/price"]) > 10 * float(metrics["val/mae/rooms"])  # the units differ: hence both
+
+
+def test_curves_say_what_they_plot(two_target_run):
+    fit = two_target_run["fit"]
+    assert TrainingCurves._title(fit.trainer, fit.model) == f"regression on {two_target_run['table']}, backend manual"
+    assert TrainingCurves._metric_label(fit.model, "r2") == "R² (mean over 2 targets)"
+    single = RegressionTask(3)
+    assert [TrainingCurves._metric_label(single, m) for m in ("r2", "mae")] == ["R²", "MAE (target units)"]
+    binary = BinaryClassificationTask(3)
+    assert (binary.loss_label, TrainingCurves._metric_label(binary, "accuracy")) == ("loss: binary cross-entropy", "accuracy")
+    assert fit.model.loss_label == "loss: MSE on standardized targets"
+    assert (two_target_run["log_dir"] / "training_curves.png").stat().st_size > 10_000
+
+
+def test_resume_with_ckpt_path_last_continues_the_latest_run(two_target_run, capsys):
+    root, common = two_target_run["root"], two_target_run["common"]
+    first = two_target_run["log_dir"] / "checkpoints" / "last.ckpt"
+    code, out, err = run_cli(["fit", *common, "--trainer.max_epochs=3", "--ckpt_path", "last"], capsys)
+    assert code == 0, err
+    resumed = sorted((root / "lightning_logs").glob("version_*"))[-1]
+    assert resumed != two_target_run["log_dir"]  # a new folder: see the README for how the curves join
+    assert yaml.safe_load((resumed / "config.yaml").read_text())["ckpt_path"] == str(first)
+    with (resumed / "metrics.csv").open() as f:
+        epochs = {int(row["epoch"]) for row in csv.DictReader(f)}
+    assert epochs == {2}  # it went on from the checkpoint's epoch, not from 0
+    state = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["epoch"] == 2
+    curves = next(v for k, v in state["callbacks"].items() if "TrainingCurves" in k)["history"]
+    assert [epoch for epoch, _ in curves["train/loss"]] == [0, 1, 2]  # the plot holds every epoch
+    assert f"resume with --ckpt_path last ({resumed / 'checkpoints' / 'last.ckpt'})" in out
+
+
+def test_test_and_predict_from_the_checkpoint_write_predictions_csv(two_target_run, capsys, tmp_path):
+    common, fit = two_target_run["common"], two_target_run["fit"]
+    checkpoint = two_target_run["log_dir"] / "checkpoints" / "last.ckpt"
+    code, out, err = run_cli(["predict", *common, f"--ckpt_path={checkpoint}"], capsys)
+    assert code == 0, err
+    path = Path(out.strip().splitlines()[-1].removeprefix("manual-backprop: predictions written to "))
+    lines = path.read_text().splitlines()
+    assert lines[0] == "row,price,rooms"
+    data = fit.datamodule
+    rows = [int(line.split(",")[0]) for line in lines[1:]]
+    assert rows == data.rows["test"].tolist()  # the test split's rows, numbered as in the CSV
+    model = RegressionTask.load_from_checkpoint(checkpoint, weights_only=True)
+    x = data.splits["test"].tensors[0]
+    with torch.no_grad():
+        expected = model.predictions(model(x))
+    got = torch.tensor([[float(v) for v in line.split(",")[1:]] for line in lines[1:]])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)  # in target units (6 digits in the file)
+    assert 100 < got[:, 0].mean() < 500
+
+    # A new file without the target columns, scaled with the checkpoint's scalers, even when the
+    # training CSV named in the config has changed since (its own scalers would differ).
+    raw = np.loadtxt(two_target_run["table"], delimiter=",", skiprows=1)
+    new = tmp_path / "new.csv"
+    new.write_text("dist,size,age\n" + "\n".join(f"{r[2]},{r[0]},{r[1]}" for r in raw[:5]) + "\n")
+    changed = write_table(tmp_path / "changed.csv", ["size", "age", "dist", "price", "rooms"], 60, seed=7)
+    args = ["predict", *common, f"--data.init_args.path={changed}", f"--data.init_args.predict_path={new}", f"--ckpt_path={checkpoint}"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    path = Path(out.strip().splitlines()[-1].removeprefix("manual-backprop: predictions written to "))
+    lines = path.read_text().splitlines()
+    assert lines[0] == "row,price,rooms" and [line.split(",")[0] for line in lines[1:]] == ["1", "2", "3", "4", "5"]
+    scaled = (raw[:5, :3] - data.feature_mean) / data.feature_scale
+    with torch.no_grad():
+        expected = model.predictions(model(torch.tensor(scaled, dtype=torch.float32)))
+    got = torch.tensor([[float(v) for v in line.split(",")[1:]] for line in lines[1:]])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
+
+    code, out, err = run_cli(["test", *common, "--ckpt_path", "last"], capsys)
+    assert code == 0 and "test/r2/rooms" in out and "test/mae/price" in out
+    manual = [line for line in out.splitlines() if "test/r2/rooms" in line]
+    # The same checkpoint on stock autograd: the command line's backend wins over the checkpoint's.
+    code, out, err = run_cli(["test", *common, "--ckpt_path", "last", "--model.init_args.backend=autograd"], capsys)
+    assert code == 0 and [line for line in out.splitlines() if "test/r2/rooms" in line] == manual
+    stock = build_cli(["test", *common, "--ckpt_path", "last", "--model.backend", "autograd"])
+    assert type(stock.model.net) is torch.nn.Sequential and stock.model.hparams["backend"] == "autograd"
+
+    # Data with another number of columns than the checkpoint's: one line, not torch's size-mismatch traceback.
+    wider = write_table(tmp_path / "wider.csv", ["size", "age", "dist", "extra", "price", "rooms"], 60)
+    code, out, err = run_cli(["test", *common, f"--data.init_args.path={wider}", f"--ckpt_path={checkpoint}"], capsys)
+    assert code == 2 and err.startswith("manual-backprop: error: the checkpoint's net.layers.0.weight has shape (32, 3), this model's (32, 4)")
+
+
+def test_classifier_predictions_name_the_data_labels(tmp_path, capsys):
+    table = write_table(tmp_path / "kinds.csv", ["a", "b", "kind"], 90, labels=[3, 5, 7])
+    common = [
+        "--config", CSV_CONFIG, f"--data.init_args.path={table}", "--data.init_args.target_columns=[kind]",
+        "--data.init_args.task=multiclass", "--model=MulticlassClassificationTask", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_epochs=1", *QUIET,
+    ]  # fmt: skip
+    assert run_cli(["fit", *common], capsys)[0] == 0
+    code, out, err = run_cli(["predict", *common, "--ckpt_path", "last"], capsys)
+    assert code == 0, err
+    lines = Path(out.strip().split("predictions written to ")[-1]).read_text().splitlines()
+    assert lines[0] == "row,kind,p_3,p_5,p_7"
+    for line in lines[1:]:
+        row, label, *p = line.split(",")
+        assert int(label) == [3, 5, 7][max(range(3), key=lambda j: float(p[j]))]
+        assert sum(map(float, p)) == pytest.approx(1, abs=1e-4)
+
+
+ERRORS = [
+    # (name, CSV text or None, extra args, the one line the user must see)
+    ("bad cell", "a,b,y\n1,2,3\n4,five,6\n", [], "{csv}: row 2 (line 3), column 'b' holds 'five', which is not a number"),
+    ("missing column", "a,b,price\n1,2,3\n", [], "{csv}: no column 'y'; the columns are: a, b, price"),
+    ("one-class binary", "a,y\n" + "".join(f"{i},1\n" for i in range(20)), ["--data.init_args.task=binary", "--model=BinaryClassificationTask"],
+     "binary targets hold only the value 1 in all 20 rows: a classifier needs rows of both classes 0 and 1"),
+    ("too few rows", "a,y\n1,0\n2,1\n3,0\n4,1\n5,1\n", ["--data.init_args.task=binary", "--model=BinaryClassificationTask"],
+     "{csv} has 5 rows, too few to split into train / val / test with val_fraction=0.15 and test_fraction=0.15: "
+     "each split needs a row of each of the 2 classes (stratified), which takes at least 8 rows"),
+    ("regression rows", "a,y\n1,0\n2,1\n", [], "{csv} has 2 rows, too few to split into train / val / test"),
+    ("multiclass model, regression data", "a,y\n" + "".join(f"{i},{i % 3}\n" for i in range(30)), ["--model=MulticlassClassificationTask"],
+     "MulticlassClassificationTask needs num_classes (an integer >= 2); got None. The CLI links it from the data module's "
+     "num_classes, which is None when the data's task is regression"),
+    ("regression model, binary data", "a,y\n" + "".join(f"{i},{i % 2}\n" for i in range(30)), ["--data.init_args.task=binary"],
+     "RegressionTask trains on regression data, but CSVDataModule holds a binary task; pick the matching task class"),
+    ("bad hidden size", "a,y\n" + "".join(f"{i},{i}\n" for i in range(30)), ["--model.init_args.hidden_sizes=[4,0]"],
+     "hidden_sizes[1] must be a positive integer; got 0 (hidden_sizes=[4, 0])"),
+    ("missing file", None, [], "CSV file not found: {csv}"),
+]
+
+
+@pytest.mark.parametrize("name, text, extra, message", ERRORS, ids=[e[0] for e in ERRORS])
+def test_user_input_errors_are_one_line_and_exit_2(tmp_path, capsys, name, text, extra, message):
+    csv_path = tmp_path / "data.csv"
+    if text is not None:
+        csv_path.write_text(text)
+    args = ["fit", "--config", CSV_CONFIG, f"--data.init_args.path={csv_path}", "--data.init_args.target_columns=[y]",
+            f"--trainer.default_root_dir={tmp_path}", *extra, *QUIET]  # fmt: skip
+    code, out, err = run_cli(args, capsys)
+    expected = "manual-backprop: error: " + message.format(csv=csv_path)
+    assert code == 2 and err.startswith(expected) and err.count("\n") == 1, err  # first and alone
+    assert not (tmp_path / "lightning_logs").exists()  # nothing started
+
+
+@pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
+def test_evaluating_without_a_checkpoint_is_refused_unless_asked(tmp_path, capsys, subcommand):
+    args = [subcommand, "--config", str(config_path("binary_breast_cancer")), f"--trainer.default_root_dir={tmp_path}", *QUIET]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and err.startswith(f"manual-backprop: error: {subcommand} needs --ckpt_path: without a checkpoint")
+    code, _, err = run_cli([*args, "--ckpt_path", "last"], capsys)
+    assert code == 2 and err == f"manual-backprop: error: --ckpt_path last: no last.ckpt under {tmp_path / 'lightning_logs'}/version_*/checkpoints/; train first (`fit`), or pass --ckpt_path=PATH/TO.ckpt\n"
+    if subcommand == "validate":  # asked for: it runs
+        code, _, err = run_cli([*args, "--allow_untrained=true", "--trainer.limit_val_batches=1"], capsys)
+        assert code == 0, err
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    def broken(*args):
+        raise RuntimeError("a bug in our plot")
+
+    monkeypatch.setattr(TrainingCurves, "_plot", broken)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    args = ["fit", "--config", str(config_path("regression_diabetes")), "--trainer.max_steps=1",
+            f"--trainer.default_root_dir={tmp_path}", *QUIET]  # fmt: skip
+    with pytest.raises(RuntimeError, match="a bug in our plot"):
+        cli_main(args)
+    assert "manual-backprop: error" not in capsys.readouterr().err
+
+
+def test_a_net_next_to_the_config_imports_and_its_checkpoint_reloads_alone(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mynet_x1.py").write_text(
+        "import torch\n\nclass MyNet(torch.nn.Sequential):\n    def __init__(self, width: int = 4):\n"
+        "        super().__init__(torch.nn.Linear(30, width), torch.nn.Tanh(), torch.nn.Linear(width, 1))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])  # as a console script
+    config = {
+        "model": {"class_path": "lightning_modules.BinaryClassificationTask",
+                  "init_args": {"net": {"class_path": "mynet_x1.MyNet", "init_args": {"width": 6}}}},
+        "data": {"class_path": "lightning_modules.SklearnDataModule", "init_args": {"dataset": "breast_cancer"}},
+        "trainer": {"max_epochs": 1, "callbacks": [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}]},
+    }  # fmt: skip
+    (tmp_path / "net.yaml").write_text(yaml.safe_dump(config))
+    code, out, err = run_cli(["fit", "--config", "net.yaml", *QUIET], capsys)
+    assert code == 0, err
+    checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    saved = torch.load(checkpoint, weights_only=True)["hyper_parameters"]
+    assert saved["net"] == {"class_path": "mynet_x1.MyNet", "init_args": {"width": 6}}
+    assert "hidden_sizes" not in saved and "activation" not in saved  # the run never used them
+    logged = yaml.safe_load((checkpoint.parents[1] / "hparams.yaml").read_text())
+    assert "hidden_sizes" not in logged and logged["net"]["init_args"] == {"width": 6}
+    restored = BinaryClassificationTask.load_from_checkpoint(checkpoint, weights_only=True)  # no net= needed
+    assert type(restored.net).__name__ == "MyNet" and type(restored.net[0]) is mnn.Linear  # converted: backend manual
+    assert restored.hparams["net"] == saved["net"]  # and reloads again from its own checkpoint
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    for key, value in restored.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+
+def test_help_says_what_the_command_is(capsys):
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0 and out.startswith("usage: manual-backprop") and "on hand-written backprop rules" in " ".join(out.split())
+    code, out, _ = run_cli(["fit", "--help"], capsys)
+    assert code == 0 and "--ckpt_path" in out and "--allow_untrained" in out
+
+
+def test_logger_false_says_where_files_go(tmp_path, capsys):
+    args = ["fit", "--config", str(config_path("regression_diabetes")), "--trainer.max_steps=1", "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}", *QUIET]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert code == 0 and f"--trainer.logger=false: writing config.yaml, checkpoints and plots under {tmp_path}" in err
+
+
+def readme_commands() -> list[str]:
+    """The README's `manual-backprop fit ...` commands, continuation lines joined."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    return [line.strip() for line in text.splitlines() if line.strip().startswith("manual-backprop fit ")]
+
+
+def test_readme_fit_commands_parse_and_set_max_epochs(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the README's paths are relative to a clone
+    commands = readme_commands()
+    assert len(commands) >= 5
+    for command in commands:
+        args = shlex.split(command.split("#")[0])[1:]
+        if any(a.startswith("--data.init_args.path=") for a in args):
+            continue  # names the user's own CSV
+        code, out, err = run_cli([*args, "--print_config"], capsys)
+        assert code == 0, (command, err)
+        assert yaml.safe_load(out)["trainer"]["max_epochs"] is not None, command  # not Lightning's 1000
+
+
+@pytest.mark.slow
+def test_console_script_error_is_one_line_and_output_is_quiet(tmp_path):
+    script = Path(sys.executable).parent / "manual-backprop"
+    (tmp_path / "data.csv").write_text("a,b,y\n1,2,3\n4,five,6\n")
+    done = subprocess.run([str(script), "fit", "--config", CSV_CONFIG, "--data.init_args.path=data.csv"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == "manual-backprop: error: data.csv: row 2 (line 3), column 'b' holds 'five', which is not a number\n"
+    assert done.stdout == ""
+
+
+def readme_walkthrough() -> list[list[str]]:
+    """The commands of the README's "Your own CSV" walkthrough, as argument lists."""
+    section = (ROOT / "README.md").read_text().split("#### Your own CSV", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    return [shlex.split(line)[1:] for line in block.splitlines() if line.startswith("manual-backprop ")]
+
+
+def test_readme_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys):
+    """fit → resume → test → predict, word for word, in a folder holding the user's two CSVs."""
+    (tmp_path / "lightning_modules").symlink_to(ROOT / "lightning_modules")  # the paths are a clone's
+    monkeypatch.chdir(tmp_path)
+    write_table(tmp_path / "houses.csv", ["size", "rooms", "age", "price"], 100)
+    new = write_table(tmp_path / "all.csv", ["size", "rooms", "age", "price"], 7, seed=3).read_text().splitlines()
+    (tmp_path / "new_houses.csv").write_text("\n".join(",".join(line.split(",")[:3]) for line in new) + "\n")
+    commands = readme_walkthrough()
+    assert [args[0] for args in commands] == ["fit", "fit", "test", "predict"]
+    outputs = []
+    for args in commands:
+        code, out, err = run_cli([*args, *QUIET], capsys)
+        assert code == 0, (args, err)
+        outputs.append(out)
+    assert "resume with --ckpt_path last" in outputs[0] and "test/r2" in outputs[2]
+    predictions = Path(outputs[3].strip().split("predictions written to ")[-1]).read_text().splitlines()
+    assert predictions[0] == "row,price" and len(predictions) == 8
+
+
+def test_prediction_columns_per_task():
+    columns = PredictionWriter.columns
+    header, values = columns("binary", torch.tensor([0.2, 0.9]), ["malignant"], None)
+    assert header == ["malignant", "p_0", "p_1"] and [list(v) for v in zip(*values)] == [[0, "0.8", "0.2"], [1, "0.1", "0.9"]]
+    header, values = columns("regression", torch.tensor([[1.5, 20.0]]), ["price", "rooms"], None)
+    assert header == ["price", "rooms"] and values == [["1.5"], ["20"]]
+    header, values = columns("multiclass", torch.tensor([[0.1, 0.7, 0.2]]), ["kind"], np.array([3, 5, 7]))
+    assert header == ["kind", "p_3", "p_5", "p_7"] and [v[0] for v in values] == [5, "0.1", "0.7", "0.2"]

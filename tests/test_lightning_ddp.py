@@ -6,7 +6,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightning_modules import MulticlassClassificationTask, SklearnDataModule
+from lightning_modules import DistributedTeardown, MulticlassClassificationTask, SklearnDataModule
 from tests.trainers import quiet_trainer
 
 
@@ -23,6 +23,7 @@ def train(devices: int, batch_size: int, root) -> MulticlassClassificationTask:
         precision="64-true",  # float64: the two reduction orders agree to ~1e-15, so the check can be tight
         max_epochs=3,
         limit_val_batches=0,
+        callbacks=[DistributedTeardown()],  # as the CLI adds it: a clean gloo exit
     )
     trainer.fit(model, datamodule=data)
     if devices == 1:  # under ddp_spawn the main process's trainer only receives the weights back
@@ -54,3 +55,17 @@ def test_ddp_sees_each_training_row_once_per_epoch():
         ranks.append(list(sampler))
     order = list(single)
     assert ranks[0] == order[0::2] and ranks[1] == order[1::2]
+
+
+def test_distributed_teardown_destroys_the_process_group(tmp_path):
+    """One gloo process group of one process, as each DDP process holds: gone after teardown."""
+    dist = torch.distributed
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        DistributedTeardown().teardown(None, None, "fit")
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    DistributedTeardown().teardown(None, None, "fit")  # and a no-op without one

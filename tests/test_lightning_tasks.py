@@ -128,7 +128,7 @@ def test_bad_network_arguments_name_the_value(kwargs, message):
     [
         (lambda: RegressionTask(hidden_sizes=[4]), ValueError, "RegressionTask needs in_features"),
         (lambda: MulticlassClassificationTask(4, num_classes=1), ValueError, "num_classes must be an integer >= 2; got 1"),
-        (lambda: MulticlassClassificationTask(4), ValueError, "num_classes must be an integer >= 2; got None"),
+        (lambda: MulticlassClassificationTask(4), ValueError, r"needs num_classes \(an integer >= 2\); got None\. The CLI links it"),
         (lambda: RegressionTask(4, out_features=0), ValueError, "out_features must be a positive integer; got 0"),
         (lambda: RegressionTask(4, lr=0.0), ValueError, "lr must be positive; got 0.0"),
         (lambda: RegressionTask(4, weight_decay=-1.0), ValueError, "weight_decay must be >= 0; got -1.0"),
@@ -393,7 +393,7 @@ def test_builtin_network_checkpoint_loads_weights_only_and_restores_target_scale
     state = torch.load(tmp_path / "model.ckpt", weights_only=True)
     assert state["hyper_parameters"] == {
         "in_features": 3, "out_features": 3, "hidden_sizes": [4], "activation": "relu",
-        "backend": "manual", "lr": 1e-3, "weight_decay": 0.0,
+        "backend": "manual", "lr": 1e-3, "weight_decay": 0.0, "target_names": None,
     }  # fmt: skip
     restored = RegressionTask.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=True)
     torch.testing.assert_close(restored.target_mean, torch.tensor(data.target_mean, dtype=torch.float32))
@@ -423,3 +423,17 @@ def test_checkpoint_of_one_backend_loads_into_the_other(tmp_path, source, target
     (retested,) = quiet_trainer(tmp_path).test(fresh, datamodule=data, ckpt_path=path, verbose=False, weights_only=True)
     assert retested["test/accuracy"] == pytest.approx(tested["test/accuracy"])
     assert retested["test/loss"] == pytest.approx(tested["test/loss"], rel=1e-5)
+
+
+def test_multiclass_accuracy_is_the_fraction_correct_on_imbalanced_labels():
+    """Micro accuracy (what the README and the table report), not the macro mean of per-class recalls:
+    on balanced iris the two agree, so this uses 8 rows of class 0, 1 of class 1 and 1 of class 2."""
+    model = MulticlassClassificationTask(4, num_classes=3, hidden_sizes=[4])
+    target = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 1, 2])
+    predicted = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 0, 0])  # right on every class-0 row, wrong on the others
+    logits = torch.nn.functional.one_hot(predicted, 3).float() * 5
+    metrics = model.test_metrics
+    metrics.update(*model.metric_inputs(logits, target))
+    values = metrics.compute()
+    assert values["test/accuracy"] == pytest.approx(0.8)  # 8 of 10 right; macro would give (1 + 0 + 0) / 3
+    assert values["test/f1_macro"] == pytest.approx((2 * 0.8 / 1.8 + 0 + 0) / 3)  # class 0: precision 0.8, recall 1

@@ -165,18 +165,34 @@ def test_cli_exits_nonzero_when_gradients_differ(factory_module, capsys):
         (["parity_factories:make", "--input-shape", "2,a"], "input shape"),
         (["parity_factories:make", "--input-shape", "2,4", "--kwargs", "[1]"], "JSON object"),
         (["parity_factories:instance", "--input-shape", "2,4", "--kwargs", "{\"hidden\": 2}"], "module instance"),
+        (["parity_factories:make", "--input-shape", "2,4", "--registry", "nosuch"],
+         "no rule set named 'nosuch'; available: ['feedback_alignment']"),
+        (["parity_factories:make", "--input-shape", "2,4", "--loss", "bce"],
+         "--loss bce takes probabilities in [0, 1], but the model's outputs lie in"),
+        (["parity_factories:make", "--input-shape", "2,5"], "the model fails on random inputs of shape 2,5: "),
+        (["nowhere/models.py:make", "--input-shape", "2,4"], "no such file: nowhere/models.py"),
     ],
 )
 def test_cli_usage_errors(factory_module, capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
         parity_cli.main(args)
-    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").splitlines()[-1]  # argparse's usage line, then the error alone
+    assert exit_.value.code == 2 and last.startswith("manual-backprop-parity: error: ") and message in last, err
+
+
+def test_cli_takes_a_file_path(tmp_path, capsys):
+    (tmp_path / "my_models_x2.py").write_text(textwrap.dedent(FACTORY))
+    assert parity_cli.main([f"{tmp_path / 'my_models_x2.py'}:make", "--input-shape", "6,4", "--loss", "ce"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("OK")
+    sys.modules.pop("my_models_x2", None)
 
 
 def test_console_script(tmp_path):
+    # The factory's module sits in the current folder, as a user's would: it imports as under `python -m`.
     (tmp_path / "parity_factories.py").write_text(textwrap.dedent(FACTORY))
     script = os.path.join(os.path.dirname(sys.executable), "manual-backprop-parity")
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    done = subprocess.run([script, "parity_factories:make", "--input-shape", "4,4"], capture_output=True, text=True, env=env)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([script, "parity_factories:make", "--input-shape", "4,4"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "grad 2.weight" in done.stdout

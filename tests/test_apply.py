@@ -1,0 +1,61 @@
+"""rules/_apply.py: the fast path to the C++ apply, and its fallback to Function.apply."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+import torch
+
+import manual_backprop.functional as MF
+from manual_backprop import rules
+from manual_backprop.rules import _apply
+
+
+def count_public_applies(monkeypatch) -> list:
+    calls = []
+    original = torch.autograd.Function.apply.__func__
+
+    def counting(cls, *args, **kwargs):
+        calls.append(cls.__name__)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd.Function, "apply", classmethod(counting))
+    return calls
+
+
+def linear_grads():
+    torch.manual_seed(0)
+    x, W, b = torch.randn(3, 4, requires_grad=True), torch.randn(2, 4, requires_grad=True), torch.randn(2, requires_grad=True)
+    z = MF.linear(x, W, b)
+    assert type(z.grad_fn).__name__ == "LinearBackward"
+    return torch.autograd.grad(z.sum(), [x, W, b])
+
+
+def test_fast_path_skips_function_apply(monkeypatch):
+    assert _apply._c_apply is not None  # the internals exist on the tested torch
+    calls = count_public_applies(monkeypatch)
+    linear_grads()
+    assert calls == []
+
+
+def test_without_the_private_internals_every_call_takes_function_apply(monkeypatch):
+    expected = linear_grads()
+    # As on a torch whose internals moved: the module's import of them fails, and it falls back.
+    # (Only for the reload: Function.apply itself still finds them.)
+    monkeypatch.setitem(sys.modules, "torch._functorch.utils", types.ModuleType("torch._functorch.utils"))
+    try:
+        importlib.reload(_apply)
+        monkeypatch.undo()
+        assert _apply._c_apply is None
+        calls = count_public_applies(monkeypatch)
+        got = linear_grads()
+        assert calls == ["Linear"]
+        assert _apply.apply_rule(rules.Sigmoid, torch.zeros(2)).tolist() == [0.5, 0.5]
+    finally:
+        monkeypatch.undo()
+        importlib.reload(_apply)
+    assert _apply._c_apply is not None
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -1,0 +1,36 @@
+"""The README's Python examples run as written and print what their comments say."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import torch
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def python_block_after(heading: str) -> str:
+    section = README[README.index(heading) :]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_example_runs_and_prints_our_grad_fn():
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(python_block_after("## Example"), {})
+    assert re.fullmatch(r"<torch\.autograd\.function\.LinearBackward object at 0x[0-9a-f]+>\n", printed.getvalue())
+    assert "<torch.autograd.function.LinearBackward object at 0x...>" in python_block_after("## Example")
+
+
+def test_convert_restore_report_example_runs_as_its_comments_say():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    names = {"model": model}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(python_block_after("### convert, restore, report"), names)
+    assert type(names["model"][0]) is torch.nn.Linear  # restored: stock classes
+    assert names["model"] is not model  # convert and restore return copies; the user's model is untouched
+    assert names["rows"][0]["status"] == "container" and names["rows"][1]["status"] == "manual"
+    assert set(names["rows"][0]) == {"name", "type", "status", "parameters", "reason"}  # the keys the comment names
