@@ -476,6 +476,8 @@ def _dropout(input: torch.Tensor, p: float, training: bool, inplace: bool, mask_
         return input
     if p == 1:  # torch draws nothing here: the input times zero
         mask = torch.zeros(mask_shape, dtype=torch.bool, device=input.device)
+    elif tuple(mask_shape) == tuple(input.shape):  # empty_like keeps the input's strides, as torch's kernel does,
+        mask = torch.empty_like(input, dtype=torch.bool).bernoulli_(1 - p)  # so a non-contiguous input gets its mask
     else:
         mask = torch.empty(mask_shape, dtype=torch.bool, device=input.device).bernoulli_(1 - p)
     if inplace:

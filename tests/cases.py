@@ -251,38 +251,12 @@ class Norm:
     running statistics, where a case has them, are made fresh inside the call so both sides
     start from the same buffers.
     """
-# ------------------------------------------------------- convolution and pooling (issue 8)
-
-
-@dataclass(frozen=True)
-class Spatial:
-    """One convolution/padding/pooling case: our function and torch's, called as f(*inputs, **kwargs)."""
 
     name: str
     ours: Callable
     stock: Callable
     grad_fn: str
     make: Callable
-    shapes: tuple  # shapes of the floating inputs (input, weight, bias, ...), made by `make`
-    kwargs: dict = field(default_factory=dict)
-    grad_fn: str = ""
-# ------------------------------------------------------ embedding and attention
-
-
-@dataclass(frozen=True)
-class AttentionCase:
-    """q: (*batch, L, E), k: (*kv_batch, S, E), v: (*kv_batch, S, Ev), a mask kind and keyword arguments."""
-
-    name: str
-    batch: tuple[int, ...]
-    L: int
-    S: int
-    E: int = 4
-    Ev: int = 3
-    kv_batch: tuple[int, ...] | None = None  # None: the query's batch
-    mask: str | None = None  # None, "bool", "float", "bool_full_rows", "float_full_rows", "float_grad"
-    mask_batch: tuple[int, ...] = ()  # leading dimensions of the mask (broadcast against the batch)
-    kwargs: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return self.name
@@ -337,6 +311,25 @@ NORMS = [
     Norm("group_norm_group_per_channel", lambda x, w, b: MF.group_norm(x, 4, w, b, 1e-3), lambda x, w, b: TF.group_norm(x, 4, w, b, 1e-3), "GroupNormBackward", _norm_inputs((3, 4, 5), (4,))),
     Norm("group_norm_no_affine", lambda x: MF.group_norm(x, 2), lambda x: TF.group_norm(x, 2), "GroupNormBackward", _norm_inputs((2, 4, 3), (4,), ())),
 ]
+
+
+# ------------------------------------------------------- convolution and pooling (issue 8)
+
+
+@dataclass(frozen=True)
+class Spatial:
+    """One convolution/padding/pooling case: our function and torch's, called as f(*inputs, **kwargs)."""
+
+    name: str
+    ours: Callable
+    stock: Callable
+    shapes: tuple  # shapes of the floating inputs (input, weight, bias, ...), made by `make`
+    kwargs: dict = field(default_factory=dict)
+    grad_fn: str = ""
+
+    def __repr__(self) -> str:
+        return self.name
+
     def make(self, device="cpu", dtype=torch.float32, generator=None) -> list[torch.Tensor]:
         return [torch.randn(s, dtype=dtype, generator=generator).to(device) for s in self.shapes]
 
@@ -421,6 +414,29 @@ POOL_CASES = [Spatial(name, *spec) for name, spec in [
     ("adaptive_max_pool2d_upsample", _pool("adaptive_max_pool2d", _AMAX, (1, 2, 3, 3), output_size=(5, 4))),
     ("adaptive_max_pool3d_unbatched", _pool("adaptive_max_pool3d", _AMAX, (3, 7, 5, 4), output_size=2)),
 ]]
+
+
+# ------------------------------------------------------ embedding and attention
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """q: (*batch, L, E), k: (*kv_batch, S, E), v: (*kv_batch, S, Ev), a mask kind and keyword arguments."""
+
+    name: str
+    batch: tuple[int, ...]
+    L: int
+    S: int
+    E: int = 4
+    Ev: int = 3
+    kv_batch: tuple[int, ...] | None = None  # None: the query's batch
+    mask: str | None = None  # None, "bool", "float", "bool_full_rows", "float_full_rows", "float_grad"
+    mask_batch: tuple[int, ...] = ()  # leading dimensions of the mask (broadcast against the batch)
+    kwargs: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return self.name
+
     def make(self, device, dtype, generator=None):
         g = generator or torch.Generator().manual_seed(0)
         kv_batch = self.batch if self.kv_batch is None else self.kv_batch

@@ -51,6 +51,14 @@ def test_same_seed_same_mask_and_gradient_as_torch_on_cpu(name, ours, stock, sha
     assert torch.equal(g_ours, g_stock)
 
 
+
+def test_non_contiguous_input_gets_torchs_mask():
+    """torch draws into empty_like(input), which keeps a transposed input's strides (attention outputs
+    in batch_first layers are such views); drawing in the mask's contiguous order gave another mask."""
+    z = torch.randn(4, 3, 8).transpose(0, 1)
+    assert not z.is_contiguous()
+    assert torch.equal(_seeded(MF.dropout)(z, 0.3), _seeded(TF.dropout)(z, 0.3))
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,ours,stock,shape,mask_shape", DROPOUTS, ids=IDS)
 def test_saves_only_a_compact_mask_and_delta_is_masked_and_scaled(name, ours, stock, shape, mask_shape, device):

@@ -59,6 +59,7 @@ MODULES += [
     (mnn.Mish, torch.nn.Mish, {}, x4, "MishBackward"),
     (mnn.PReLU, torch.nn.PReLU, dict(num_parameters=2, init=0.1), x4, "PReLUBackward"),
     (mnn.PReLU, torch.nn.PReLU, {}, images, "PReLUBackward"),
+]
 
 # convolution and pooling (issue 8)
 image = lambda *shape: lambda device: [torch.randn(*shape, device=device)]  # noqa: E731
