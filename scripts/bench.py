@@ -439,6 +439,9 @@ def build_cnn(case: Case, spec: CnnSpec, compile_backend: str):
     """stock (torch autograd), converted (manual_backprop.convert) and converted + torch.compile, same parameters."""
     import manual_backprop as mb
 
+    # Dropout under inductor draws its masks from inductor's own RNG unless told to fall back to eager's,
+    # so without this stock compiled and ours compiled would drop different units and their gradients differ.
+    torch._inductor.config.fallback_random = True
     torch.manual_seed(0)
     stock = spec.build(load_zoo()).to(case.device).train()
     converted, compiled_model = mb.convert(stock), mb.convert(stock)
@@ -487,9 +490,13 @@ def check_cnn_gradients(case: Case, forwards, params, references=None) -> list[s
         if references and name in references:
             ref_forward, ref_model = references[name]
             reference = run(ref_forward, list(ref_model.parameters()))
+        compiled = bool(references and name in references)
         for i, (g, r) in enumerate(zip(got, reference)):
             scale = r.abs().max().item() if r.numel() else 0.0
-            atol = (1e-3 if references and name in references else 1e-4) * scale + 1e-7
+            atol = (1e-3 if compiled else 1e-4) * scale + 1e-7
+            if compiled:  # inductor's own float32 spread here: stock compiled against stock eager, times two
+                # (train-mode BatchNorm over few values per channel amplifies rounding: mobilenet's 1×1 stages)
+                atol += 2 * (r - stock[i]).abs().max().item() if r.numel() else 0.0
             if g is None or not torch.allclose(g, r, rtol=1e-3, atol=atol):
                 worst = float("nan") if g is None else (g - r).abs().max().item()
                 errors.append(f"{case.device} {case.network} {name}: tensor {i} differs (max |Δ| {worst:.3g}, max |stock| {scale:.3g})")
