@@ -130,6 +130,14 @@ def bias_grad(delta: torch.Tensor) -> torch.Tensor:
     return delta.sum([i for i in range(delta.dim()) if i != 1])
 
 
+
+def _save_for_weight_and_input_grads(ctx, a, W) -> None:
+    """What both convolution rules keep: a only for ∂J/∂W, W only for ∂J/∂a, and the sizes to undo."""
+    need_a, need_W = ctx.needs_input_grad[:2]
+    ctx.unbatched = _unbatched(a, W)
+    ctx.a_size, ctx.kernel_size = tuple(a.shape[2 - ctx.unbatched:]), tuple(W.shape[2:])
+    ctx.save_for_backward(a if need_W else None, W if need_a else None)
+
 class Convolution(torch.autograd.Function):
     """z = W ⋆ a + b, any number of spatial dimensions, stride, padding (per side, symmetric),
     dilation and groups.  a: (N, C_in, *in) or (C_in, *in); W: (C_out, C_in/G, *k).
@@ -154,9 +162,7 @@ class Convolution(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         a, W, b, *ctx.config = inputs
-        need_a, need_W, _ = ctx.needs_input_grad[:3]
-        ctx.a_size, ctx.kernel_size, ctx.unbatched = tuple(a.shape[2 - _unbatched(a, W):]), tuple(W.shape[2:]), _unbatched(a, W)
-        ctx.save_for_backward(a if need_W else None, W if need_a else None)
+        _save_for_weight_and_input_grads(ctx, a, W)
 
     @staticmethod
     @without_autocast
@@ -197,9 +203,7 @@ class ConvTranspose(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         a, W, b, stride, padding, _, groups, dilation = inputs
         ctx.config = stride, padding, dilation, groups
-        need_a, need_W, _ = ctx.needs_input_grad[:3]
-        ctx.a_size, ctx.kernel_size, ctx.unbatched = tuple(a.shape[2 - _unbatched(a, W):]), tuple(W.shape[2:]), _unbatched(a, W)
-        ctx.save_for_backward(a if need_W else None, W if need_a else None)
+        _save_for_weight_and_input_grads(ctx, a, W)
 
     @staticmethod
     @without_autocast

@@ -137,6 +137,13 @@ def _per_channel_affine(mean, var, weight, bias, eps):
     return scale, shift if bias is None else shift + opmath(bias)
 
 
+
+def _save_with_statistics(ctx, tensors, statistics) -> None:
+    """Save the inputs and the forward's statistics (extra outputs that carry no gradient of their own)."""
+    ctx.mark_non_differentiable(*statistics)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*tensors, *statistics)
+
 class BatchNorm(torch.autograd.Function):
     """Training-mode batch normalisation of x: (N, C, *), statistics per channel over (N, *).
 
@@ -161,10 +168,7 @@ class BatchNorm(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, ctx.eps = inputs
-        _, mean, var = output
-        ctx.mark_non_differentiable(mean, var)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, bias, mean, var)
+        _save_with_statistics(ctx, (x, weight, bias), output[1:])
 
     @staticmethod
     @without_autocast
@@ -281,10 +285,7 @@ class LayerNorm(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, ctx.normalized_shape, weight, bias, ctx.eps = inputs
-        _, mean, rstd = output
-        ctx.mark_non_differentiable(mean, rstd)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        _save_with_statistics(ctx, (x, weight, bias), output[1:])
 
     @staticmethod
     @without_autocast
@@ -318,10 +319,7 @@ class RMSNorm(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, ctx.normalized_shape, weight, ctx.eps = inputs
-        _, rstd = output
-        ctx.mark_non_differentiable(rstd)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, rstd)
+        _save_with_statistics(ctx, (x, weight), output[1:])
 
     @staticmethod
     @without_autocast
@@ -377,10 +375,7 @@ class GroupNorm(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, ctx.num_groups, weight, bias, ctx.eps = inputs
-        _, mean, rstd = output
-        ctx.mark_non_differentiable(mean, rstd)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        _save_with_statistics(ctx, (x, weight, bias), output[1:])
 
     @staticmethod
     @without_autocast
