@@ -20,6 +20,8 @@ from typing import Callable, TypeVar
 
 import torch
 
+from manual_backprop import observe
+
 # Policies, named after autocast_mode.cpp.
 LOWER = "lower_precision_fp"  # cast floating inputs to the autocast dtype
 FP32 = "fp32"  # cast floating inputs to float32
@@ -99,7 +101,10 @@ def autocast_inputs(op: str, device: torch.device, *tensors: torch.Tensor | None
     if policy == KEEP:
         return tensors
     dtype = torch.get_autocast_dtype(device_type) if policy == LOWER else torch.float32
-    return tuple(t.to(dtype) if _eligible(t) else t for t in tensors)
+    cast = tuple(t.to(dtype) if _eligible(t) else t for t in tensors)
+    for original, copy in zip(tensors, cast):  # a watched parameter's copy still names that parameter
+        observe.cast(original, copy)
+    return cast
 
 
 F = TypeVar("F", bound=Callable)

@@ -24,11 +24,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from manual_backprop import observe
 from manual_backprop._amp import autocast_inputs, without_autocast
 from manual_backprop._checks import InputError
 from manual_backprop.registry import Registry, supports_real_parameters
 from manual_backprop.rules._apply import apply_rule
-from manual_backprop.rules.linear import weight_and_bias_grads
+from manual_backprop.rules.linear import linear_seen, weight_and_bias_grads
 
 NAME = "feedback_alignment"
 
@@ -46,13 +47,16 @@ class FeedbackLinear(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         a, W, b, B = inputs
         need_a, need_W, _, _ = ctx.needs_input_grad
-        ctx.save_for_backward(a if need_W else None, B if need_a else None)
+        ctx.call = observe.keep(ctx, W, b)
+        ctx.save_for_backward(a if need_W or ctx.call else None, B if need_a else None, *observe.output(ctx, output))
 
     @staticmethod
     @without_autocast
     def backward(ctx, delta):
-        a, B = ctx.saved_tensors
+        a, B, *output = ctx.saved_tensors
         need_a, need_W, need_b, _ = ctx.needs_input_grad
+        if ctx.call is not None:
+            ctx.call.see(linear_seen(ctx.call, delta, a, *ctx.params, *output))
         grad_a = delta @ B.to(delta.dtype) if need_a else None  # δ B, where backprop has δ W
         return grad_a, *weight_and_bias_grads(delta, a, need_W, need_b), None
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from manual_backprop import observe
 from manual_backprop._amp import without_autocast
 from manual_backprop.rules._apply import apply_rule
-from manual_backprop.rules.linear import weight_and_bias_grads
+from manual_backprop.rules.linear import linear_seen, weight_and_bias_grads
 
 
 def activation(rule: type, *params) -> tuple:
@@ -98,13 +99,15 @@ class MLP(torch.autograd.Function):
         # Unused extra outputs get None, not zero-filled tensors of every hidden size.
         ctx.set_materialize_grads(False)
         need_a0, _, *need_params = ctx.needs_input_grad
-        # δ must travel down to the lowest layer with a parameter that wants a gradient (or to a(0)).
+        # δ must travel down to the lowest layer with a parameter that wants a gradient (or to a(0));
+        # to every layer, with a(0), while someone watches (`observe`: the tape, per-sample gradients).
+        ctx.call = observe.keep(ctx, *weights_and_biases)
         wanted = [l for l in range(len(layers)) if need_params[2 * l] or need_params[2 * l + 1]]
-        ctx.lowest = 0 if need_a0 else min(wanted, default=len(layers))
+        ctx.lowest = 0 if need_a0 or ctx.call else min(wanted, default=len(layers))
         # W(l) carries δ below layer l; a(0) gives ∂J/∂W(0); the output gives σ' on the last layer.
         Ws = [W if l > ctx.lowest or need_a0 else None for l, W in enumerate(weights_and_biases[0::2])]
         from_a = _sigma_prime_source(layers[-1]) == "a"
-        ctx.save_for_backward(a if need_params[0] else None, out if from_a else None, *Ws, *kept)
+        ctx.save_for_backward(a if need_params[0] or ctx.call else None, out if from_a else None, *Ws, *kept)
 
     @staticmethod
     @without_autocast
@@ -126,12 +129,23 @@ class MLP(torch.autograd.Function):
             grad_a = None
             if delta is None:
                 continue
+            if ctx.call is not None:
+                _see_layer(ctx, l, delta, a[l])
             # ∂J/∂W(l) = δ(l+1)ᵀ a(l),  ∂J/∂b(l) = Σₙ δ(l+1)
             grads[2 * l], grads[2 * l + 1] = weight_and_bias_grads(delta, a[l], need[2 * l], need[2 * l + 1])
             if l > ctx.lowest or need_a0:
                 grad_a = delta.mm(W[l])  # ∂J/∂a(l) = δ(l+1) W(l)
         grad_input = grad_a.reshape(ctx.input_shape) if need_a0 and grad_a is not None else None
         return grad_input, None, *grads
+
+
+def _see_layer(ctx, l: int, delta: torch.Tensor, a: torch.Tensor) -> None:
+    """Report layer l to `observe` as if it were a Linear: δ of z(l+1), a(l), with the leading dimensions back."""
+    W, b = ctx.params[2 * l], ctx.params[2 * l + 1]
+    leading = ctx.input_shape[:-1]
+    z = F.linear(a, W, b) if ctx.call.keep_output else None  # z(l+1) is not kept for every σ': recompute
+    delta, a, z = (t if t is None else t.reshape(*leading, t.shape[-1]) for t in (delta, a, z))
+    ctx.call.see(linear_seen(ctx.call, delta, a, W, b, output=z, layer=f"layers.{l}"))
 
 
 def mlp(a: torch.Tensor, layers: tuple, *weights_and_biases: torch.Tensor | None) -> torch.Tensor:

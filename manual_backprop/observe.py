@@ -1,0 +1,185 @@
+"""What the rules see: δ and a at each parametric rule's backward, handed to whoever watches.
+
+The notes' weight gradient is a sum of outer products, ∂J/∂W = Σₙ δₙ aₙᵀ. Every
+parametric rule holds both factors in its backward. Per-sample gradients (each term
+δₙ aₙᵀ on its own), the δ tape (δ and a layer by layer) and plugins all read those
+same two tensors, so there is one mechanism, here:
+
+    with observe.watch(model, observer):       # observer.see(seen) for each rule backward
+        loss_fn(model(x), y).backward()
+
+- `watch` puts forward pre/post hooks on each module of `model` that holds parameters
+  (and removes them on exit): while such a module runs, it is the current `Call` (the
+  innermost one, for nested modules; a fused MLP is one call, its layers told apart by
+  `Seen.layer`).
+- A parametric rule asks `observe.current()` in `setup_context`. Nobody watching: it
+  gets None (one read of a module-level list), keeps nothing extra and does no extra
+  work. Otherwise it keeps a, and its backward hands a `Seen` to `Call.see`.
+- `Seen` carries δ, a, the rule's parameter tensors, and two pure functions of the
+  rule's: per-sample parameter gradients and per-sample squared norms (which need not
+  form any per-sample gradient: ‖δₙ aₙᵀ‖ = ‖δₙ‖·‖aₙ‖).
+
+Hooks are installed only by `watch`, so ordinary training pays nothing. Under
+torch.compile the rules' Python backward does not run per step, so watching a
+compiled model raises instead of silently seeing nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from manual_backprop._checks import InputError
+
+
+class Observer(Protocol):
+    """Anything with `see(seen)`; `keep_output` asks rules to hand over their output too."""
+
+    keep_output: bool
+
+    def see(self, seen: "Seen") -> None: ...
+
+
+@dataclass
+class Call:
+    """One forward call of a watched module: its qualified name in the watched model, the module,
+    and the how-many-th call of that module since `watch` began (0, 1, … for a module used twice)."""
+
+    name: str
+    module: torch.nn.Module
+    index: int
+    observers: Sequence[Observer]
+    cast_from: dict = field(default_factory=dict)  # id(autocast copy) -> the parameter it was cast from
+
+    @property
+    def keep_output(self) -> bool:
+        return any(getattr(o, "keep_output", False) for o in self.observers)
+
+    def see(self, seen: "Seen") -> None:
+        for observer in self.observers:
+            observer.see(seen)
+
+    def parameter_name(self, tensor: torch.Tensor | None) -> str | None:
+        """The name, relative to the module, of the parameter `tensor` is (or was cast from), else None."""
+        if tensor is None:
+            return None
+        tensor = self.cast_from.get(id(tensor), tensor)
+        for name, p in self.module.named_parameters():
+            if p is tensor:
+                return name
+        return None
+
+
+@dataclass
+class Seen:
+    """What one parametric rule saw in one backward.
+
+    delta:  ∂J/∂(the rule's output), shaped like that output.
+    input:  a, the rule's input as the rule saw it (after autocast's casts).
+    output: the rule's output, if an observer asked for it (`keep_output`), else None.
+    params: the rule's parameter tensors, in the order `per_sample` returns their gradients.
+    layer:  "" for the module itself; "layers.3" for layer 3 inside a fused rule (the MLP).
+    per_sample(delta, a):  one (N, *p.shape) tensor per entry of params (None where that entry
+        is None), sample n's gradient, every dimension after the first summed inside the sample.
+    sq_norms(delta, a):  (N,) Σ over params of ‖sample n's gradient‖², without forming it where
+        the rule knows an identity for it.
+    Both functions take δ and a with the sample dimension first.
+    """
+
+    call: Call
+    delta: torch.Tensor
+    input: torch.Tensor
+    params: tuple
+    per_sample: Callable[[torch.Tensor, torch.Tensor], tuple]
+    sq_norms: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    output: torch.Tensor | None = None
+    layer: str = ""
+
+    @property
+    def name(self) -> str:
+        """The qualified name of what was seen: the module's, or "<module>.layers.<k>" inside a fused rule."""
+        return ".".join(part for part in (self.call.name, self.layer) if part)
+
+    def parameter_names(self) -> tuple:
+        """The parameters' qualified names in the watched model, aligned with `params` (None: not a parameter)."""
+        prefix = self.call.name + "." if self.call.name else ""
+        return tuple(None if (n := self.call.parameter_name(p)) is None else prefix + n for p in self.params)
+
+
+_calls: list[Call] = []  # the calls now running, innermost last; empty when nobody watches
+_watching: list = []  # one entry per active `watch`
+
+
+def current() -> Call | None:
+    """The innermost watched module call now running, or None. What a rule's setup_context asks."""
+    if not _calls:
+        return None
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"manual_backprop: {_calls[-1].name or type(_calls[-1].module).__name__} is watched (tape or "
+            "per-sample gradients) inside torch.compile, whose compiled backward would not report δ and a; "
+            "watch the uncompiled model"
+        )
+    return _calls[-1]
+
+
+def keep(ctx, *params: torch.Tensor | None) -> Call | None:
+    """In a parametric rule's setup_context: the watching call (None: nobody watches, nothing kept).
+
+    Keeps the rule's parameter tensors as `ctx.params` for `Seen.params`.
+    """
+    call = current()
+    if call is not None:
+        ctx.params = params
+    return call
+
+
+def output(ctx, output: torch.Tensor) -> tuple:
+    """(output,) for save_for_backward when the watching call asks for outputs (the tape's keep="output"), else ()."""
+    return (output,) if ctx.call is not None and ctx.call.keep_output else ()
+
+
+def cast(original: torch.Tensor, copy: torch.Tensor) -> None:
+    """Remember that `copy` is autocast's copy of `original`, so the copy's gradients go to its parameter."""
+    if _calls and copy is not original and original is not None:
+        _calls[-1].cast_from[id(copy)] = original
+
+
+class watch:
+    """Context manager: while open, every parametric rule run by a module of `model` reports to `observers`."""
+
+    def __init__(self, model: torch.nn.Module, *observers: Observer) -> None:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            raise InputError(
+                "manual_backprop: cannot watch a torch.compile'd model (its compiled backward does not report "
+                "δ and a); watch the original module (model._orig_mod) and run it uncompiled"
+            )
+        if not isinstance(model, torch.nn.Module):
+            raise InputError(f"manual_backprop: watch needs a torch.nn.Module, got {type(model).__name__}")
+        self.model, self.observers, self._handles = model, observers, []
+
+    def __enter__(self) -> "watch":
+        counts: dict = {}
+        for name, module in self.model.named_modules():
+            if next(module.parameters(), None) is None:  # no parameter here or below: no rule to watch
+                continue
+
+            def push(module, args, name=name):
+                index = counts[name] = counts.get(name, -1) + 1
+                _calls.append(Call(name, module, index, self.observers))
+
+            def pop(module, args, output):
+                _calls.pop()
+
+            self._handles.append(module.register_forward_pre_hook(push))
+            self._handles.append(module.register_forward_hook(pop, always_call=True))
+        _watching.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        _watching.remove(self)
