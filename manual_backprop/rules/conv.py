@@ -188,7 +188,10 @@ def conv_seen(call, delta, a, W, b, kernel_size, config, transposed: bool, outpu
         sq = per_sample_conv_weight_sq_norms(*ordered(d, x), *geometry)
         return sq if b is None else sq + _per_sample_bias_grads(d).square().sum(1)
 
-    return observe.Seen(call, delta, a, (W, b), per_sample=per_sample, sq_norms=sq_norms, output=output)
+    def grads(d, x):
+        return conv_weight_grad(*ordered(d, x), *geometry), (None if b is None else bias_grad(d))
+
+    return observe.Seen(call, delta, a, (W, b), per_sample=per_sample, sq_norms=sq_norms, output=output, grads=grads)
 
 
 def _save_for_weight_and_input_grads(ctx, a, W, b=None, output=None) -> None:
