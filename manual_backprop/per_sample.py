@@ -40,14 +40,21 @@ def _is_whole(p: torch.Tensor, view: torch.Tensor) -> bool:
                          and view.storage_offset() == p.storage_offset())
 
 
-def _placed(p: torch.Tensor, view: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Per-sample gradients (N, *view.shape) of a view of p, laid into (N, *p.shape) (zeros elsewhere)."""
-    if _is_whole(p, view):
-        return grad.reshape(grad.shape[0], *p.shape)
+def _sq(g: torch.Tensor) -> torch.Tensor:
+    """(N,) squared L2 norms of the per-sample slices of g (no squared copy of g formed)."""
+    return torch.linalg.vector_norm(g.flatten(1), dim=1).square()
+
+
+def _add_into(current: dict, p: torch.Tensor, view: torch.Tensor, grad: torch.Tensor) -> None:
+    """current[p] += per-sample gradients (N, *view.shape) of a view of p, laid into (N, *p.shape)."""
     N = grad.shape[0]
-    out = grad.new_zeros(N, p.numel())
-    out.index_add_(1, _index_in(p, view).reshape(-1), grad.reshape(N, -1))
-    return out.view(N, *p.shape)
+    if _is_whole(p, view):
+        grad = grad.reshape(N, *p.shape)
+        current[p] = grad if p not in current else current[p] + grad
+        return
+    if p not in current:
+        current[p] = grad.new_zeros(N, *p.shape)
+    current[p].view(N, -1).index_add_(1, _index_in(p, view).reshape(-1), grad.reshape(N, -1))
 
 
 class _Step:
@@ -243,17 +250,17 @@ class per_sample_grads:
             self._kept.append((step, seen, sources, delta, a, scale))
         try:
             if self.materialize or any(s is not None and step.overlaps(s[1]) for s in sources):
-                grads = seen.per_sample(delta, a)
+                # every rule's gradient is linear in δ: undo the 1/N on δ, not on the larger gradients
+                grads = seen.per_sample(delta * scale if scale != 1 else delta, a)
                 for source, g in zip(sources, grads):
                     if source is None or g is None:
                         continue
                     p, view = source[1], source[2]
                     if not self.materialize and not step.overlaps(p):
-                        step.add_sq(g.flatten(1).square().sum(1) * scale**2)
+                        step.add_sq(_sq(g))
                         self._count(step, p)
                         continue
-                    g = _placed(p, view, g.to(p.dtype)) * scale
-                    step.current[p] = g if p not in step.current else step.current[p] + g
+                    _add_into(step.current, p, view, g.to(p.dtype))
                     self._count(step, p)
             else:
                 step.add_sq(seen.sq_norms(delta, a) * scale**2)
@@ -270,7 +277,7 @@ class per_sample_grads:
         if step.seen[p] < len(step.uses.get(p, [None])) or p not in step.current:
             return
         g = step.current.pop(p)
-        step.add_sq(g.flatten(1).square().sum(1))
+        step.add_sq(_sq(g))
         if self.materialize:  # as Opacus's promote_current_grad_sample: a second backward makes a list
             if p.grad_sample is None:
                 p.grad_sample = g

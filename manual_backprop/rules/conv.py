@@ -149,8 +149,10 @@ def _per_sample_rows(delta, a, kernel_size, stride, padding, dilation, groups):
 
 def per_sample_conv_weight_grads(delta, a, kernel_size, stride, padding, dilation, groups):
     """Sample n's ∂J/∂W = Σ_positions δₙ ⊗ patch(aₙ): (N, C_out, C_in/G, *k) for δ: (N, C_out, *out),
-    a: (N, C_in, *in). The Linear rule's Σₜ δₙₜ aₙₜᵀ with a patch at each position t (Opacus's unfold;
-    measured against vmap of `conv_weight_grad`: the same time at small sizes, and one code path)."""
+    a: (N, C_in, *in). The Linear rule's Σₜ δₙₜ aₙₜᵀ with a patch at each position t (Opacus's unfold).
+    Measured against torch.vmap of `conv_weight_grad` on this project's shared 2-core CPU (N = 64 or 32,
+    3×3 kernels): vmap 0.7× the time for 1→16 and 16→32 channels at 26-28², unfold 0.6× for 32→64 at
+    16²; unfold kept: one code path with the norms below, which need the patches anyway."""
     D, P = _per_sample_rows(delta, a, kernel_size, stride, padding, dilation, groups)
     return (D.transpose(2, 3) @ P).reshape(delta.shape[0], delta.shape[1], a.shape[1] // groups, *kernel_size)
 
