@@ -204,7 +204,8 @@ def conv_seen(call, delta, a, W, b, kernel_size, config, transposed: bool, outpu
     def grads(d, x):
         return conv_weight_grad(*ordered(d, x), *geometry), (None if b is None else bias_grad(d))
 
-    return observe.Seen(call, delta, a, (W, b), per_sample=per_sample, sq_norms=sq_norms, output=output, grads=grads)
+    return observe.Seen(call, delta, a, (W, b), per_sample=per_sample, sq_norms=sq_norms, output=output, grads=grads,
+                        batch_dim=0)  # (N, C, *): a convolution's batch is dim 0 whatever the model's layout
 
 
 def _save_for_weight_and_input_grads(ctx, a, W, b=None, output=None) -> None:
