@@ -260,7 +260,8 @@ def table(rows: list[dict]) -> str:
     lines = ["| model | contender | step ms | × opacus hooks | peak MiB | × opacus hooks | norms agree |",
              "|---|---|---:|---:|---:|---:|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
-        group = [r for r in rows if r["model"] == model]
+        order = [c for c, _ in CONTENDERS]
+        group = sorted((r for r in rows if r["model"] == model), key=lambda r: order.index(r["contender"]))
         base = next((r for r in group if r["contender"] == "opacus hooks" and "error" not in r), None)
         for r in group:
             if "error" in r:
