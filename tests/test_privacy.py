@@ -83,6 +83,7 @@ def test_accountant_is_opacus():
     assert 0 < acc.get_epsilon(1e-5) < 10
 
 
+@pytest.mark.slow
 def test_works_without_opacus():
     code = (
         "import sys; sys.modules['opacus'] = None\n"
