@@ -114,7 +114,7 @@ _watching: list = []  # one entry per active `watch`
 
 def current() -> Call | None:
     """The innermost watched module call now running, or None. What a rule's setup_context asks."""
-    if not _calls:
+    if not _watching or not _calls:
         return None
     if torch.compiler.is_compiling():
         raise RuntimeError(
