@@ -63,7 +63,7 @@ def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
     t = _floating(t)
     if t.dim() < 2:  # no batch dimension: one sample
         return t.reshape(1, -1).norm(dim=1)
-    return t.reshape(t.shape[0], -1).norm(dim=1)
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])).norm(dim=1)
 
 
 def _graph_task() -> int:
