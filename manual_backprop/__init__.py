@@ -12,6 +12,7 @@ from manual_backprop.convert import ConversionError, ModuleReport, Report, conve
 from manual_backprop.mode import ManualFunctions, manual_functions
 from manual_backprop.registry import PluginWarning, Registry, Rule, default_registry, register
 from manual_backprop import testing  # noqa: E402  (uses convert and mode above)
+from manual_backprop.per_sample import per_sample_grads  # noqa: E402  (issue 10: per-sample gradients)
 # the δ tape (issue 11)
 from manual_backprop.tape import Tape, tape  # noqa: E402
 
@@ -32,6 +33,7 @@ __all__ = [
     "default_registry",
     "functional",
     "manual_functions",
+    "per_sample_grads",
     "nn",
     "register",
     "report",

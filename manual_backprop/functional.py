@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch.nn import _reduction
 
-from manual_backprop import _checks, rules
+from manual_backprop import _checks, observe, rules
 from manual_backprop._amp import autocast_inputs
 from manual_backprop._checks import InputError, TargetIndexError, shape
 from manual_backprop.rules._apply import apply_rule
@@ -1081,6 +1081,7 @@ def multi_head_attention_forward(
     if head_dim * num_heads != embed_dim:
         raise InputError(f"multi_head_attention_forward: embed_dim {embed_dim} not divisible by num_heads {num_heads}")
 
+    observe.samples_in(1)  # every Linear below sees (L, N, E): the samples lie along dim 1
     # in-projection: one Linear per packed weight block
     if not use_separate_proj_weight:
         W, b = in_proj_weight, in_proj_bias
@@ -1155,8 +1156,8 @@ def multi_head_attention_forward(
     attn_output, weights = attention_with_weights(
         q, k, v, attn_mask, dropout_p, is_causal and attn_mask is None, safe=not need_weights
     )
-    attn_output = attn_output.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
-    attn_output = linear(attn_output, out_proj_weight, out_proj_bias).view(tgt_len, bsz, -1)
+    attn_output = attn_output.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim)  # (L, N, E): samples stay apart
+    attn_output = linear(attn_output, out_proj_weight, out_proj_bias)
     if not need_weights:
         return (attn_output if is_batched else attn_output.squeeze(1)), None
     if average_attn_weights:

@@ -18,6 +18,13 @@ same two tensors, so there is one mechanism, here:
 - `Seen` carries δ, a, the rule's parameter tensors, and two pure functions of the
   rule's: per-sample parameter gradients and per-sample squared norms (which need not
   form any per-sample gradient: ‖δₙ aₙᵀ‖ = ‖δₙ‖·‖aₙ‖).
+- Samples lie along `Seen.batch_dim` of δ and a: `watch(..., batch_dim=)` for the whole
+  model (1 for sequence-first data), changed for one call by a functional that moves the
+  batch (multi-head attention works in (L, N, E): `observe.samples_in(1)`).
+- A rule may be handed a view of a parameter (multi-head attention's in_proj_weight
+  chunks): `Call.source` maps it back to the parameter, and the view tells where in it.
+- Observers may also define `keeps(call, params)`: called in forward, each time a rule
+  keeps its parameters (per-sample norms use it to find parameters used twice).
 
 Hooks are installed only by `watch`, so ordinary training pays nothing. Under
 torch.compile the rules' Python backward does not run per step, so watching a
@@ -45,13 +52,17 @@ class Observer(Protocol):
 @dataclass
 class Call:
     """One forward call of a watched module: its qualified name in the watched model, the module,
-    and the how-many-th call of that module since `watch` began (0, 1, … for a module used twice)."""
+    and the how-many-th call of that module since `watch` began (0, 1, … for a module used twice).
+
+    batch_dim: the dimension of δ and a that indexes samples in this call's rules (the watch's
+    default; a functional that moves the batch sets its own with `samples_in`)."""
 
     name: str
     module: torch.nn.Module
     index: int
     observers: Sequence[Observer]
     cast_from: dict = field(default_factory=dict)  # id(autocast copy) -> the parameter it was cast from
+    batch_dim: int = 0
 
     @property
     def keep_output(self) -> bool:
@@ -61,15 +72,23 @@ class Call:
         for observer in self.observers:
             observer.see(seen)
 
-    def parameter_name(self, tensor: torch.Tensor | None) -> str | None:
-        """The name, relative to the module, of the parameter `tensor` is (or was cast from), else None."""
+    def source(self, tensor: torch.Tensor | None) -> tuple | None:
+        """(name relative to the module, parameter, view) for a parameter `tensor` is, was cast from,
+        or is a view of (view: the tensor whose shape, strides and storage offset say where in the
+        parameter it lies; the parameter itself when it is no view); None otherwise."""
         if tensor is None:
             return None
         tensor = self.cast_from.get(id(tensor), tensor)
-        for name, p in self.module.named_parameters():
-            if p is tensor:
-                return name
+        base = tensor._base if tensor._base is not None else tensor
+        for name, p in self.module.named_parameters(remove_duplicate=False):
+            if p is base:
+                return name, p, tensor
         return None
+
+    def parameter_name(self, tensor: torch.Tensor | None) -> str | None:
+        """The name, relative to the module, of the parameter `tensor` is (or was cast from, or views), else None."""
+        source = self.source(tensor)
+        return None if source is None else source[0]
 
 
 @dataclass
@@ -85,7 +104,10 @@ class Seen:
         is None), sample n's gradient, every dimension after the first summed inside the sample.
     sq_norms(delta, a):  (N,) Σ over params of ‖sample n's gradient‖², without forming it where
         the rule knows an identity for it.
-    Both functions take δ and a with the sample dimension first.
+    Both functions take δ and a with the sample dimension first (`samples_first` moves it there);
+    a rule whose gradient mixes samples (BatchNorm in training mode) still reports δ and a, and
+    its two functions raise `MixesSamples`.
+    batch_dim:  where the samples lie in delta and input (the call's `batch_dim`, as of forward).
     """
 
     call: Call
@@ -96,6 +118,16 @@ class Seen:
     sq_norms: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     output: torch.Tensor | None = None
     layer: str = ""
+    batch_dim: int | None = None  # None: the call's
+
+    def __post_init__(self) -> None:
+        if self.batch_dim is None:
+            self.batch_dim = self.call.batch_dim
+
+    def samples_first(self) -> tuple:
+        """(δ, a) with the sample dimension first, as `per_sample` and `sq_norms` take them."""
+        d = self.batch_dim
+        return (self.delta, self.input) if d == 0 else (self.delta.movedim(d, 0), self.input.movedim(d, 0))
 
     @property
     def name(self) -> str:
@@ -106,6 +138,19 @@ class Seen:
         """The parameters' qualified names in the watched model, aligned with `params` (None: not a parameter)."""
         prefix = self.call.name + "." if self.call.name else ""
         return tuple(None if (n := self.call.parameter_name(p)) is None else prefix + n for p in self.params)
+
+
+class MixesSamples(InputError):
+    """A rule whose parameter gradient is no sum of per-sample terms (BatchNorm in training mode)."""
+
+
+def mixes_samples(reason: str) -> Callable:
+    """`per_sample` / `sq_norms` for a rule whose gradient mixes samples: raises `MixesSamples(reason)`."""
+
+    def refuse(delta, a):
+        raise MixesSamples(reason)
+
+    return refuse
 
 
 _calls: list[Call] = []  # the calls now running, innermost last; empty when nobody watches
@@ -133,7 +178,17 @@ def keep(ctx, *params: torch.Tensor | None) -> Call | None:
     call = current()
     if call is not None:
         ctx.params = params
+        for observer in call.observers:
+            if hasattr(observer, "keeps"):
+                observer.keeps(call, params)
     return call
+
+
+def samples_in(dim: int) -> None:
+    """In a functional that moves the batch (multi-head attention works in (L, N, E)): the samples of
+    the rules it runs from here on, within the current call, lie along `dim`. No-op when nobody watches."""
+    if _calls:
+        _calls[-1].batch_dim = dim
 
 
 def output(ctx, output: torch.Tensor) -> tuple:
@@ -148,9 +203,11 @@ def cast(original: torch.Tensor, copy: torch.Tensor) -> None:
 
 
 class watch:
-    """Context manager: while open, every parametric rule run by a module of `model` reports to `observers`."""
+    """Context manager: while open, every parametric rule run by a module of `model` reports to `observers`.
 
-    def __init__(self, model: torch.nn.Module, *observers: Observer) -> None:
+    batch_dim: where samples lie in the model's data (0; 1 for sequence-first (L, N, E) data)."""
+
+    def __init__(self, model: torch.nn.Module, *observers: Observer, batch_dim: int = 0) -> None:
         if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
             raise InputError(
                 "manual_backprop: cannot watch a torch.compile'd model (its compiled backward does not report "
@@ -158,7 +215,7 @@ class watch:
             )
         if not isinstance(model, torch.nn.Module):
             raise InputError(f"manual_backprop: watch needs a torch.nn.Module, got {type(model).__name__}")
-        self.model, self.observers, self._handles = model, observers, []
+        self.model, self.observers, self._handles, self.batch_dim = model, observers, [], batch_dim
 
     def __enter__(self) -> "watch":
         counts: dict = {}
@@ -168,7 +225,7 @@ class watch:
 
             def push(module, args, name=name):
                 index = counts[name] = counts.get(name, -1) + 1
-                _calls.append(Call(name, module, index, self.observers))
+                _calls.append(Call(name, module, index, self.observers, batch_dim=self.batch_dim))
 
             def pop(module, args, output):
                 _calls.pop()

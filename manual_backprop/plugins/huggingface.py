@@ -26,11 +26,12 @@ from typing import Callable
 import torch
 
 from manual_backprop import functional as F
+from manual_backprop import observe
 from manual_backprop._amp import autocast_inputs, without_autocast
 from manual_backprop._checks import InputError, shape
 from manual_backprop.registry import Registry, supports_real_parameters
 from manual_backprop.rules._apply import apply_rule
-from manual_backprop.rules.linear import weight_and_bias_grads
+from manual_backprop.rules.linear import per_sample_linear_grads, per_sample_linear_sq_norms, weight_and_bias_grads
 
 NAME = "huggingface"
 
@@ -49,15 +50,30 @@ class Conv1D(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         a, W, b = inputs
         need_a, need_W, _ = ctx.needs_input_grad
-        ctx.save_for_backward(a if need_W else None, W if need_a else None)
+        ctx.call = observe.keep(ctx, W, b)
+        ctx.save_for_backward(a if need_W or ctx.call else None, W if need_a else None, *observe.output(ctx, output))
 
     @staticmethod
     @without_autocast
     def backward(ctx, delta):
-        a, W = ctx.saved_tensors
+        a, W, *output = ctx.saved_tensors
         need_a, need_W, need_b = ctx.needs_input_grad
+        if ctx.call is not None:  # a Linear with W transposed: per-sample gradients transposed likewise
+            bias = ctx.params[1] is not None
+            ctx.call.see(observe.Seen(
+                ctx.call, delta, a, ctx.params,
+                per_sample=lambda d, x: _transposed_first(per_sample_linear_grads(d, x, bias)),
+                sq_norms=lambda d, x: per_sample_linear_sq_norms(d, x, bias),
+                output=output[0] if output else None,
+            ))
         grad_a = delta @ W.T if need_a else None  # δ Wᵀ
         return grad_a, *conv1d_weight_and_bias_grads(delta, a, need_W, need_b)
+
+
+def _transposed_first(grads):
+    """(N, out, in) per-sample ∂J/∂W in Linear's layout -> (N, in, out), Conv1D's; ∂J/∂b unchanged."""
+    grad_W, grad_b = grads
+    return grad_W.transpose(1, 2), grad_b
 
 
 def conv1d_weight_and_bias_grads(delta, a, need_W: bool, need_b: bool):

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from manual_backprop import observe
 from manual_backprop._amp import without_autocast
 
 
@@ -392,13 +393,22 @@ class PReLU(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         z, weight = inputs
-        ctx.save_for_backward(z, weight)
+        ctx.call = observe.keep(ctx, weight)
+        ctx.save_for_backward(z, weight, *observe.output(ctx, output))
 
     @staticmethod
     @without_autocast
     def backward(ctx, delta):
-        z, weight = ctx.saved_tensors
+        z, weight, *output = ctx.saved_tensors
         need_z, need_weight = ctx.needs_input_grad
+        if ctx.call is not None:
+            (alpha,) = ctx.params
+            ctx.call.see(observe.Seen(
+                ctx.call, delta, z, ctx.params,
+                per_sample=lambda d, x: (per_sample_prelu_weight_grads(d, x, alpha),),
+                sq_norms=lambda d, x: per_sample_prelu_weight_grads(d, x, alpha).square().flatten(1).sum(1),
+                output=output[0] if output else None,
+            ))
         alpha = prelu_slopes(weight, z)
         grad_z = torch.where(z > 0, delta, delta * alpha) if need_z else None
         grad_weight = prelu_weight_grad(delta, z, weight) if need_weight else None
@@ -418,3 +428,12 @@ def prelu_weight_grad(delta, z, weight):
     if weight.numel() == 1:
         return contribution.sum().reshape(weight.shape)
     return contribution.sum([d for d in range(z.dim()) if d != 1]).reshape(weight.shape)
+
+
+def per_sample_prelu_weight_grads(delta, z, weight):
+    """Sample n's ∂J/∂α = Σ δₙ · min(zₙ, 0) over the sample's dims but the channel dim (dim 1 of δ, z with
+    the sample dimension first): (N, *weight.shape)."""
+    contribution = delta * torch.clamp(z, max=0)
+    dims = list(range(1, z.dim())) if weight.numel() == 1 else [d for d in range(2, z.dim())]
+    grad = contribution.sum(dims) if dims else contribution
+    return grad.reshape(z.shape[0], *weight.shape).to(weight.dtype)

@@ -24,7 +24,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from manual_backprop import observe
 from manual_backprop._amp import without_autocast
+from manual_backprop.rules.linear import per_sample_linear_sq_norms
 
 
 def _unbatched(a: torch.Tensor, W: torch.Tensor) -> bool:
@@ -131,12 +133,78 @@ def bias_grad(delta: torch.Tensor) -> torch.Tensor:
 
 
 
-def _save_for_weight_and_input_grads(ctx, a, W) -> None:
-    """What both convolution rules keep: a only for ∂J/∂W, W only for ∂J/∂a, and the sizes to undo."""
+# ------------------------------------------------------------------ per sample (observe)
+
+
+def _per_sample_rows(delta, a, kernel_size, stride, padding, dilation, groups):
+    """Each sample's conv as Linear layers over its patches, one per group:
+    δ as (N, G, L, C_out/G) and patch(a) as (N, G, L, C_in/G·k), L output positions."""
+    N, C_in = a.shape[:2]
+    C_out, G, K = delta.shape[1], groups, math.prod(kernel_size)
+    P = patches(a, kernel_size, stride, padding, dilation).reshape(N, G, C_in // G, -1, K)
+    P = P.permute(0, 1, 3, 2, 4).reshape(N, G, -1, C_in // G * K)
+    D = delta.reshape(N, G, C_out // G, -1).transpose(2, 3)
+    return D, P
+
+
+def per_sample_conv_weight_grads(delta, a, kernel_size, stride, padding, dilation, groups):
+    """Sample n's ∂J/∂W = Σ_positions δₙ ⊗ patch(aₙ): (N, C_out, C_in/G, *k) for δ: (N, C_out, *out),
+    a: (N, C_in, *in). The Linear rule's Σₜ δₙₜ aₙₜᵀ with a patch at each position t (Opacus's unfold;
+    measured against vmap of `conv_weight_grad`: the same time at small sizes, and one code path)."""
+    D, P = _per_sample_rows(delta, a, kernel_size, stride, padding, dilation, groups)
+    return (D.transpose(2, 3) @ P).reshape(delta.shape[0], delta.shape[1], a.shape[1] // groups, *kernel_size)
+
+
+def per_sample_conv_weight_sq_norms(delta, a, kernel_size, stride, padding, dilation, groups, limit=2**24):
+    """‖sample n's ∂J/∂W‖² without forming all N of them: `per_sample_linear_sq_norms` over the patches
+    (two L×L Gram matrices where L² ≤ C_out/G·C_in/G·k, else the gradient formed), a chunk of samples at a
+    time so that at most `limit` elements are formed at once."""
+    D, P = _per_sample_rows(delta, a, kernel_size, stride, padding, dilation, groups)
+    N, G, L, o = D.shape
+    per_sample = G * min(L * L, o * P.shape[3])
+    chunk = max(1, limit // max(per_sample, 1))
+    sq = [per_sample_linear_sq_norms(d.flatten(0, 1), p.flatten(0, 1), False) for d, p in zip(D.split(chunk), P.split(chunk))]
+    return torch.cat(sq).view(N, G).sum(1) if sq else delta.new_zeros(0)
+
+
+def _per_sample_bias_grads(delta):
+    """Sample n's ∂J/∂b = Σ_positions δₙ: (N, C_out)."""
+    return delta.flatten(2).sum(2)
+
+
+def conv_seen(call, delta, a, W, b, kernel_size, config, transposed: bool, output=None):
+    """What a convolution rule reports to `observe`: δ and a (batched), and its per-sample functions.
+    A transposed convolution's ∂J/∂W is a convolution's with δ and a trading places."""
+    stride, padding, dilation, groups = config
+    geometry = (kernel_size, stride, padding, dilation, groups)
+
+    def ordered(d, x):  # (the conv's δ, the conv's a)
+        return (x, d) if transposed else (d, x)
+
+    def per_sample(d, x):
+        return per_sample_conv_weight_grads(*ordered(d, x), *geometry), (None if b is None else _per_sample_bias_grads(d))
+
+    def sq_norms(d, x):
+        sq = per_sample_conv_weight_sq_norms(*ordered(d, x), *geometry)
+        return sq if b is None else sq + _per_sample_bias_grads(d).square().sum(1)
+
+    return observe.Seen(call, delta, a, (W, b), per_sample=per_sample, sq_norms=sq_norms, output=output)
+
+
+def _save_for_weight_and_input_grads(ctx, a, W, b=None, output=None) -> None:
+    """What both convolution rules keep: a only for ∂J/∂W (or while watched: `observe`), W only for
+    ∂J/∂a, and the sizes to undo."""
     need_a, need_W = ctx.needs_input_grad[:2]
     ctx.unbatched = _unbatched(a, W)
     ctx.a_size, ctx.kernel_size = tuple(a.shape[2 - ctx.unbatched:]), tuple(W.shape[2:])
-    ctx.save_for_backward(a if need_W else None, W if need_a else None)
+    ctx.call = observe.keep(ctx, W, b)
+    ctx.save_for_backward(a if need_W or ctx.call else None, W if need_a else None, *observe.output(ctx, output))
+
+
+def _see(ctx, delta, a, output, transposed: bool) -> None:
+    """Report to the watching call (δ and a already batched)."""
+    output = [o.unsqueeze(0) if ctx.unbatched else o for o in output]
+    ctx.call.see(conv_seen(ctx.call, delta, a, *ctx.params, ctx.kernel_size, ctx.config, transposed, *output))
 
 class Convolution(torch.autograd.Function):
     """z = W ⋆ a + b, any number of spatial dimensions, stride, padding (per side, symmetric),
@@ -162,16 +230,18 @@ class Convolution(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         a, W, b, *ctx.config = inputs
-        _save_for_weight_and_input_grads(ctx, a, W)
+        _save_for_weight_and_input_grads(ctx, a, W, b, output)
 
     @staticmethod
     @without_autocast
     def backward(ctx, delta):
-        a, W = ctx.saved_tensors
+        a, W, *output = ctx.saved_tensors
         need_a, need_W, need_b = ctx.needs_input_grad[:3]
         stride, padding, dilation, groups = ctx.config
         if ctx.unbatched:
             delta, a = delta.unsqueeze(0), None if a is None else a.unsqueeze(0)
+        if ctx.call is not None:
+            _see(ctx, delta, a, output, transposed=False)
         grad_a = transposed_convolution(delta, W, ctx.a_size, stride, padding, dilation, groups) if need_a else None
         grad_W = conv_weight_grad(delta, a, ctx.kernel_size, stride, padding, dilation, groups) if need_W else None
         grad_b = bias_grad(delta) if need_b else None
@@ -203,16 +273,18 @@ class ConvTranspose(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         a, W, b, stride, padding, _, groups, dilation = inputs
         ctx.config = stride, padding, dilation, groups
-        _save_for_weight_and_input_grads(ctx, a, W)
+        _save_for_weight_and_input_grads(ctx, a, W, b, output)
 
     @staticmethod
     @without_autocast
     def backward(ctx, delta):
-        a, W = ctx.saved_tensors
+        a, W, *output = ctx.saved_tensors
         need_a, need_W, need_b = ctx.needs_input_grad[:3]
         stride, padding, dilation, groups = ctx.config
         if ctx.unbatched:
             delta, a = delta.unsqueeze(0), None if a is None else a.unsqueeze(0)
+        if ctx.call is not None:
+            _see(ctx, delta, a, output, transposed=True)
         grad_a = grad_W = grad_b = None
         if need_a:  # output_padding may leave δ room for one more position than a has: cut it
             grad_a = torch.convolution(delta, W, None, stride, padding, dilation, False, [0] * len(stride), groups)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from manual_backprop import observe
 from manual_backprop._amp import without_autocast
 
 
@@ -39,12 +40,15 @@ class Embedding(torch.autograd.Function):
         x, E, padding_idx, scale_grad_by_freq = inputs
         ctx.num_embeddings = E.shape[0]
         ctx.padding_idx, ctx.scale_grad_by_freq = padding_idx, scale_grad_by_freq
-        ctx.save_for_backward(x)
+        ctx.call = observe.keep(ctx, E)
+        ctx.save_for_backward(x, *observe.output(ctx, output))
 
     @staticmethod
     @without_autocast
     def backward(ctx, delta):
-        (x,) = ctx.saved_tensors
+        x, *output = ctx.saved_tensors
+        if ctx.call is not None:
+            ctx.call.see(embedding_seen(ctx, delta, x, *output))
         grad_E = None
         if ctx.needs_input_grad[1]:
             grad_E = embedding_weight_grad(delta, x, ctx.num_embeddings, ctx.padding_idx, ctx.scale_grad_by_freq)
@@ -67,3 +71,44 @@ def embedding_weight_grad(delta, x, num_embeddings: int, padding_idx: int | None
         delta = delta * (x != padding_idx).unsqueeze(1).to(delta.dtype)
     grad_E = delta.new_zeros(num_embeddings, delta.shape[1])
     return grad_E.index_add(0, x, delta)
+
+
+def per_sample_embedding_grads(delta, x, num_embeddings: int, padding_idx: int | None = None):
+    """Sample n's ∂J/∂E = Σₜ onehot(xₙₜ) δₙₜᵀ for x: (N, *), δ: (N, *, dim): (N, num_embeddings, dim),
+    one index_add into N stacked copies of E's shape (row xₙₜ of copy n)."""
+    N = x.shape[0]
+    x, delta = x.reshape(N, -1), delta.reshape(N, -1, delta.shape[-1])
+    if padding_idx is not None:
+        delta = delta * (x != padding_idx).unsqueeze(2).to(delta.dtype)
+    rows = (x + num_embeddings * torch.arange(N, device=x.device).unsqueeze(1)).reshape(-1)
+    grad = delta.new_zeros(N * num_embeddings, delta.shape[-1]).index_add(0, rows, delta.reshape(-1, delta.shape[-1]))
+    return grad.view(N, num_embeddings, -1)
+
+
+def per_sample_embedding_sq_norms(delta, x, padding_idx: int | None = None):
+    """‖sample n's ∂J/∂E‖² = Σ_{t,t'} [xₙₜ = xₙₜ'] δₙₜ·δₙₜ' without forming it: the T×T Gram matrix of δ,
+    kept where two positions look up the same row (rows are orthogonal: onehot(i)·onehot(j) = [i = j])."""
+    N = x.shape[0]
+    x, delta = x.reshape(N, -1), delta.reshape(N, -1, delta.shape[-1])
+    if padding_idx is not None:
+        delta = delta * (x != padding_idx).unsqueeze(2).to(delta.dtype)
+    same = (x.unsqueeze(2) == x.unsqueeze(1)).to(delta.dtype)
+    return ((delta @ delta.transpose(1, 2)) * same).sum((1, 2))
+
+
+def embedding_seen(ctx, delta, x, output=None):
+    """What the Embedding rule reports to `observe`: δ, the indices x as a, and its per-sample functions
+    (scale_grad_by_freq divides by counts over the whole batch: that mixes samples)."""
+    V, padding_idx = ctx.num_embeddings, ctx.padding_idx
+    if ctx.scale_grad_by_freq:
+        refuse = observe.mixes_samples(
+            "embedding with scale_grad_by_freq divides each δ by its index's count over the whole batch, "
+            "which mixes samples; it has no per-sample gradients"
+        )
+        return observe.Seen(ctx.call, delta, x, ctx.params, refuse, refuse, output=output)
+    return observe.Seen(
+        ctx.call, delta, x, ctx.params,
+        per_sample=lambda d, a: (per_sample_embedding_grads(d, a, V, padding_idx),),
+        sq_norms=lambda d, a: per_sample_embedding_sq_norms(d, a, padding_idx),
+        output=output,
+    )

@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from manual_backprop import observe
 from manual_backprop._amp import without_autocast
 
 
@@ -94,6 +95,38 @@ def affine_grads(delta, x_hat, sum_dims, need_gamma: bool, need_beta: bool):
     return (total(delta * x_hat) if need_gamma else None), (total(delta) if need_beta else None)
 
 
+def per_sample_affine_grads(delta, x_hat, feature_dims, gamma, beta):
+    """Sample n's ∂J/∂γ = Σ δₙ·x̂ₙ and ∂J/∂β = Σ δₙ over the sample's non-feature dims, for δ, x̂ with the
+    sample dimension first: (N, *γ.shape) each, None where γ or β is None (`affine_grads`, per sample).
+    `feature_dims`: the dims of δ that index γ's features."""
+    sum_dims = [d for d in range(1, delta.dim()) if d not in feature_dims]
+    delta, x_hat = opmath(delta), None if x_hat is None else opmath(x_hat)
+    total = (lambda t: t.sum(sum_dims)) if sum_dims else (lambda t: t)
+
+    def shaped(g, p):
+        return g.reshape(g.shape[0], *p.shape).to(p.dtype)
+
+    return (
+        None if gamma is None else shaped(total(delta * x_hat), gamma),
+        None if beta is None else shaped(total(delta), beta),
+    )
+
+
+def _sum_of_squares(per_sample):
+    """`Seen.sq_norms` from `per_sample` where the gradients are as small as γ, β: form them, sum their squares."""
+
+    def sq_norms(delta, a):
+        grads = [g for g in per_sample(delta, a) if g is not None]
+        return sum(opmath(g).square().flatten(1).sum(1) for g in grads)
+
+    return sq_norms
+
+
+def norm_seen(call, delta, x, params, per_sample, output=None):
+    """What a normalisation rule reports to `observe`; per-sample norms from the (small) per-sample ∂γ, ∂β."""
+    return observe.Seen(call, delta, x, params, per_sample=per_sample, sq_norms=_sum_of_squares(per_sample), output=output)
+
+
 def _channel_view(t, x):
     """A per-channel (C,) tensor shaped to broadcast against x: (N, C, *) → (1, C, 1, …)."""
     return t.reshape((1, -1) + (1,) * (x.dim() - 2))
@@ -138,11 +171,12 @@ def _per_channel_affine(mean, var, weight, bias, eps):
 
 
 
-def _save_with_statistics(ctx, tensors, statistics) -> None:
-    """Save the inputs and the forward's statistics (extra outputs that carry no gradient of their own)."""
+def _save_with_statistics(ctx, tensors, statistics, output=None) -> None:
+    """Save the inputs and the forward's statistics (extra outputs that carry no gradient of their own),
+    then the output y when a watching observer asks for it (`observe.output`)."""
     ctx.mark_non_differentiable(*statistics)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*tensors, *statistics)
+    ctx.save_for_backward(*tensors, *statistics, *observe.output(ctx, output))
 
 class BatchNorm(torch.autograd.Function):
     """Training-mode batch normalisation of x: (N, C, *), statistics per channel over (N, *).
@@ -168,15 +202,22 @@ class BatchNorm(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, ctx.eps = inputs
-        _save_with_statistics(ctx, (x, weight, bias), output[1:])
+        ctx.call = observe.keep(ctx, weight, bias)
+        _save_with_statistics(ctx, (x, weight, bias), output[1:], output[0])
 
     @staticmethod
     @without_autocast
     def backward(ctx, delta, _mean, _var):
-        x, weight, bias, mean, var = ctx.saved_tensors
+        x, weight, bias, mean, var, *output = ctx.saved_tensors
         need_x, need_gamma, need_beta, _ = ctx.needs_input_grad
         if delta is None:
             return None, None, None, None
+        if ctx.call is not None:  # δ and a for the tape; no per-sample gradient: the batch statistics mix samples
+            refuse = observe.mixes_samples(
+                "batch normalisation in training mode mixes the samples of a batch (its statistics are over the "
+                "batch), so it has no per-sample gradients; put it in eval mode, or use GroupNorm/LayerNorm"
+            )
+            ctx.call.see(observe.Seen(ctx.call, delta, x, ctx.params, refuse, refuse, *output))
         x32, delta32, dims = opmath(x), opmath(delta), batch_dims(x)
         if torch.is_grad_enabled():  # double backward: statistics as functions of x
             mean, rstd = statistics(x32, dims, ctx.eps)
@@ -233,13 +274,24 @@ class BatchNormEval(torch.autograd.Function):
         x, running_mean, running_var, weight, bias, ctx.eps = inputs
         need_gamma = ctx.needs_input_grad[3]
         ctx.channels_last = channels_last_format(x)
-        ctx.save_for_backward(x if need_gamma else None, running_mean, running_var, weight, bias)
+        ctx.call = observe.keep(ctx, weight, bias)
+        ctx.save_for_backward(x if need_gamma or ctx.call else None, running_mean, running_var, weight, bias,
+                              *observe.output(ctx, output))
 
     @staticmethod
     @without_autocast
     def backward(ctx, delta):
-        x, running_mean, running_var, weight, bias = ctx.saved_tensors
+        x, running_mean, running_var, weight, bias, *output = ctx.saved_tensors
         need_x, _, _, need_gamma, need_beta, _ = ctx.needs_input_grad
+        if ctx.call is not None:
+            eps = ctx.eps
+
+            def per_sample(d, a):  # x̂ from the running statistics: constants, so each sample's own
+                rstd = _channel_view(torch.rsqrt(running_var + eps), a)
+                x_hat = normalized(opmath(a), _channel_view(running_mean, a), rstd)
+                return per_sample_affine_grads(d, x_hat, [1], weight, bias)
+
+            ctx.call.see(norm_seen(ctx.call, delta, x, ctx.params, per_sample, *output))
         delta32 = opmath(delta)
         rstd = _channel_view(torch.rsqrt(running_var + ctx.eps), delta)
         grad_x = None
@@ -285,14 +337,17 @@ class LayerNorm(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, ctx.normalized_shape, weight, bias, ctx.eps = inputs
-        _save_with_statistics(ctx, (x, weight, bias), output[1:])
+        ctx.call = observe.keep(ctx, weight, bias)
+        _save_with_statistics(ctx, (x, weight, bias), output[1:], output[0])
 
     @staticmethod
     @without_autocast
     def backward(ctx, delta, _mean, _rstd):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
+        x, weight, bias, mean, rstd, *output = ctx.saved_tensors
         if delta is None:
             return None, None, None, None, None
+        if ctx.call is not None:
+            _see_last_dims(ctx, delta, x, True, output)
         grad_x, grad_gamma, grad_beta = _normalization_backward(
             ctx, delta, x, weight, bias, mean, rstd, centered=True
         )
@@ -319,16 +374,32 @@ class RMSNorm(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, ctx.normalized_shape, weight, ctx.eps = inputs
-        _save_with_statistics(ctx, (x, weight), output[1:])
+        ctx.call = observe.keep(ctx, weight)
+        _save_with_statistics(ctx, (x, weight), output[1:], output[0])
 
     @staticmethod
     @without_autocast
     def backward(ctx, delta, _rstd):
-        x, weight, rstd = ctx.saved_tensors
+        x, weight, rstd, *output = ctx.saved_tensors
         if delta is None:
             return None, None, None, None
+        if ctx.call is not None:
+            _see_last_dims(ctx, delta, x, False, output)
         grad_x, grad_gamma, _ = _normalization_backward(ctx, delta, x, weight, None, None, rstd, centered=False)
         return grad_x, None, grad_gamma, None
+
+
+def _see_last_dims(ctx, delta, x, centered: bool, output) -> None:
+    """LayerNorm's and RMSNorm's report: x̂ per sample from the sample's own statistics over normalized_shape."""
+    normalized_shape, eps, params = ctx.normalized_shape, ctx.eps, ctx.params
+    weight, bias = params if centered else (params[0], None)
+
+    def per_sample(d, a):
+        dims = last_dims(a, normalized_shape)
+        x_hat = normalize(opmath(a), dims, eps, centered)[0]
+        return per_sample_affine_grads(d, x_hat, dims, weight, bias)[: len(params)]
+
+    ctx.call.see(norm_seen(ctx.call, delta, x, params, per_sample, *output))
 
 
 def _normalization_backward(ctx, delta, x, weight, bias, mean, rstd, centered):
@@ -375,15 +446,24 @@ class GroupNorm(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, ctx.num_groups, weight, bias, ctx.eps = inputs
-        _save_with_statistics(ctx, (x, weight, bias), output[1:])
+        ctx.call = observe.keep(ctx, weight, bias)
+        _save_with_statistics(ctx, (x, weight, bias), output[1:], output[0])
 
     @staticmethod
     @without_autocast
     def backward(ctx, delta, _mean, _rstd):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
+        x, weight, bias, mean, rstd, *output = ctx.saved_tensors
         need_x, _, need_gamma, need_beta, _ = ctx.needs_input_grad
         if delta is None:
             return None, None, None, None, None
+        if ctx.call is not None:
+            num_groups, eps = ctx.num_groups, ctx.eps
+
+            def per_sample(d, a):  # each sample's statistics are its own (per sample and group)
+                x_hat = normalize(_grouped(opmath(a), num_groups), [2], eps)[0].reshape(a.shape)
+                return per_sample_affine_grads(d, x_hat, [1], weight, bias)
+
+            ctx.call.see(norm_seen(ctx.call, delta, x, ctx.params, per_sample, *output))
         x32, delta32 = opmath(x), opmath(delta)
         grouped = _grouped(x32, ctx.num_groups)
         if torch.is_grad_enabled():  # double backward: statistics as functions of x

@@ -1,0 +1,240 @@
+"""Per-sample gradients and their norms, from the δ and a our rules already hold.
+
+The notes' weight gradient is a sum over the batch, ∂J/∂W = Σₙ δₙ aₙᵀ. Sample n's own
+gradient is the one term δₙ aₙᵀ (Σₜ δₙₜ aₙₜᵀ over a sequence), and its norm needs no
+matrix at all:
+
+    ‖δₙ aₙᵀ‖² = ‖δₙ‖² ‖aₙ‖²                       one position per sample
+    ‖Σₜ δₙₜ aₙₜᵀ‖² = ⟨δₙ δₙᵀ, aₙ aₙᵀ⟩               T positions: two T×T Gram matrices
+    ‖Σₜ onehot(xₙₜ) δₙₜᵀ‖² = Σ_{t,t'} [xₙₜ = xₙₜ'] δₙₜ·δₙₜ'     an embedding
+
+    with manual_backprop.per_sample_grads(model) as ps:
+        loss_fn(model(x), y).backward()
+    p.grad_sample     # (N, *p.shape) for every parameter of a module on our rules
+    ps.norms          # (N,): each sample's gradient norm over all of them
+
+Each rule's backward hands δ and a to `observe`; this module is one observer. The math
+(per-sample gradient, per-sample squared norm) lives beside each rule.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from manual_backprop import observe
+from manual_backprop._checks import InputError
+
+__all__ = ["per_sample_grads"]
+
+
+def _index_in(p: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """The flat indices into p (contiguous) of the elements `view` (a view of p) covers, in view's shape."""
+    if not p.is_contiguous():
+        raise InputError("per_sample_grads: a view of a non-contiguous parameter cannot be mapped back to it")
+    index = torch.arange(p.numel(), device=p.device).view(p.shape)
+    return index.as_strided(view.shape, view.stride(), view.storage_offset() - p.storage_offset())
+
+
+def _is_whole(p: torch.Tensor, view: torch.Tensor) -> bool:
+    return view is p or (view.shape == p.shape and view.stride() == p.stride()
+                         and view.storage_offset() == p.storage_offset())
+
+
+def _placed(p: torch.Tensor, view: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Per-sample gradients (N, *view.shape) of a view of p, laid into (N, *p.shape) (zeros elsewhere)."""
+    if _is_whole(p, view):
+        return grad.reshape(grad.shape[0], *p.shape)
+    N = grad.shape[0]
+    out = grad.new_zeros(N, p.numel())
+    out.index_add_(1, _index_in(p, view).reshape(-1), grad.reshape(N, -1))
+    return out.view(N, *p.shape)
+
+
+class _Step:
+    """One forward (and the backward that follows): which parameters its rules used, and what came back."""
+
+    def __init__(self) -> None:
+        self.uses: dict = {}  # parameter -> [views kept in forward]
+        self.seen: dict = {}  # parameter -> how many of its uses backward has reported
+        self.current: dict = {}  # parameter -> (N, *p.shape) summed over its uses so far
+        self.overlapping: dict = {}  # parameter -> whether two of its uses cover one element (tied weights)
+        self.sq: torch.Tensor | None = None  # (N,) squared norms so far
+
+    def add_sq(self, sq: torch.Tensor) -> None:
+        self.sq = sq if self.sq is None else self.sq + sq
+
+    def overlaps(self, p: torch.Tensor) -> bool:
+        """Whether the uses of p in this forward touch one element twice (then their per-sample gradients
+        must be summed before the norm, not their squared norms)."""
+        if p not in self.overlapping:
+            views = self.uses.get(p, [])
+            if len(views) <= 1:
+                self.overlapping[p] = False
+            elif any(_is_whole(p, v) for v in views):
+                self.overlapping[p] = True
+            else:
+                count = torch.zeros(p.numel(), device=p.device)
+                for v in views:
+                    count.index_add_(0, _index_in(p, v).reshape(-1), torch.ones(v.numel(), device=p.device))
+                self.overlapping[p] = bool(count.max() > 1)  # once per parameter per step, not per element
+        return self.overlapping[p]
+
+
+class per_sample_grads:
+    """Context manager: per-sample gradients (`p.grad_sample`) and norms (`ps.norms`) of `model`'s parameters.
+
+    model:           any module whose parametric modules run our rules (manual_backprop.nn, convert, MLP).
+    loss_reduction:  "mean" if the loss averages over the batch (its 1/N is undone, as Opacus does:
+                     `p.grad_sample[n]` is the gradient of sample n's own loss), "sum" otherwise.
+    materialize:     True: set `p.grad_sample` (N, *p.shape). False: only `ps.norms`, from the rules'
+                     norm identities, forming no (N, *p.shape) tensor (except for a parameter two uses
+                     of which overlap in one forward, a tied weight, whose per-sample sum must be formed).
+    strict:          a parameter of a module left on stock autograd raises an error naming it; with
+                     strict=False it is skipped and listed in `ps.skipped`.
+    batch_first:     samples along dim 0 of the model's data; False for sequence-first (L, N, E) data.
+
+    N is the size of the batch dimension; dimensions after it (sequence positions) are summed inside
+    each sample. `p.grad` accumulates as usual. A parameter used twice in one forward gets the sum of
+    its per-sample contributions. A second forward/backward inside one context does what Opacus does:
+    `p.grad_sample` becomes a list, one (N, *p.shape) tensor per backward, and `ps.norms` grows by the
+    second batch's norms (DPOptimizer concatenates the list as more samples). Entering the context
+    clears `grad_sample` from the model's parameters; the attribute stays after exit for the reader.
+    BatchNorm in training mode mixes samples: it raises an InputError naming the module.
+    """
+
+    keep_output = False
+
+    def __init__(self, model: torch.nn.Module, loss_reduction: str = "mean", materialize: bool = True,
+                 strict: bool = True, batch_first: bool = True) -> None:
+        if loss_reduction not in ("mean", "sum"):
+            raise InputError(f'per_sample_grads: loss_reduction must be "mean" or "sum", got {loss_reduction!r}')
+        self.model, self.loss_reduction, self.materialize, self.strict = model, loss_reduction, materialize, strict
+        self._watch = observe.watch(model, self, batch_dim=0 if batch_first else 1)
+        self._names = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
+        self.skipped: list[str] = []
+        self._steps: list[_Step] = []
+        self._step_of: dict = {}  # id(call) -> its step
+        self._handles: list = []
+        self._ran: list = []
+
+    # ---------------------------------------------------------------- the context
+
+    def __enter__(self) -> "per_sample_grads":
+        for p in self.model.parameters():
+            p.grad_sample = None
+        self._watch.__enter__()
+        self._handles.append(self.model.register_forward_pre_hook(self._begin))
+        self._handles.append(self.model.register_forward_hook(self._check_coverage))
+        for module in self.model.modules():
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                self._handles.append(module.register_forward_pre_hook(lambda m, args: self._ran.append(m)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._watch.__exit__(*exc)
+
+    @property
+    def norms(self) -> torch.Tensor:
+        """(N,) per-sample gradient L2 norms over every parameter on our rules (concatenated over the
+        backward passes made inside the context, like `grad_sample` lists)."""
+        sq = [s.sq for s in self._steps if s.sq is not None]
+        if not sq:
+            raise InputError("per_sample_grads: no per-sample gradient yet: run forward and backward inside the context")
+        return torch.cat(sq).sqrt()
+
+    # ---------------------------------------------------------------- forward: what each step uses
+
+    def _begin(self, module, args) -> None:
+        self._steps.append(_Step())
+        self._ran.clear()
+
+    def _step(self) -> _Step:
+        if not self._steps:
+            self._steps.append(_Step())
+        return self._steps[-1]
+
+    def keeps(self, call: observe.Call, params: tuple) -> None:
+        """A rule kept `params` in forward: count each parameter's uses (views of one, too)."""
+        step = self._step()
+        self._step_of[id(call)] = step
+        for tensor in params:
+            source = call.source(tensor)
+            if source is not None and source[1].requires_grad:
+                step.uses.setdefault(source[1], []).append(source[2])
+
+    def _check_coverage(self, module, args, output) -> None:
+        """After the model's forward: every parameter of a module that ran should have been kept by a rule."""
+        if not torch.is_grad_enabled():  # an evaluation forward: rules keep nothing, no gradient follows
+            return
+        step = self._step()
+        stock = []
+        for m in dict.fromkeys(self._ran):
+            for p in m.parameters(recurse=False):
+                if p.requires_grad and p not in step.uses and p not in self._skipped_params():
+                    stock.append(f"{self._names.get(p, '?')} ({type(m).__name__})")
+        if stock and self.strict:
+            raise InputError(
+                "per_sample_grads: these parameters belong to modules on stock autograd, which give no per-sample "
+                f"gradients: {', '.join(stock)}. Convert the model (manual_backprop.convert) or pass strict=False "
+                "to skip them (listed in ps.skipped)"
+            )
+        self.skipped.extend(s for s in stock if s not in self.skipped)
+
+    def _skipped_params(self) -> set:
+        return {p for p, n in self._names.items() if any(s.startswith(n + " (") for s in self.skipped)}
+
+    # ---------------------------------------------------------------- backward: what each rule saw
+
+    def see(self, seen: observe.Seen) -> None:
+        step = self._step_of.get(id(seen.call)) or self._step()
+        sources = [seen.call.source(t) for t in seen.params]
+        sources = [s if s is not None and s[1].requires_grad else None for s in sources]
+        if all(s is None for s in sources):
+            return
+        delta, a = seen.samples_first()
+        if delta.is_floating_point() and delta.dtype in (torch.float16, torch.bfloat16):
+            delta = delta.float()  # per-sample sums in fp32 under autocast (the parameters' dtype)
+        if a.is_floating_point() and a.dtype in (torch.float16, torch.bfloat16):
+            a = a.float()
+        N = delta.shape[0]
+        scale = N if self.loss_reduction == "mean" else 1  # δ carries the mean's 1/N: undo it
+        try:
+            if self.materialize or any(s is not None and step.overlaps(s[1]) for s in sources):
+                grads = seen.per_sample(delta, a)
+                for source, g in zip(sources, grads):
+                    if source is None or g is None:
+                        continue
+                    p, view = source[1], source[2]
+                    if not self.materialize and not step.overlaps(p):
+                        step.add_sq(g.flatten(1).square().sum(1) * scale**2)
+                        self._count(step, p)
+                        continue
+                    g = _placed(p, view, g.to(p.dtype)) * scale
+                    step.current[p] = g if p not in step.current else step.current[p] + g
+                    self._count(step, p)
+            else:
+                step.add_sq(seen.sq_norms(delta, a) * scale**2)
+                for source in sources:
+                    if source is not None:
+                        self._count(step, source[1])
+        except observe.MixesSamples as error:
+            raise InputError(f"per_sample_grads: {seen.name or type(seen.call.module).__name__} "
+                             f"({type(seen.call.module).__name__}): {error}") from None
+
+    def _count(self, step: _Step, p: torch.Tensor) -> None:
+        """One more use of p reported; after its last use in this step, promote its per-sample sum."""
+        step.seen[p] = step.seen.get(p, 0) + 1
+        if step.seen[p] < len(step.uses.get(p, [None])) or p not in step.current:
+            return
+        g = step.current.pop(p)
+        step.add_sq(g.flatten(1).square().sum(1))
+        if self.materialize:  # as Opacus's promote_current_grad_sample: a second backward makes a list
+            if p.grad_sample is None:
+                p.grad_sample = g
+            elif isinstance(p.grad_sample, list):
+                p.grad_sample.append(g)
+            else:
+                p.grad_sample = [p.grad_sample, g]
