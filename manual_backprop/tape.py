@@ -13,7 +13,9 @@ them (one `observe` observer, the same mechanism per-sample gradients use):
 Keys are qualified module names in `model` ("" for `model` itself when it holds
 parameters directly). A fused `MLP` reports each layer under "<mlp>.layers.<k>", δ of
 layer k's pre-activation z(k+1) as if it were a Linear, so the MLP and the equivalent
-converted `nn.Sequential` give the same δ's under their own names.
+converted `nn.Sequential` give the same δ's under their own names. A rule run on a
+parameter other than its module's `weight` is named after that parameter: multi-head
+attention records "<attn>.in_proj" (δ of the packed q, k, v projections) and "<attn>.out_proj".
 
 - A module called more than once in one forward (a shared layer, a block applied twice):
   every call is recorded. The first call in forward order keeps the plain name, later
@@ -28,7 +30,8 @@ converted `nn.Sequential` give the same δ's under their own names.
 - `reduce` keeps a statistic instead of the tensor: "norm" (L2 over everything, batch
   included), "mean_abs", "rms" (√mean(x²)), "per_sample_norm" (N values: L2 over all but
   the first dimension, which is the sample dimension as for per-sample gradients; a
-  tensor with no batch dimension counts as one sample), or any callable tensor → tensor.
+  tensor with no batch dimension counts as one sample; attention's (L, N, E) tensors are
+  reduced along N), or any callable tensor → tensor.
   On a batch of 0: norm 0, per_sample_norm shape (0,), mean_abs and rms NaN (a mean of
   nothing). Integer inputs (Embedding's indices) are reduced as floats.
 - Recorded tensors are detached; nothing here changes any gradient.
@@ -69,6 +72,19 @@ def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
 def _graph_task() -> int:
     """autograd's id of the backward pass now running (-1 outside one): one backward, one step."""
     return torch._C._current_graph_task_id()
+
+
+def _name(seen: observe.Seen) -> str:
+    """The module's name; for a rule run on a parameter other than the module's own `weight` (multi-head
+    attention's in_proj_weight and out_proj.weight), the module's name and that parameter's stem:
+    "attn.in_proj", "attn.out_proj". Fused layers keep "<mlp>.layers.<k>"."""
+    if seen.layer or not seen.params:
+        return seen.name
+    relative = seen.call.parameter_name(seen.params[0])
+    if relative is None or relative == "weight":
+        return seen.name
+    stem = relative[: -len("weight")].rstrip("._") if relative.endswith("weight") else relative
+    return ".".join(part for part in (seen.call.name, stem or relative) if part)
 
 
 REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -183,11 +199,13 @@ class Tape:
 
     # ------------------------------------------------------------ recording
 
-    def _value(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        if t is None:
-            return None
+    def _value(self, t: Optional[torch.Tensor], batch_dim: int) -> Optional[torch.Tensor]:
         t = t.detach()
-        return t if self._reduce is None else self._reduce(t)
+        if self._reduce is None:
+            return t
+        if self.reduce == "per_sample_norm" and batch_dim and t.dim() > batch_dim:
+            t = t.movedim(batch_dim, 0)  # samples along another dimension (attention's (L, N, E))
+        return self._reduce(t)
 
     def see(self, seen: observe.Seen) -> None:
         """observe's callback, inside a rule's backward."""
@@ -202,8 +220,8 @@ class Tape:
         values = {}
         for what, tensor in (("delta", seen.delta), ("input", seen.input), ("output", seen.output)):
             if what in self.keep and tensor is not None:
-                values[what] = self._value(tensor)
-        step._add(seen.name, seen.call.index, values)
+                values[what] = self._value(tensor, getattr(seen, "batch_dim", 0) or 0)
+        step._add(_name(seen), seen.call.index, values)
 
     def _count_forward(self, module, args) -> None:
         if torch.compiler.is_compiling():  # traced: the rules' own check (observe.current) speaks

@@ -248,7 +248,7 @@ def test_each_backward_is_a_step_kept_with_reduce_latest_only_without():
     with manual_backprop.tape(model, keep="delta", history=True) as kept:
         for x in xs[:2]:
             model(x).sum().backward()
-    assert len(kept.steps) == 2 and not torch.equal(kept.steps[0].delta["layers.1"], kept.steps[1].delta["layers.1"])
+    assert len(kept.steps) == 2 and not torch.equal(kept.steps[0].delta["layers.0"], kept.steps[1].delta["layers.0"])
 
 
 def test_two_forwards_one_backward_is_one_step_keyed_by_call():
@@ -380,3 +380,64 @@ def test_compile_inductor_records_what_eager_records():
     tape = function(convert(copy.deepcopy(stock)), x, True)
     for name in eager.names:
         torch.testing.assert_close(tape.delta[name], eager.delta[name], **TOL)
+
+
+# ------------------------------------------------------------ attention's projections
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_multihead_attention_projections(batch_first):
+    """Stock attention hides its projections inside one function: δ of the out-projection is the
+    gradient of the module's output, and each projection's Σ δᵀa is autograd's weight gradient."""
+    torch.manual_seed(0)
+    stock = nn.MultiheadAttention(6, 2, batch_first=batch_first).double()
+    ours = convert(copy.deepcopy(stock))
+    x = randn(3, 4, 6)  # (N, L, E) or (L, N, E)
+    out = stock(x, x, x, need_weights=False)[0]
+    out.retain_grad()
+    target = randn(*out.shape) * 0.5
+    F.mse_loss(out, target).backward()
+    with manual_backprop.tape(ours, keep=("delta", "input", "output")) as tape:
+        F.mse_loss(ours(x, x, x, need_weights=False)[0], target).backward()
+    assert tape.names == ["out_proj", "in_proj"]  # the module is the model here: names relative to it
+    sequence_first = (lambda t: t.transpose(0, 1)) if batch_first else (lambda t: t)
+    torch.testing.assert_close(tape.delta["out_proj"], sequence_first(out.grad), **TOL)
+    torch.testing.assert_close(tape.output["out_proj"], sequence_first(out.detach()), **TOL)
+    torch.testing.assert_close(tape.input["in_proj"], sequence_first(x), **TOL)
+    assert tape.delta["in_proj"].shape == (*sequence_first(x).shape[:2], 18)  # q, k, v packed
+    for name, W in (("out_proj", stock.out_proj.weight), ("in_proj", stock.in_proj_weight)):
+        delta, a = tape.delta[name].flatten(0, 1), tape.input[name].flatten(0, 1)
+        torch.testing.assert_close(delta.T @ a, W.grad, **TOL)
+
+
+def test_attention_inside_a_model_is_named_by_its_path():
+    torch.manual_seed(0)
+    model = convert(nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True).double())
+    with manual_backprop.tape(model, keep="delta") as tape:
+        model(randn(2, 5, 8)).sum().backward()
+    assert sorted(tape.names) == ["linear1", "linear2", "norm1", "norm2", "self_attn.in_proj", "self_attn.out_proj"]
+
+
+def test_per_sample_norm_of_attention_is_per_sample():
+    torch.manual_seed(0)
+    model = convert(nn.MultiheadAttention(6, 2).double())  # sequence first: (L, N, E)
+    x = randn(4, 3, 6)
+    with manual_backprop.tape(model, keep="delta") as whole, manual_backprop.tape(model, keep="delta", reduce="per_sample_norm") as tape:
+        model(x, x, x)[0].pow(2).sum().backward()
+    for name in ("in_proj", "out_proj"):
+        assert tape.delta[name].shape == (3,)
+        torch.testing.assert_close(tape.delta[name], whole.delta[name].transpose(0, 1).flatten(1).norm(dim=1), **TOL)
+
+
+def test_tape_inside_per_sample_grads_both_record():
+    """Two watches over one model (a δ monitor while training privately): each gets every report."""
+    torch.manual_seed(0)
+    stock = _seq(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    ours = convert(copy.deepcopy(stock))
+    x = randn(6, 5)
+    with manual_backprop.per_sample_grads(ours) as ps, manual_backprop.tape(ours[2], keep="delta") as inner:
+        with manual_backprop.tape(ours, reduce="norm") as outer:
+            F.mse_loss(ours(x), torch.zeros(6, 3, dtype=torch.float64)).backward()
+    assert ours[0].weight.grad_sample.shape == (6, 4, 5) and ps.norms.shape == (6,)
+    assert outer.names == ["2", "0"] and inner.names == [""]  # names relative to each watched model
+    torch.testing.assert_close(outer.delta["2"], inner.delta[""].norm(), **TOL)
