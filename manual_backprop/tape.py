@@ -65,8 +65,8 @@ def _floating(t: torch.Tensor) -> torch.Tensor:
 def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
     t = _floating(t)
     if t.dim() < 2:  # no batch dimension: one sample
-        return t.reshape(1, -1).norm(dim=1)
-    return t.reshape(t.shape[0], math.prod(t.shape[1:])).norm(dim=1)
+        return torch.linalg.vector_norm(t.reshape(1, -1), dim=1)
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], math.prod(t.shape[1:])), dim=1)
 
 
 def _graph_task() -> int:
@@ -88,9 +88,9 @@ def _name(seen: observe.Seen) -> str:
 
 
 REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "norm": lambda t: _floating(t).norm(),
+    "norm": lambda t: torch.linalg.vector_norm(_floating(t)),
     "mean_abs": lambda t: _floating(t).abs().mean(),
-    "rms": lambda t: _floating(t).square().mean().sqrt(),
+    "rms": lambda t: torch.linalg.vector_norm(_floating(t)) / math.sqrt(t.numel()) if t.numel() else _floating(t).sum() * math.nan,
     "per_sample_norm": _per_sample_norm,
 }
 

@@ -16,7 +16,8 @@ import manual_backprop
 import manual_backprop.nn as mnn
 from manual_backprop import InputError, convert
 from manual_backprop.tape import REDUCTIONS
-from tests.models import ZOO, SharedTwice, TransformerBlock
+from tests.cases import DEVICES
+from tests.models import ZOO, SharedTwice
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -70,7 +71,7 @@ def mse(*inputs):
 
     def forward(model):
         out = model(*inputs)
-        target = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype)
+        target = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype).to(out.device)
         return F.mse_loss(out, target, reduction="sum")
 
     return forward
@@ -116,6 +117,15 @@ def test_tape_equals_autograd_hooks_for_every_parametric_rule(name, make, make_i
     stock = make()
     tape = assert_tape_equals_stock(stock, mse(make_input()))
     assert tape.names[0] == max(tape.names, key=lambda n: int(n.split("#")[0]))  # backward order: last layer first
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["linear-leading-dims", "conv2d", "layernorm", "embedding"])
+def test_tape_on_each_device(name, device):
+    _, make, make_input = next(case for case in RULE_CASES if case[0] == name)
+    stock, x = make().to(device), make_input().to(device)
+    tape = assert_tape_equals_stock(stock, mse(x))
+    assert all(t.device == x.device for t in tape.delta.values())
 
 
 @pytest.mark.parametrize("case", [c for c in ZOO if c.name in ("mlp-Sigmoid", "mlp-bce", "nested-heads", "shared-linear",
