@@ -26,6 +26,7 @@ from torchmetrics.wrappers.abstract import WrapperMetric
 
 import manual_backprop
 import manual_backprop.nn as mnn
+import manual_backprop.privacy  # noqa: F401  (DP-SGD; Opacus only for its accountant, imported when used)
 from lightning_modules.errors import ConfigError
 from lightning_modules.network import build_network, check_backend, state_dict_for_backend
 
@@ -60,9 +61,15 @@ class TaskModule(pl.LightningModule):
         lr: float,
         weight_decay: float,
         net: Optional[torch.nn.Module],
+        dp_noise_multiplier: Optional[float] = None,
+        dp_max_grad_norm: float = 1.0,
+        dp_delta: float = 1e-5,
     ) -> None:
         super().__init__()
         self._save_plain_hparams(inspect.currentframe().f_back, net)
+        _check_dp(backend, dp_noise_multiplier, dp_max_grad_norm, dp_delta)
+        self._private = None  # the per-sample context of the running training step (DP-SGD)
+        self._accountant = None
         if isinstance(net, Mapping):
             net = instantiate_net(net)
         check_backend(backend)
@@ -184,7 +191,35 @@ class TaskModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, self.train_metrics, "train")
+        if self.hparams.get("dp_noise_multiplier") is None:
+            return self._step(batch, self.train_metrics, "train")
+        # DP-SGD: the forward runs watched, so that backward hands each rule's δ and a to the context;
+        # `on_after_backward` then clips each sample's gradient by its norm and adds noise.
+        with manual_backprop.per_sample_grads(self.net, loss_reduction="mean", materialize=False) as self._private:
+            return self._step(batch, self.train_metrics, "train")
+
+    # ------------------------------------------------------------ DP-SGD (issue 10)
+
+    def on_fit_start(self) -> None:
+        if self.hparams.get("dp_noise_multiplier") is not None:
+            self._accountant = manual_backprop.privacy.accountant("prv")  # Opacus: fails here if missing
+
+    def on_after_backward(self) -> None:
+        """DP-SGD's step on the gradients: each sample clipped to dp_max_grad_norm by its per-sample norm
+        (no per-sample gradient formed: a reweighted sum of each rule's δ and a), Gaussian noise of std
+        σ·C, the mean over the batch; then one accountant step at sample rate 1 / (batches per epoch)."""
+        ps, self._private = self._private, None
+        if ps is None:
+            return
+        hp = self.hparams
+        manual_backprop.privacy.clip_and_noise_(ps, hp.dp_max_grad_norm, hp.dp_noise_multiplier)
+        if self._accountant is not None:
+            batches = self.trainer.num_training_batches
+            self._accountant.step(noise_multiplier=hp.dp_noise_multiplier, sample_rate=1.0 / max(batches, 1))
+
+    def on_train_epoch_end(self) -> None:
+        if self._accountant is not None and self._accountant.history:
+            self.log("train/epsilon", float(self._accountant.get_epsilon(self.hparams.dp_delta)))
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, self.val_metrics, "val")
@@ -199,6 +234,19 @@ class TaskModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Used when the CLI config has no `optimizer:` section; one there replaces this.
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+def _check_dp(backend: str, noise_multiplier: Optional[float], max_grad_norm: float, delta: float) -> None:
+    """DP-SGD's settings: a noise multiplier σ ≥ 0 (None: ordinary training), C > 0, 0 < δ < 1, backend manual."""
+    if noise_multiplier is None:
+        return
+    if noise_multiplier < 0 or max_grad_norm <= 0 or not 0 < delta < 1:
+        raise ConfigError(
+            f"DP-SGD needs dp_noise_multiplier >= 0, dp_max_grad_norm > 0 and 0 < dp_delta < 1; got "
+            f"{noise_multiplier!r}, {max_grad_norm!r}, {delta!r}"
+        )
+    if backend != "manual":
+        raise ConfigError("DP-SGD (dp_noise_multiplier) needs backend manual: per-sample norms come from our rules")
 
 
 def instantiate_net(config: Mapping) -> torch.nn.Module:
@@ -249,6 +297,9 @@ class RegressionTask(TaskModule):
         weight_decay: float = 0.0,
         net: Optional[torch.nn.Module] = None,
         target_names: Optional[Sequence[str]] = None,
+        dp_noise_multiplier: Optional[float] = None,
+        dp_max_grad_norm: float = 1.0,
+        dp_delta: float = 1e-5,
     ) -> None:
         hidden_sizes = list(hidden_sizes)  # plain list in hparams and checkpoints
         self.out_features = out_features
@@ -257,7 +308,8 @@ class RegressionTask(TaskModule):
             if len(target_names) != out_features:
                 raise ConfigError(f"target_names has {len(target_names)} names for out_features={out_features}")
         self.target_names = target_names or [f"target_{j}" for j in range(out_features)]
-        super().__init__(in_features, out_features, hidden_sizes, activation, backend, lr, weight_decay, net)
+        super().__init__(in_features, out_features, hidden_sizes, activation, backend, lr, weight_decay, net,
+                         dp_noise_multiplier, dp_max_grad_norm, dp_delta)
         self.register_buffer("target_mean", torch.zeros(out_features))
         self.register_buffer("target_scale", torch.ones(out_features))
 
@@ -331,9 +383,13 @@ class BinaryClassificationTask(TaskModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         net: Optional[torch.nn.Module] = None,
+        dp_noise_multiplier: Optional[float] = None,
+        dp_max_grad_norm: float = 1.0,
+        dp_delta: float = 1e-5,
     ) -> None:
         hidden_sizes = list(hidden_sizes)
-        super().__init__(in_features, 1, hidden_sizes, activation, backend, lr, weight_decay, net)
+        super().__init__(in_features, 1, hidden_sizes, activation, backend, lr, weight_decay, net,
+                         dp_noise_multiplier, dp_max_grad_norm, dp_delta)
 
     def make_loss(self, backend: str) -> torch.nn.Module:
         return _loss(backend, mnn.BCEWithLogitsLoss)
@@ -379,6 +435,9 @@ class MulticlassClassificationTask(TaskModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         net: Optional[torch.nn.Module] = None,
+        dp_noise_multiplier: Optional[float] = None,
+        dp_max_grad_norm: float = 1.0,
+        dp_delta: float = 1e-5,
     ) -> None:
         if num_classes is None:
             raise ConfigError(
@@ -391,7 +450,8 @@ class MulticlassClassificationTask(TaskModule):
             raise ConfigError(f"num_classes must be an integer >= 2; got {num_classes!r}")
         hidden_sizes = list(hidden_sizes)
         self.num_classes = num_classes
-        super().__init__(in_features, num_classes, hidden_sizes, activation, backend, lr, weight_decay, net)
+        super().__init__(in_features, num_classes, hidden_sizes, activation, backend, lr, weight_decay, net,
+                         dp_noise_multiplier, dp_max_grad_norm, dp_delta)
 
     def make_loss(self, backend: str) -> torch.nn.Module:
         return _loss(backend, mnn.CrossEntropyLoss)

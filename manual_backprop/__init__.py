@@ -13,6 +13,7 @@ from manual_backprop.mode import ManualFunctions, manual_functions
 from manual_backprop.registry import PluginWarning, Registry, Rule, default_registry, register
 from manual_backprop import testing  # noqa: E402  (uses convert and mode above)
 from manual_backprop.per_sample import per_sample_grads  # noqa: E402  (issue 10: per-sample gradients)
+from manual_backprop import privacy  # noqa: E402  (issue 10: DP-SGD on the per-sample norms)
 # the δ tape (issue 11)
 from manual_backprop.tape import Tape, tape  # noqa: E402
 
@@ -34,6 +35,7 @@ __all__ = [
     "functional",
     "manual_functions",
     "per_sample_grads",
+    "privacy",
     "nn",
     "register",
     "report",

@@ -118,6 +118,9 @@ class Seen:
     a rule whose gradient mixes samples (BatchNorm in training mode) still reports δ and a, and
     its two functions raise `MixesSamples`.
     batch_dim:  where the samples lie in delta and input (the call's `batch_dim`, as of forward).
+    grads(delta, a):  the rule's own batch-summed parameter gradients (its backward's pure function,
+        ∂J/∂W = Σₙ δₙ aₙᵀ), one per entry of params; None: `per_sample(...)` summed over samples.
+        With δ reweighted per sample it gives Σₙ cₙ gₙ without forming any gₙ (DP-SGD's clipping).
     """
 
     call: Call
@@ -129,6 +132,7 @@ class Seen:
     output: torch.Tensor | None = None
     layer: str = ""
     batch_dim: int | None = None  # None: the call's
+    grads: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None
 
     def __post_init__(self) -> None:
         if self.batch_dim is None:
@@ -138,6 +142,12 @@ class Seen:
         """(δ, a) with the sample dimension first, as `per_sample` and `sq_norms` take them."""
         d = self.batch_dim
         return (self.delta, self.input) if d == 0 else (self.delta.movedim(d, 0), self.input.movedim(d, 0))
+
+    def summed(self, delta: torch.Tensor, a: torch.Tensor) -> tuple:
+        """Σₙ of the per-sample gradients for δ, a with the sample dimension first, by `grads` where the rule has it."""
+        if self.grads is not None:
+            return self.grads(delta, a)
+        return tuple(None if g is None else g.sum(0) for g in self.per_sample(delta, a))
 
     @property
     def name(self) -> str:

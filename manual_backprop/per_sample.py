@@ -40,14 +40,21 @@ def _is_whole(p: torch.Tensor, view: torch.Tensor) -> bool:
                          and view.storage_offset() == p.storage_offset())
 
 
-def _placed(p: torch.Tensor, view: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Per-sample gradients (N, *view.shape) of a view of p, laid into (N, *p.shape) (zeros elsewhere)."""
-    if _is_whole(p, view):
-        return grad.reshape(grad.shape[0], *p.shape)
+def _sq(g: torch.Tensor) -> torch.Tensor:
+    """(N,) squared L2 norms of the per-sample slices of g (no squared copy of g formed)."""
+    return torch.linalg.vector_norm(g.flatten(1), dim=1).square()
+
+
+def _add_into(current: dict, p: torch.Tensor, view: torch.Tensor, grad: torch.Tensor) -> None:
+    """current[p] += per-sample gradients (N, *view.shape) of a view of p, laid into (N, *p.shape)."""
     N = grad.shape[0]
-    out = grad.new_zeros(N, p.numel())
-    out.index_add_(1, _index_in(p, view).reshape(-1), grad.reshape(N, -1))
-    return out.view(N, *p.shape)
+    if _is_whole(p, view):
+        grad = grad.reshape(N, *p.shape)
+        current[p] = grad if p not in current else current[p] + grad
+        return
+    if p not in current:
+        current[p] = grad.new_zeros(N, *p.shape)
+    current[p].view(N, -1).index_add_(1, _index_in(p, view).reshape(-1), grad.reshape(N, -1))
 
 
 class _Step:
@@ -88,7 +95,9 @@ class per_sample_grads:
                      `p.grad_sample[n]` is the gradient of sample n's own loss), "sum" otherwise.
     materialize:     True: set `p.grad_sample` (N, *p.shape). False: only `ps.norms`, from the rules'
                      norm identities, forming no (N, *p.shape) tensor (except for a parameter two uses
-                     of which overlap in one forward, a tied weight, whose per-sample sum must be formed).
+                     of which overlap in one forward, a tied weight, whose per-sample sum must be formed);
+                     each rule's δ and a are kept (until the context object goes) so that
+                     `weighted_sum` / `privacy.clip_and_noise_` can reweight them.
     strict:          a parameter of a module left on stock autograd raises an error naming it; with
                      strict=False it is skipped and listed in `ps.skipped`.
     batch_first:     samples along dim 0 of the model's data; False for sequence-first (L, N, E) data.
@@ -116,6 +125,7 @@ class per_sample_grads:
         self._step_of: dict = {}  # id(call) -> its step
         self._handles: list = []
         self._ran: list = []
+        self._kept: list = []  # materialize=False: (step, seen, sources, δ, a, scale) for `privacy.clip_and_noise_`
 
     # ---------------------------------------------------------------- the context
 
@@ -144,6 +154,41 @@ class per_sample_grads:
         if not sq:
             raise InputError("per_sample_grads: no per-sample gradient yet: run forward and backward inside the context")
         return torch.cat(sq).sqrt()
+
+    def parameters(self) -> list:
+        """The parameters that got per-sample gradients (or norms), in the model's order."""
+        got = {s[1] for *_, sources, _d, _a, _s in self._kept for s in sources if s is not None}
+        return [p for p in dict.fromkeys(self._names) if p.requires_grad and (
+            getattr(p, "grad_sample", None) is not None or p in got)]
+
+    def weighted_sum(self, weights: torch.Tensor) -> dict:
+        """{p: Σₙ wₙ gₙ} over every sample of every backward in the context (`norms`' order), where gₙ is
+        sample n's gradient of p; without forming any gₙ when materialize=False: each rule's own summed
+        gradient of the reweighted δ, Σₙ wₙ δₙ aₙᵀ (its backward's pure function, `Seen.grads`)."""
+        if self.materialize:
+            out = {}
+            for p in self.parameters():
+                g = torch.cat(p.grad_sample) if isinstance(p.grad_sample, list) else p.grad_sample
+                out[p] = torch.tensordot(weights.to(g.dtype), g, dims=1)
+            return out
+        offsets, start = {}, 0
+        for step in self._steps:
+            if step.sq is not None:
+                offsets[step], start = start, start + step.sq.shape[0]
+        out: dict = {}
+        for step, seen, sources, delta, a, scale in self._kept:
+            w = weights[offsets[step]: offsets[step] + delta.shape[0]].to(delta.dtype) * scale
+            grads = seen.summed(delta * w.view(-1, *[1] * (delta.dim() - 1)), a)
+            for source, g in zip(sources, grads):
+                if source is None or g is None:
+                    continue
+                p, view = source[1], source[2]
+                total = out.setdefault(p, torch.zeros_like(p))
+                if _is_whole(p, view):
+                    total += g.to(p.dtype).reshape(p.shape)
+                else:
+                    total.view(-1).index_add_(0, _index_in(p, view).reshape(-1), g.to(p.dtype).reshape(-1))
+        return out
 
     # ---------------------------------------------------------------- forward: what each step uses
 
@@ -201,19 +246,21 @@ class per_sample_grads:
             a = a.float()
         N = delta.shape[0]
         scale = N if self.loss_reduction == "mean" else 1  # δ carries the mean's 1/N: undo it
+        if not self.materialize:  # kept for a reweighted sum Σₙ cₙ gₙ once the norms are known
+            self._kept.append((step, seen, sources, delta, a, scale))
         try:
             if self.materialize or any(s is not None and step.overlaps(s[1]) for s in sources):
-                grads = seen.per_sample(delta, a)
+                # every rule's gradient is linear in δ: undo the 1/N on δ, not on the larger gradients
+                grads = seen.per_sample(delta * scale if scale != 1 else delta, a)
                 for source, g in zip(sources, grads):
                     if source is None or g is None:
                         continue
                     p, view = source[1], source[2]
                     if not self.materialize and not step.overlaps(p):
-                        step.add_sq(g.flatten(1).square().sum(1) * scale**2)
+                        step.add_sq(_sq(g))
                         self._count(step, p)
                         continue
-                    g = _placed(p, view, g.to(p.dtype)) * scale
-                    step.current[p] = g if p not in step.current else step.current[p] + g
+                    _add_into(step.current, p, view, g.to(p.dtype))
                     self._count(step, p)
             else:
                 step.add_sq(seen.sq_norms(delta, a) * scale**2)
@@ -230,7 +277,7 @@ class per_sample_grads:
         if step.seen[p] < len(step.uses.get(p, [None])) or p not in step.current:
             return
         g = step.current.pop(p)
-        step.add_sq(g.flatten(1).square().sum(1))
+        step.add_sq(_sq(g))
         if self.materialize:  # as Opacus's promote_current_grad_sample: a second backward makes a list
             if p.grad_sample is None:
                 p.grad_sample = g

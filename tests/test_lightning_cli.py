@@ -36,6 +36,7 @@ SHIPPED = [
     ("regression_diabetes", RegressionTask, SklearnDataModule, {"in_features": 10, "out_features": 1}),
     ("binary_breast_cancer", BinaryClassificationTask, SklearnDataModule, {"in_features": 30}),
     ("multiclass_digits", MulticlassClassificationTask, SklearnDataModule, {"in_features": 64, "num_classes": 10}),
+    ("binary_breast_cancer_dp", BinaryClassificationTask, SklearnDataModule, {"in_features": 30}),  # DP-SGD (issue 10)
 ]
 
 

@@ -12,7 +12,9 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
+import manual_backprop
 import manual_backprop.nn as mnn
+from lightning_modules.errors import ConfigError
 from tests.trainers import quiet_trainer
 from lightning_modules import (
     ACTIVATIONS,
@@ -394,6 +396,7 @@ def test_builtin_network_checkpoint_loads_weights_only_and_restores_target_scale
     assert state["hyper_parameters"] == {
         "in_features": 3, "out_features": 3, "hidden_sizes": [4], "activation": "relu",
         "backend": "manual", "lr": 1e-3, "weight_decay": 0.0, "target_names": None,
+        "dp_noise_multiplier": None, "dp_max_grad_norm": 1.0, "dp_delta": 1e-5,
     }  # fmt: skip
     restored = RegressionTask.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=True)
     torch.testing.assert_close(restored.target_mean, torch.tensor(data.target_mean, dtype=torch.float32))
@@ -437,3 +440,60 @@ def test_multiclass_accuracy_is_the_fraction_correct_on_imbalanced_labels():
     values = metrics.compute()
     assert values["test/accuracy"] == pytest.approx(0.8)  # 8 of 10 right; macro would give (1 + 0 + 0) / 3
     assert values["test/f1_macro"] == pytest.approx((2 * 0.8 / 1.8 + 0 + 0) / 3)  # class 0: precision 0.8, recall 1
+
+
+# ------------------------------------------------------------------ DP-SGD on our per-sample norms (issue 10)
+
+
+@pytest.mark.parametrize("task_cls, dataset, extra, grad_fns", TASKS)
+def test_dp_sgd_logs_epsilon_each_epoch_and_checkpoints_load_weights_only(tmp_path, task_cls, dataset, extra, grad_fns):
+    pl.seed_everything(0)
+    data = SklearnDataModule(dataset, batch_size=16, test_fraction=0.25)
+    model = make_task(task_cls, data, extra, lr=0.01, dp_noise_multiplier=1.0, dp_max_grad_norm=0.5, dp_delta=1e-4)
+    logger = CSVLogger(tmp_path, name="run")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="model")
+    trainer = quiet_trainer(tmp_path, max_epochs=2, logger=logger, enable_checkpointing=True, callbacks=[checkpoint])
+    trainer.fit(model, datamodule=data)
+    epsilon = read_metrics_csv(f"{logger.log_dir}/metrics.csv")["train/epsilon"]
+    assert len(epsilon) == 2 and 0 < epsilon[0] < epsilon[1]
+    state = torch.load(tmp_path / "model.ckpt", weights_only=True)
+    assert {k: state["hyper_parameters"][k] for k in ("dp_noise_multiplier", "dp_max_grad_norm", "dp_delta")} == {
+        "dp_noise_multiplier": 1.0, "dp_max_grad_norm": 0.5, "dp_delta": 1e-4}
+    task_cls.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=True)
+
+
+def test_dp_sgd_step_is_the_clipped_mean_of_per_sample_gradients(tmp_path):
+    """σ = 0: after backward the gradient is Σₙ cₙ gₙ / N with cₙ from each sample's own norm (torch.func's)."""
+    from torch.func import functional_call, grad, vmap
+
+    pl.seed_everything(0)
+    data = SklearnDataModule("breast_cancer", batch_size=16)
+    data.setup("fit")
+    x, y = next(iter(data.train_dataloader()))
+    model = make_task(BinaryClassificationTask, data, {}, dp_noise_multiplier=0.0, dp_max_grad_norm=0.1)
+    model._private = None
+    params = {n: p.detach() for n, p in model.net.named_parameters()}
+
+    def loss_one(params, xn, yn):
+        out = functional_call(model.net, params, (xn.unsqueeze(0),))
+        return torch.nn.functional.binary_cross_entropy_with_logits(out.squeeze(-1), yn.unsqueeze(0).float())
+
+    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in per_sample.values()]).sum(0).sqrt()
+    factors = (0.1 / (norms + 1e-6)).clamp(max=1.0)
+    assert (factors < 1).all()
+    with manual_backprop.per_sample_grads(model.net, materialize=False) as model._private:
+        model.loss_fn(*model.loss_inputs(model(x), y)).backward()
+    model.on_after_backward()
+    for name, p in model.net.named_parameters():
+        torch.testing.assert_close(p.grad, torch.tensordot(factors, per_sample[name], dims=1) / len(x))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"backend": "autograd", "dp_noise_multiplier": 1.0}, "needs backend manual"),
+    ({"dp_noise_multiplier": -1.0}, "dp_noise_multiplier >= 0"),
+    ({"dp_noise_multiplier": 1.0, "dp_delta": 0.0}, "0 < dp_delta < 1"),
+])
+def test_bad_dp_settings(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        BinaryClassificationTask(in_features=3, **kwargs)

@@ -188,6 +188,26 @@ def test_second_backward_accumulates_like_opacus():
     torch.testing.assert_close(ps.norms, expected, **F64)
 
 
+@pytest.mark.parametrize("name", ["cnn", "block"])
+def test_autocast_conv_attention_and_norms_give_float32_results(name):
+    """bf16 autocast: the rules run in bf16, the per-sample gradients come back in the parameters' fp32,
+    equal to fp32's up to bf16's rounding (compared relative to each gradient's scale)."""
+    case = next(c for c in CASES if c.name == name)
+    stock, model = _models(case)
+    stock, model = stock.float(), model.float()
+    x, y = case.inputs(torch.Generator().manual_seed(1))
+    x, y = (x.float() if x.is_floating_point() else x), y.float()
+    expected = reference(stock, case.loss, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ps = ours(model, lambda o, t: case.loss(o.float(), t), x, y)
+    for pname, p in model.named_parameters():
+        assert p.grad_sample.dtype == torch.float32, pname
+        scale = expected[pname].abs().max()
+        torch.testing.assert_close(p.grad_sample, expected[pname], rtol=0, atol=float(0.05 * scale), msg=pname)
+    assert ps.norms.dtype == torch.float32
+    torch.testing.assert_close(ps.norms, norms_of(expected), rtol=0.05, atol=0)
+
+
 def test_autocast_gives_float32_results():
     torch.manual_seed(0)
     stock = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))

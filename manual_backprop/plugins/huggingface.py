@@ -64,6 +64,7 @@ class Conv1D(torch.autograd.Function):
                 ctx.call, delta, a, ctx.params,
                 per_sample=lambda d, x: _transposed_first(per_sample_linear_grads(d, x, bias)),
                 sq_norms=lambda d, x: per_sample_linear_sq_norms(d, x, bias),
+                grads=lambda d, x: conv1d_weight_and_bias_grads(d, x, True, bias),
                 output=output[0] if output else None,
             ))
         grad_a = delta @ W.T if need_a else None  # δ Wᵀ

@@ -110,5 +110,6 @@ def embedding_seen(ctx, delta, x, output=None):
         ctx.call, delta, x, ctx.params,
         per_sample=lambda d, a: (per_sample_embedding_grads(d, a, V, padding_idx),),
         sq_norms=lambda d, a: per_sample_embedding_sq_norms(d, a, padding_idx),
+        grads=lambda d, a: (embedding_weight_grad(d, a, V, padding_idx),),
         output=output,
     )

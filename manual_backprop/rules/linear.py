@@ -90,5 +90,6 @@ def linear_seen(call, delta, a, W, b, output=None, layer: str = ""):
         call, delta, a, (W, b),
         per_sample=lambda d, x: per_sample_linear_grads(d, x, bias),
         sq_norms=lambda d, x: per_sample_linear_sq_norms(d, x, bias),
+        grads=lambda d, x: weight_and_bias_grads(d, x, True, bias),
         output=output, layer=layer,
     )
