@@ -109,3 +109,43 @@ def test_from_the_command_line(tmp_path, monkeypatch):
     assert monitor.path is not None and monitor.path.is_file()
     rows = [row for row in metrics_rows(cli.trainer.logger) if row.get("delta/net.layers.1")]
     assert [int(row["step"]) for row in rows] == [0, 2]
+
+
+def test_with_dp_sgd_both_watchers_see_every_layer(tmp_path, monkeypatch):
+    """DP-SGD watches the network for per-sample norms while DeltaMonitor watches the task."""
+    import manual_backprop
+
+    try:
+        import opacus  # noqa: F401  (the accountant)
+    except ImportError:  # privacy accounting is beside the point here
+        monkeypatch.setattr(manual_backprop.privacy, "accountant", lambda *args, **kwargs: None)
+    clipped = []
+    clip = manual_backprop.privacy.clip_and_noise_
+    monkeypatch.setattr(manual_backprop.privacy, "clip_and_noise_", lambda ps, *args: clipped.append(ps.norms) or clip(ps, *args))
+    monitor, logger, trainer = fit(tmp_path, dp_noise_multiplier=1.0, dp_max_grad_norm=1.0)
+    assert len(clipped) == 6 and all(norms.shape == (128,) for norms in clipped)
+    assert list(monitor.history) == ["net.layers.0", "net.layers.1", "net.layers.2"]
+    assert all(math.isfinite(v) for points in monitor.history.values() for _, v in points)
+
+
+def test_with_feedback_alignment_it_logs_the_delta_that_rule_sends(tmp_path):
+    import manual_backprop
+
+    torch.manual_seed(0)
+    stock = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+    net = manual_backprop.convert(stock, registry="feedback_alignment")
+    pl.seed_everything(0)
+    data = SklearnDataModule("digits", batch_size=128)
+    data.setup("fit")
+    model = MulticlassClassificationTask(data.num_features, data.num_classes, hidden_sizes=[], activation="tanh",
+                                         backend="autograd", net=net)  # used as is: its rules are feedback alignment's
+    monitor, first = DeltaMonitor(every_n_steps=3), FirstBatch()
+    pl.Trainer(max_steps=1, logger=False, callbacks=[first, monitor], default_root_dir=tmp_path, **QUIET).fit(model, datamodule=data)
+    model.load_state_dict(first.state)
+    x, y = first.batch
+    output = model(x)
+    loss = model.loss_fn(*model.loss_inputs(output, y))
+    (delta_top,) = torch.autograd.grad(loss, output)
+    delta_hidden = (delta_top @ net[2].feedback) * (1 - torch.tanh(net[0](x)) ** 2)  # δ through B, not W
+    assert monitor.history["net.2"][0][1] == pytest.approx(delta_top.norm().item(), rel=1e-5)
+    assert monitor.history["net.0"][0][1] == pytest.approx(delta_hidden.norm().item(), rel=1e-5)
