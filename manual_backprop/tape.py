@@ -26,7 +26,7 @@ attention records "<attn>.in_proj" (δ of the packed q, k, v projections) and "<
   keeps every step when `reduce` is set (statistics are small: a training loop under
   one tape gives a series per layer, `tape.series(name)`), and only the latest when
   tensors are kept whole (reduce=None: memory would grow each step); `history=` overrides.
-  Steps are told apart by autograd's id of the backward pass.
+  A step ends when the backward pass that opened it ends (autograd's final callback).
 - `reduce` keeps a statistic instead of the tensor: "norm" (L2 over everything, batch
   included), "mean_abs", "rms" (√mean(x²)), "per_sample_norm" (N values: L2 over all but
   the first dimension, which is the sample dimension as for per-sample gradients; a
@@ -70,7 +70,7 @@ def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
 
 
 def _graph_task() -> int:
-    """autograd's id of the backward pass now running (-1 outside one): one backward, one step."""
+    """autograd's id of the backward pass now running (-1 outside one)."""
     return torch._C._current_graph_task_id()
 
 
@@ -192,7 +192,6 @@ class Tape:
         self.model = model
         self.steps: list[Step] = []
         self._open: Optional[Step] = None  # the step of the backward now running
-        self._task = -1  # and autograd's id of that backward pass
         self._forwards = 0
         self._watch = observe.watch(model, self)  # raises on a compiled model
         self._handle = None
@@ -209,25 +208,31 @@ class Tape:
 
     def see(self, seen: observe.Seen) -> None:
         """observe's callback, inside a rule's backward."""
-        task = _graph_task()
         step = self._open
-        if step is None or task != self._task:  # the first report of this backward pass
+        if step is None:  # the first report of this backward pass
             step = self._open = Step()
-            self._task = task
             if not self.history:
                 self.steps.clear()
             self.steps.append(step)
+            try:  # the step ends with the backward pass that opened it (a reentrant checkpoint's inner one runs inside)
+                torch.autograd.Variable._execution_engine.queue_callback(lambda: self._close(step))
+            except RuntimeError:  # not inside autograd's engine: the step ends at the next forward
+                pass
         values = {}
         for what, tensor in (("delta", seen.delta), ("input", seen.input), ("output", seen.output)):
             if what in self.keep and tensor is not None:
                 values[what] = self._value(tensor, getattr(seen, "batch_dim", 0) or 0)
         step._add(_name(seen), seen.call.index, values)
 
+    def _close(self, step: Step) -> None:
+        if self._open is step:
+            self._open = None
+
     def _count_forward(self, module, args) -> None:
         if torch.compiler.is_compiling():  # traced: the rules' own check (observe.current) speaks
             return
         self._forwards += 1
-        if _graph_task() == -1:  # a forward outside backward (not a checkpoint's recomputation)
+        if _graph_task() == -1:  # a forward outside backward (not a checkpoint's recomputation inside one)
             self._open = None
 
     # ------------------------------------------------------------ context

@@ -32,6 +32,8 @@ def stock_record(model: nn.Module, forward):
             continue
 
         def hook(module, args, output, name=name):
+            if torch._C._current_graph_task_id() != -1:  # a checkpoint recomputing forward inside backward
+                return
             entry = {"name": name, "input": args[0].detach(), "delta": None}
             if output.requires_grad:
                 output.register_hook(lambda g, entry=entry: entry.__setitem__("delta", g))
@@ -268,6 +270,38 @@ def test_two_forwards_one_backward_is_one_step_keyed_by_call():
     tape = assert_tape_equals_stock(stock, lambda model: (model(x) * model(y)).sum())
     assert len(tape.steps) == 1 and set(tape.names) == {"0", "0#1"}
     torch.testing.assert_close(tape.input["0#1"], y)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_is_one_step(reentrant):
+    """A checkpoint recomputes forward inside backward (reentrant: a backward inside backward): one step still."""
+    from torch.utils.checkpoint import checkpoint
+
+    stock = _seq(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 2))
+    x = randn(3, 4).requires_grad_(reentrant)
+
+    def forward(model):
+        h = checkpoint(lambda h: model[3](model[2](model[1](h))), model[0](x), use_reentrant=reentrant)
+        return model[4](h).pow(2).sum()
+
+    plain = assert_tape_equals_stock(stock, lambda model: model(x).pow(2).sum())  # the same δ without a checkpoint
+    ours = convert(copy.deepcopy(stock))
+    with manual_backprop.tape(ours) as tape:
+        forward(ours).backward()
+    assert len(tape.steps) == 1 and tape.names == plain.names == ["4", "2", "0"]
+    for name in plain.names:
+        torch.testing.assert_close(tape.delta[name], plain.delta[name], **TOL)
+        torch.testing.assert_close(tape.input[name], plain.input[name], **TOL)
+
+
+def test_under_autocast_delta_and_input_are_what_the_rules_saw():
+    model = convert(_seq(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).float())
+    x = randn(3, 4).float()
+    with manual_backprop.tape(model) as tape, torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().pow(2).sum().backward()
+    assert {t.dtype for t in [*tape.delta.values(), *tape.input.values()]} == {torch.bfloat16}
+    torch.testing.assert_close(tape.input["0"], x.to(torch.bfloat16), rtol=0, atol=0)
+    assert model[0].weight.grad.dtype == torch.float32
 
 
 def test_recorded_tensors_are_detached_and_gradients_unchanged():
