@@ -291,6 +291,11 @@ class Tape:
         present = [v for v in values if v is not None]
         if not present:
             raise InputError(f"tape.series: no step recorded {name!r}; recorded: {sorted(self._all_names())}")
+        if len({tuple(v.shape) for v in present}) > 1:
+            raise InputError(
+                f"tape.series: {name!r}'s values differ in shape between steps ({sorted({tuple(v.shape) for v in present})}: "
+                "whole tensors or per-sample norms of batches of different sizes); read them from tape.steps"
+            )
         blank = torch.full_like(present[0], math.nan, dtype=present[0].dtype if present[0].is_floating_point() else torch.float)
         return torch.stack([blank if v is None else v.to(blank.dtype) for v in values])
 

@@ -353,6 +353,12 @@ def test_series_errors_name_what_is_missing():
         tape.series("layers.0", "input")
     with pytest.raises(InputError, match="'layers.7'"):
         tape.series("layers.7")
+    with manual_backprop.tape(model, keep="delta", reduce="per_sample_norm") as tape:
+        for n in (2, 3):
+            model(randn(n, 3)).sum().backward()
+    with pytest.raises(InputError, match="differ in shape between steps"):
+        tape.series("layers.0")
+    assert [tuple(step.delta["layers.0"].shape) for step in tape.steps] == [(2,), (3,)]
 
 
 # ------------------------------------------------------------ torch.compile: record or raise
@@ -500,3 +506,15 @@ def test_readme_example_prints_what_its_comments_say():
         exec(block, {})
     expected = [line.split("# ", 1)[1].split(": ")[0].strip() for line in block.splitlines() if line.startswith("print(")]
     assert printed.getvalue().splitlines() == expected
+
+
+def test_series_is_nan_where_a_step_did_not_reach_a_layer():
+    model = convert(_seq(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
+    x = randn(5, 3)
+    with manual_backprop.tape(model, reduce="norm") as tape:
+        model(x).sum().backward()
+        model[0](x).sum().backward()  # reaches layer 0 only
+    assert [step.names for step in tape.steps] == [["2", "0"], ["0"]]
+    top = tape.series("2")
+    assert top[0] > 0 and top[1].isnan()
+    assert tape.series("0")[1] == torch.linalg.vector_norm(torch.ones(5, 4, dtype=torch.float64))
