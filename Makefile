@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test train bench clean
+.PHONY: install test train bench clean bench-per-sample
 
 install: $(STAMP)
 
@@ -27,3 +27,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache
+
+# per-sample gradients (issue 10): ours against Opacus, torch.func and BackPACK. BackPACK declares
+# torchvision, which it does not use: installed without its dependencies (einops, unfoldNd by hand).
+bench-per-sample: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt backpack-for-pytorch einops unfoldnd
+	$(PY) scripts/bench_per_sample.py

@@ -15,9 +15,9 @@ same two tensors, so there is one mechanism, here:
 - A parametric rule asks `observe.current()` in `setup_context`. Nobody watching: it
   gets None (one read of a module-level list), keeps nothing extra and does no extra
   work. Otherwise it keeps a, and its backward hands a `Seen` to `Call.see`.
-- `Seen` carries δ, a, the rule's parameter tensors, and two pure functions of the
-  rule's: per-sample parameter gradients and per-sample squared norms (which need not
-  form any per-sample gradient: ‖δₙ aₙᵀ‖ = ‖δₙ‖·‖aₙ‖).
+- `Seen` carries δ, a, the rule's parameter tensors, and pure functions of the rule's:
+  per-sample parameter gradients, per-sample squared norms (which need not form any
+  per-sample gradient: ‖δₙ aₙᵀ‖ = ‖δₙ‖·‖aₙ‖) and, optionally, its batch-summed gradient.
 - Samples lie along `Seen.batch_dim` of δ and a: `watch(..., batch_dim=)` for the whole
   model (1 for sequence-first data), changed for one call by a functional that moves the
   batch (multi-head attention works in (L, N, E): `observe.samples_in(1)`).

@@ -13,6 +13,7 @@ worth of work: forward, backward, and every sample's gradient norm, and
     opacus ghost          GradSampleModuleFastGradientClipping: norms only (ghost clipping's first pass)
     torch.func            vmap(grad(per-sample loss)) on the stock model, norms from them
     backpack              BatchGrad + BatchL2Grad, where backpack-for-pytorch is installed
+                          (`make bench-per-sample` installs it without its torchvision dependency)
 
 Contenders alternate within each round (the machine is shared: the ratios, measured in the same
 run, are what to read); each figure is the median over rounds. Peak memory: CUDA's
@@ -167,7 +168,10 @@ def backpack(stock, x, y):
     def step():
         with bp(BatchGrad(), BatchL2Grad()):
             criterion(model(x), y).backward()
-        return torch.stack([p.batch_l2 for p in model.parameters()]).sum(0).sqrt() * len(x)
+        missing = [n for n, p in model.named_parameters() if not hasattr(p, "batch_l2")]
+        if missing:
+            raise NotImplementedError(f"BackPACK has no per-sample extension for {missing[0]} ({len(missing)} params)")
+        return torch.stack([p.batch_l2 for p in model.parameters()]).sum(0).sqrt() * len(x)  # undo the mean's 1/N
 
     return step, lambda: _clear(model)
 

@@ -34,3 +34,12 @@ def test_convert_restore_report_example_runs_as_its_comments_say():
     assert names["model"] is not model  # convert and restore return copies; the user's model is untouched
     assert names["rows"][0]["status"] == "container" and names["rows"][1]["status"] == "manual"
     assert set(names["rows"][0]) == {"name", "type", "status", "parameters", "reason"}  # the keys the comment names
+
+
+def test_per_sample_example_runs_as_its_comments_say():
+    printed = io.StringIO()
+    names: dict = {}
+    with contextlib.redirect_stdout(printed):
+        exec(python_block_after("## Per-sample gradients and private training (DP-SGD)"), names)
+    assert printed.getvalue() == "torch.Size([8, 4, 5])\ntorch.Size([8])\n"
+    assert names["model"][0].weight.grad.shape == (4, 5)

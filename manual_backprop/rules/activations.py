@@ -407,7 +407,7 @@ class PReLU(torch.autograd.Function):
                 ctx.call, delta, z, ctx.params,
                 per_sample=lambda d, x: (per_sample_prelu_weight_grads(d, x, alpha),),
                 sq_norms=lambda d, x: per_sample_prelu_weight_grads(d, x, alpha).square().flatten(1).sum(1),
-                output=output[0] if output else None,
+                output=output[0] if output else None, batch_dim=0,  # (N, C, *): channels in dim 1
             ))
         alpha = prelu_slopes(weight, z)
         grad_z = torch.where(z > 0, delta, delta * alpha) if need_z else None

@@ -122,9 +122,11 @@ def _sum_of_squares(per_sample):
     return sq_norms
 
 
-def norm_seen(call, delta, x, params, per_sample, output=None):
-    """What a normalisation rule reports to `observe`; per-sample norms from the (small) per-sample ∂γ, ∂β."""
-    return observe.Seen(call, delta, x, params, per_sample=per_sample, sq_norms=_sum_of_squares(per_sample), output=output)
+def norm_seen(call, delta, x, params, per_sample, output=None, batch_dim=None):
+    """What a normalisation rule reports to `observe`; per-sample norms from the (small) per-sample ∂γ, ∂β.
+    batch_dim: 0 for the (N, C, *) rules (BatchNorm, GroupNorm); None (the call's) for LayerNorm, RMSNorm."""
+    return observe.Seen(call, delta, x, params, per_sample=per_sample, sq_norms=_sum_of_squares(per_sample),
+                        output=output, batch_dim=batch_dim)
 
 
 def _channel_view(t, x):
@@ -217,7 +219,7 @@ class BatchNorm(torch.autograd.Function):
                 "batch normalisation in training mode mixes the samples of a batch (its statistics are over the "
                 "batch), so it has no per-sample gradients; put it in eval mode, or use GroupNorm/LayerNorm"
             )
-            ctx.call.see(observe.Seen(ctx.call, delta, x, ctx.params, refuse, refuse, *output))
+            ctx.call.see(observe.Seen(ctx.call, delta, x, ctx.params, refuse, refuse, *output, batch_dim=0))
         x32, delta32, dims = opmath(x), opmath(delta), batch_dims(x)
         if torch.is_grad_enabled():  # double backward: statistics as functions of x
             mean, rstd = statistics(x32, dims, ctx.eps)
@@ -291,7 +293,7 @@ class BatchNormEval(torch.autograd.Function):
                 x_hat = normalized(opmath(a), _channel_view(running_mean, a), rstd)
                 return per_sample_affine_grads(d, x_hat, [1], weight, bias)
 
-            ctx.call.see(norm_seen(ctx.call, delta, x, ctx.params, per_sample, *output))
+            ctx.call.see(norm_seen(ctx.call, delta, x, ctx.params, per_sample, *output, batch_dim=0))
         delta32 = opmath(delta)
         rstd = _channel_view(torch.rsqrt(running_var + ctx.eps), delta)
         grad_x = None
@@ -463,7 +465,7 @@ class GroupNorm(torch.autograd.Function):
                 x_hat = normalize(_grouped(opmath(a), num_groups), [2], eps)[0].reshape(a.shape)
                 return per_sample_affine_grads(d, x_hat, [1], weight, bias)
 
-            ctx.call.see(norm_seen(ctx.call, delta, x, ctx.params, per_sample, *output))
+            ctx.call.see(norm_seen(ctx.call, delta, x, ctx.params, per_sample, *output, batch_dim=0))
         x32, delta32 = opmath(x), opmath(delta)
         grouped = _grouped(x32, ctx.num_groups)
         if torch.is_grad_enabled():  # double backward: statistics as functions of x
