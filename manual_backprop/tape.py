@@ -35,8 +35,12 @@ attention records "<attn>.in_proj" (δ of the packed q, k, v projections) and "<
   On a batch of 0: norm 0, per_sample_norm shape (0,), mean_abs and rms NaN (a mean of
   nothing). Integer inputs (Embedding's indices) are reduced as floats.
 - Recorded tensors are detached; nothing here changes any gradient.
-- torch.compile: a compiled model cannot be watched (its compiled backward would not
-  report δ): `tape` raises rather than record nothing (see `observe`).
+- torch.compile: never silently nothing. `tape(torch.compile(model))` raises InputError (its
+  compiled backward would not report δ). `model.compile()` or a compiled function calling the
+  model records what eager records: a rule asked to report while Dynamo traces raises, and
+  Dynamo runs that region eagerly (`observe.current` also guards on an open watch, so code
+  compiled before the tape opened is traced again rather than run without hooks); with
+  fullgraph=True that raise reaches the user.
 - A model whose rules never report (stock modules, not converted) records nothing: the
   tape warns at exit when the model ran forward inside the context but nothing was recorded.
 
