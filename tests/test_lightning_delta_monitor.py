@@ -149,3 +149,25 @@ def test_with_feedback_alignment_it_logs_the_delta_that_rule_sends(tmp_path):
     delta_hidden = (delta_top @ net[2].feedback) * (1 - torch.tanh(net[0](x)) ** 2)  # δ through B, not W
     assert monitor.history["net.2"][0][1] == pytest.approx(delta_top.norm().item(), rel=1e-5)
     assert monitor.history["net.0"][0][1] == pytest.approx(delta_hidden.norm().item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_resumed_run_plots_every_recorded_step(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0)
+    data = SklearnDataModule("digits", batch_size=256)
+    data.setup("fit")
+
+    def run(max_steps, ckpt_path=None):
+        model = MulticlassClassificationTask(data.num_features, data.num_classes, hidden_sizes=[8], activation="tanh", backend="manual")
+        monitor = DeltaMonitor(every_n_steps=2)
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        kwargs = {**QUIET, "enable_checkpointing": True}
+        pl.Trainer(max_steps=max_steps, logger=False, callbacks=[monitor, checkpoints], default_root_dir=tmp_path,
+                   **kwargs).fit(model, datamodule=data, ckpt_path=ckpt_path)
+        return monitor
+
+    run(5)  # one epoch of 5 batches: steps 0, 2, 4 recorded, then last.ckpt
+    resumed = run(9, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert [step for step, _ in resumed.history["net.layers.0"]] == [0, 2, 4, 6, 8]
