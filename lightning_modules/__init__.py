@@ -15,6 +15,7 @@ from lightning_modules.errors import ConfigError
 from lightning_modules.data import SKLEARN_DATASETS, CSVDataModule, SklearnDataModule, TableDataModule
 from lightning_modules.network import ACTIVATIONS, BACKENDS, build_network, state_dict_for_backend
 from lightning_modules.network import SmallCNN  # issue 8: a CNN for images (digits as 1×8×8)
+from lightning_modules.callbacks import DeltaMonitor  # issue 11: δ per layer while training
 from lightning_modules.tasks import (
     BinaryClassificationTask,
     MulticlassClassificationTask,
@@ -40,6 +41,7 @@ __all__ = [
     "BinaryClassificationTask",
     "CONFIG_DIR",
     "CSVDataModule",
+    "DeltaMonitor",
     "ConfigError",
     "DistributedTeardown",
     "MulticlassClassificationTask",

@@ -191,3 +191,156 @@ class DistributedTeardown(pl.Callback):
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # no process leaves while another still talks to it
             dist.destroy_process_group()
+
+
+# ------------------------------------------------------------ the δ tape (issue 11)
+
+DELTA_STATISTICS = {"norm": "‖δ‖₂ over the batch", "mean_abs": "mean |δ|", "rms": "rms of δ"}
+
+
+class DeltaMonitor(pl.Callback):
+    """Watches δ(l), the error each parametric layer's backward computes, while training.
+
+    Every `every_n_steps` optimizer steps, one training batch runs under
+    `manual_backprop.tape(pl_module, keep="delta", reduce=reduce)`: each layer's statistic
+    ("norm": ‖δ‖₂ over the batch, "mean_abs" or "rms") is logged as `delta/<layer>`
+    through the trainer's loggers, at that step. Layers are named as the tape names them,
+    qualified in the LightningModule: "net.layers.0" … for the fused MLP, "net.0" … for a
+    converted Sequential. Other batches run untouched (the rules do no extra work).
+
+    At the end of fit, `filename` (a PNG) is written into `trainer.log_dir`: a heatmap of
+    log10 of the statistic (layers × steps, input layer at the top) and a line per layer.
+
+    Works with any learning rule whose rules report through `manual_backprop.observe`
+    (backprop, feedback alignment: δ is then the error that rule sends down). A network
+    whose modules report nothing (backend "autograd": stock modules) logs nothing, with
+    one warning. From the CLI: `--trainer.callbacks+=lightning_modules.callbacks.DeltaMonitor`.
+    """
+
+    def __init__(self, every_n_steps: int = 50, reduce: str = "norm", filename: str = "delta.png") -> None:
+        from lightning_modules.errors import ConfigError
+
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ConfigError(f"DeltaMonitor: every_n_steps must be a positive integer; got {every_n_steps!r}")
+        if reduce not in DELTA_STATISTICS:
+            raise ConfigError(f"DeltaMonitor: reduce must be one of {', '.join(map(repr, DELTA_STATISTICS))}; got {reduce!r}")
+        self.every_n_steps, self.reduce, self.filename = every_n_steps, reduce, filename
+        self.history: dict[str, list[list[float]]] = {}  # "net.layers.0" -> [[step, value], ...], layers in forward order
+        self.path: Optional[Path] = None  # where the last plot went
+        self._tape = None
+        self._step = -1  # the optimizer step being recorded (one batch per step under gradient accumulation)
+        self._warned = False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps or step == self._step:
+            return
+        import manual_backprop
+
+        self._step = step
+        self._tape = manual_backprop.tape(pl_module, keep="delta", reduce=self.reduce)
+        self._tape.__enter__()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        tape = self._close()
+        if tape is None:
+            return
+        values: dict[str, float] = {}
+        for step in tape.steps:  # usually one backward; several under manual optimization: the latest wins
+            for name in reversed(step.names):  # forward order
+                values[name] = float(step.delta[name])
+        if not values:
+            if not self._warned:
+                self._warned = True
+                rank_zero_warn(
+                    f"DeltaMonitor: no layer of {type(pl_module).__name__} reported δ (its modules run no "
+                    "manual_backprop rules: backend 'autograd'?); nothing is logged"
+                )
+            return
+        for name, value in values.items():
+            self.history.setdefault(name, []).append([self._step, value])
+        metrics = {f"delta/{name}": value for name, value in values.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=self._step)
+
+    def _close(self):
+        tape, self._tape = self._tape, None
+        if tape is not None:
+            import warnings
+
+            with warnings.catch_warnings():  # "recorded nothing": said once, above
+                warnings.simplefilter("ignore")
+                tape.__exit__(None, None, None)
+        return tape
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.fast_dev_run or not self.history:
+            return
+        self.path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+        self._plot(TrainingCurves._title(trainer, pl_module))
+
+    @rank_zero_only
+    def _plot(self, title: str) -> None:
+        plot_delta_history(self.history, self.path, DELTA_STATISTICS[self.reduce], title)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {k: [list(p) for p in v] for k, v in self.history.items()}, "step": self._step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = {k: [list(p) for p in v] for k, v in state_dict.get("history", {}).items()}
+        self._step = state_dict.get("step", -1)
+
+
+def plot_delta_history(history: dict[str, list], path: Path, statistic: str = "‖δ‖₂ over the batch", title: str = "") -> None:
+    """A PNG at `path`: heatmap of log10 `statistic` (layers × steps, first layer on top) and a line per layer.
+
+    history: layer name -> [[step, value], ...], layers in forward order (input side first).
+    """
+    import math
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    layers = list(history)
+    steps = sorted({step for points in history.values() for step, _ in points})
+    column = {step: j for j, step in enumerate(steps)}
+    grid = [[math.nan] * len(steps) for _ in layers]
+    for i, layer in enumerate(layers):
+        for step, value in history[layer]:
+            grid[i][column[step]] = math.log10(value) if value > 0 else math.nan
+
+    figure = Figure(figsize=(12, 1.6 + 0.3 * max(len(layers), 8)), layout="constrained")
+    FigureCanvasAgg(figure)
+    figure.suptitle(f"δ(l) per layer while training{': ' + title if title else ''}")
+    heat, lines = figure.subplots(1, 2, width_ratios=[1.1, 1])
+
+    half = (steps[1] - steps[0]) / 2 if len(steps) > 1 else 0.5
+    image = heat.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
+                        extent=(steps[0] - half, steps[-1] + half, len(layers) - 0.5, -0.5))
+    heat.set_yticks(range(len(layers)), layers)
+    heat.set_xlabel("training step")
+    heat.set_ylabel("layer (input side at the top)")
+    heat.set_title("layers × steps")
+    figure.colorbar(image, ax=heat, label=f"log10 {statistic}")
+
+    colors = __import__("matplotlib").colormaps["viridis"]
+    for i, layer in enumerate(layers):
+        points = [(s, v) for s, v in history[layer] if v > 0]
+        if points:
+            xs, ys = zip(*points)
+            lines.plot(xs, ys, color=colors(i / max(len(layers) - 1, 1)), marker="." if len(xs) < 30 else None, label=layer)
+    lines.set_yscale("log")
+    lines.set_xlabel("training step")
+    lines.set_ylabel(f"{statistic} (log scale)")
+    lines.set_title("one line per layer (dark: input side)")
+    lines.grid(alpha=0.3, which="both")
+    if len(layers) <= 16:
+        lines.legend(fontsize="small", ncols=2 if len(layers) > 8 else 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)

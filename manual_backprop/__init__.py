@@ -14,6 +14,8 @@ from manual_backprop.registry import PluginWarning, Registry, Rule, default_regi
 from manual_backprop import testing  # noqa: E402  (uses convert and mode above)
 from manual_backprop.per_sample import per_sample_grads  # noqa: E402  (issue 10: per-sample gradients)
 from manual_backprop import privacy  # noqa: E402  (issue 10: DP-SGD on the per-sample norms)
+# the δ tape (issue 11)
+from manual_backprop.tape import Tape, tape  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -41,4 +43,7 @@ __all__ = [
     "rules",
     "set_debug_checks",
     "testing",
+    # the δ tape (issue 11)
+    "Tape",
+    "tape",
 ]

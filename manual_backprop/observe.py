@@ -33,7 +33,7 @@ compiled model raises instead of silently seeing nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -63,14 +63,24 @@ class Call:
     observers: Sequence[Observer]
     cast_from: dict = field(default_factory=dict)  # id(autocast copy) -> the parameter it was cast from
     batch_dim: int = 0
+    # Two watches over one module (a tape inside per-sample gradients): the other watches' calls of this
+    # same forward call, each with its own names and observers (see `watch.__enter__`).
+    also: list = field(default_factory=list)
+    args_id: int = 0  # id of the forward call's args, to tell "the same call, another watch" from recursion
+
+    def all(self) -> list:
+        """This call and the other watches' calls of the same module call."""
+        return [self, *self.also]
 
     @property
     def keep_output(self) -> bool:
-        return any(getattr(o, "keep_output", False) for o in self.observers)
+        return any(getattr(o, "keep_output", False) for c in self.all() for o in c.observers)
 
     def see(self, seen: "Seen") -> None:
         for observer in self.observers:
             observer.see(seen)
+        for other in self.also:
+            other.see(replace(seen, call=other))
 
     def source(self, tensor: torch.Tensor | None) -> tuple | None:
         """(name relative to the module, parameter, view) for a parameter `tensor` is, was cast from,
@@ -169,7 +179,7 @@ _watching: list = []  # one entry per active `watch`
 
 def current() -> Call | None:
     """The innermost watched module call now running, or None. What a rule's setup_context asks."""
-    if not _calls:
+    if not _watching or not _calls:
         return None
     if torch.compiler.is_compiling():
         raise RuntimeError(
@@ -188,9 +198,10 @@ def keep(ctx, *params: torch.Tensor | None) -> Call | None:
     call = current()
     if call is not None:
         ctx.params = params
-        for observer in call.observers:
-            if hasattr(observer, "keeps"):
-                observer.keeps(call, params)
+        for each in call.all():
+            for observer in each.observers:
+                if hasattr(observer, "keeps"):
+                    observer.keeps(each, params)
     return call
 
 
@@ -198,7 +209,8 @@ def samples_in(dim: int) -> None:
     """In a functional that moves the batch (multi-head attention works in (L, N, E)): the samples of
     the rules it runs from here on, within the current call, lie along `dim`. No-op when nobody watches."""
     if _calls:
-        _calls[-1].batch_dim = dim
+        for call in _calls[-1].all():
+            call.batch_dim = dim
 
 
 def output(ctx, output: torch.Tensor) -> tuple:
@@ -235,7 +247,14 @@ class watch:
 
             def push(module, args, name=name):
                 index = counts[name] = counts.get(name, -1) + 1
-                _calls.append(Call(name, module, index, self.observers, batch_dim=self.batch_dim))
+                call = Call(name, module, index, self.observers, batch_dim=self.batch_dim, args_id=id(args))
+                top = _calls[-1] if _calls else None
+                if top is not None and top.module is module and top.args_id == id(args):
+                    # another watch already opened this very call: report to both, each under its own names
+                    call.cast_from = top.cast_from
+                    top.also.append(call)
+                    call = top
+                _calls.append(call)
 
             def pop(module, args, output):
                 _calls.pop()
