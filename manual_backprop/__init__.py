@@ -12,6 +12,8 @@ from manual_backprop.convert import ConversionError, ModuleReport, Report, conve
 from manual_backprop.mode import ManualFunctions, manual_functions
 from manual_backprop.registry import PluginWarning, Registry, Rule, default_registry, register
 from manual_backprop import testing  # noqa: E402  (uses convert and mode above)
+# learning rules (issue 12)
+from manual_backprop.learning_rules import LayerAlignment, alignment, learning_rule_names  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -37,4 +39,8 @@ __all__ = [
     "rules",
     "set_debug_checks",
     "testing",
+    # learning rules (issue 12)
+    "LayerAlignment",
+    "alignment",
+    "learning_rule_names",
 ]

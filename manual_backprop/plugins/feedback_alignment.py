@@ -228,6 +228,11 @@ class _Carry:
         return delta.mm(self.make_B(W, self.Ms[l]).to(delta.dtype))
 
 
+# The fused rule's three steps as plain functions: torch.compile traces a call of another
+# Function's staticmethod through the class as a nested autograd call.
+_mlp_forward, _mlp_setup_context, _mlp_backward = MLPRule.forward, MLPRule.setup_context, MLPRule.backward
+
+
 class FeedbackMLP(MLPRule):
     """`rules.MLP` with one more argument last, `carry`: carry(l, δ(l+1), W(l)) is the ∂J/∂a(l) the
     backward loop sends below layer l (backprop's δ(l+1) W(l); here δ(l+1) B(l), or DFA's e B)."""
@@ -236,17 +241,16 @@ class FeedbackMLP(MLPRule):
 
     @staticmethod
     def forward(a, layers, *weights_and_biases_and_carry):
-        return MLPRule.forward(a, layers, *weights_and_biases_and_carry[:-1])
+        return _mlp_forward(a, layers, *weights_and_biases_and_carry[:-1])
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        MLPRule.setup_context(ctx, inputs[:-1], outputs)  # needs_input_grad has one more entry, last: unread
+        _mlp_setup_context(ctx, inputs[:-1], outputs)  # needs_input_grad has one more entry, last: unread
         ctx.carry = inputs[-1]
 
     @staticmethod
-    @without_autocast
     def backward(ctx, *grads):
-        return (*MLPRule.backward(ctx, *grads), None)
+        return (*_mlp_backward(ctx, *grads), None)  # autocast off: _mlp_backward is the decorated backward
 
 
 # ------------------------------------------------------------------ modules
