@@ -58,8 +58,8 @@ def alignment(
     """Per layer with a weight (≥ 2-D, e.g. Linear, conv, each layer of a fused MLP): its `LayerAlignment`.
 
     Runs `loss_fn(model(input), target)` once on `model` (its rule's gradients) and once on a
-    restored copy (`restore`, stock modules: backprop's), from the same parameters, with the same
-    RNG state, without touching any `.grad`. Keys are the layers' qualified names ("0",
+    restored copy (`restore`, stock modules: backprop's), from the same parameters, each from the
+    caller's RNG state (which it leaves as it was), without touching any `.grad`. Keys are the layers' qualified names ("0",
     "net.layers.1"). Put the model in eval mode first if dropout should not differ between the runs.
     """
     weights = {name.removesuffix(".weight").removesuffix("weight"): p for name, p in model.named_parameters()
@@ -67,17 +67,19 @@ def alignment(
     names, params = list(weights), list(weights.values())
     reference = restore(model)  # a copy on stock modules
     reference_params = dict(reference.named_parameters())
-    state = torch.random.get_rng_state()
-    rule_grads = torch.autograd.grad(loss_fn(model(input), target), params, allow_unused=True)
-    torch.random.set_rng_state(state)
     stock = [reference_params[(n + ".weight") if n else "weight"] for n in names]
-    backprop_grads = torch.autograd.grad(loss_fn(reference(input), target), stock, allow_unused=True)
-    feedback = {}
-    for module_name, module in model.named_modules():
-        pairs = getattr(module, "feedback_pairs", None)
-        if callable(pairs):
-            for suffix, W, B in pairs():
-                feedback[".".join(part for part in (module_name, suffix) if part)] = angle(W, B)
+    devices = [input.device] if input.device.type == "cuda" else []
+    # Each run starts from the caller's RNG state (the same dropout masks), which is left as it was.
+    with torch.random.fork_rng(devices=devices):
+        rule_grads = torch.autograd.grad(loss_fn(model(input), target), params, allow_unused=True)
+    with torch.random.fork_rng(devices=devices):
+        backprop_grads = torch.autograd.grad(loss_fn(reference(input), target), stock, allow_unused=True)
+        feedback = {}
+        for module_name, module in model.named_modules():
+            pairs = getattr(module, "feedback_pairs", None)
+            if callable(pairs):  # brSF draws its M here: inside the fork too
+                for suffix, W, B in pairs():
+                    feedback[".".join(part for part in (module_name, suffix) if part)] = angle(W, B)
     return {
         name: LayerAlignment(
             name,

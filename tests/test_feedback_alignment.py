@@ -262,3 +262,6 @@ def test_alignment_angles():
     sign = mb.alignment(mb.convert(stock, registry="sign_symmetry"), x, y, loss)
     assert sign["0"].feedback < 90 and sign["0"].update < rows["0"].update  # sign(W) lies close to W
     assert stock[0].weight.grad is None  # .grad untouched
+    state = torch.random.get_rng_state()
+    mb.alignment(mb.convert(stock, registry="batchwise_random_sign_symmetry"), x, y, loss)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG untouched
