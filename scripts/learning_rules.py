@@ -110,8 +110,8 @@ def table(results: dict, seeds: list[int], epochs: dict) -> str:
             cells += [f"{acc.mean():.1f} ± {(acc.max() - acc.min()) / 2:.1f}", f"{angle.mean():.0f}"]
         lines.append(f"| {short} | `{rule}` | " + " | ".join(cells) + " |")
     lines += ["", f"MLP: 64-128-128-10 tanh (fused MLP), {epochs['mlp']} epochs; CNN: conv 8 → pool → conv 16 → pool → "
-              f"Linear 64 → Linear 10 (ReLU), {epochs['cnn']} epochs; Adam (lr {LR['mlp']:g} MLP, {LR['cnn']:g} CNN), batch 64. DFA runs on Linear layers (and the fused MLP): the CNN's "
-              "convolutions learn by backprop from the δ its hidden Linear layer gets from e."]
+              f"Linear 64 → Linear 10 (ReLU), {epochs['cnn']} epochs; Adam (lr {LR['mlp']:g} MLP, {LR['cnn']:g} CNN), batch 64. DFA: every hidden layer, convolutions included, gets e "
+              "through its own B."]
     return "\n".join(lines) + "\n"
 
 

@@ -92,9 +92,11 @@ def test_mlp_below_a_linear_head_and_a_marked_output():
 
 
 def test_errors_name_what_is_missing():
-    with pytest.raises(mb.ConversionError, match="no Linear or fused MLP"):
+    with pytest.raises(mb.ConversionError, match="no Linear or fused MLP to produce the output error e"):
         mb.convert(nn.Sequential(nn.Conv1d(1, 2, 3)), registry=NAME)
-    with pytest.raises(mb.ConversionError, match=r"the output 'nope' is not a Linear or fused MLP of the model \(those are: \['0', '2'\]\)"):
+    with pytest.raises(mb.ConversionError, match="the output '1' is a convolution"):
+        mb.convert(nn.Sequential(nn.Linear(2, 6), nn.Conv1d(1, 2, 3)), registry=dfa.registry(output="1"))
+    with pytest.raises(mb.ConversionError, match=r"the output 'nope' is not a Linear, convolution or fused MLP of the model \(those are: \['0', '2'\]\)"):
         mb.convert(nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)), registry=dfa.registry(output="nope"))
     model = mb.convert(nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1)), registry=NAME)
     hidden = model[:4](torch.randn(4, 2))  # the loss taken before the output layer: no e reaches layer 2
@@ -113,12 +115,13 @@ def test_B_is_seeded_non_persistent_and_restore_brings_back_backprop():
     again = mb.convert(stock, registry=NAME)
     assert list(model.state_dict()) == list(stock.state_dict())
     buffers = dict(model.named_buffers())
-    assert {k: tuple(v.shape) for k, v in buffers.items()} == {"3.feedback": (3, 5), "5.layers.0.feedback": (3, 6)}
+    assert {k: tuple(v.shape) for k, v in buffers.items()} == {"0.feedback": (3, 8), "3.feedback": (3, 5),
+                                                                 "5.layers.0.feedback": (3, 6)}
     for name, B in buffers.items():
         torch.testing.assert_close(B, dict(again.named_buffers())[name])
     copied = copy.deepcopy(model)  # the copy's layers share the copy's own OutputError
     assert copied[3]._dfa.error is copied[5]._dfa.error is not model[5]._dfa.error
-    assert type(model[0]) is mb.nn.Conv1d  # convolutions keep backprop's rule
+    assert type(model[0]) is dfa.Conv1d
     back = mb.restore(model)
     assert [type(m) for m in back] == [type(m) for m in stock] and dict(back.named_buffers()) == {}
     assert "_dfa" not in vars(back[3])
@@ -149,3 +152,44 @@ def test_observe_sees_the_dfa_delta_and_alignment_reports_updates():
     torch.testing.assert_close(Keep.seen["0"], (g @ model[0].feedback) * (1 - a1**2))
     rows = mb.alignment(model, x, torch.randint(3, (6,)), nn.functional.cross_entropy)
     assert rows["2"].update < 1e-3 and rows["0"].feedback is None and rows["0"].update > 1
+
+
+@pytest.mark.parametrize("unbatched", [False, True], ids=["batched", "unbatched"])
+def test_convolutions_get_e_through_B_shaped_like_the_next_layers_input(unbatched):
+    """conv → ReLU → pool → conv → tanh → flatten → Linear → tanh → Linear: each hidden layer's input gradient is e B."""
+    torch.manual_seed(0)
+    stock = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(2, 3, 3, padding=1),
+                          nn.Tanh(), nn.Flatten(-3), nn.Linear(3 * 4 * 4, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    torch.manual_seed(5)
+    model = mb.convert(stock, registry=NAME)
+    x = torch.randn(*([] if unbatched else [2]), 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    assert torch.equal(out, stock(x))
+    g = torch.randn_like(out)
+    out.backward(g)
+    B0, B3, B6 = model[0].feedback, model[3].feedback, model[6].feedback
+    assert (B0.shape, B3.shape, B6.shape) == ((4, 2, 4, 4), (4, 48), (4, 5))  # B0: the pooled map conv 3 takes
+    e = g.reshape(-1, 4)
+    # the stock layers' own backprop, fed the DFA input gradient at each hidden layer
+    x0 = x.detach().requires_grad_()
+    z0 = stock[0](x0)
+    pooled = stock[2](torch.relu(z0))
+    p1 = pooled.detach().requires_grad_()
+    z3 = stock[3](p1)
+    f = torch.tanh(z3).flatten(-3).detach().requires_grad_()
+    z6 = stock[6](f)
+    a6 = torch.tanh(z6)
+    stock.zero_grad()
+    stock[8](a6.detach()).backward(g)  # the output layer: δ = e
+    z6.backward((e @ B6).reshape(a6.shape) * (1 - a6.detach() ** 2))
+    a3 = torch.tanh(z3.detach())
+    z3.backward((e @ B3).reshape(z3.shape) * (1 - a3**2))
+    pooled.backward((e @ B0.flatten(1)).reshape(pooled.shape))  # through the pool and ReLU', as backprop
+    for k in (0, 3, 6, 8):
+        torch.testing.assert_close(model[k].weight.grad, stock[k].weight.grad, msg=str(k))
+        torch.testing.assert_close(model[k].bias.grad, stock[k].bias.grad, msg=str(k))
+    torch.testing.assert_close(x.grad, x0.grad)  # below the lowest layer: backprop's
+    torch.manual_seed(5)
+    again = mb.convert(stock, registry=NAME)
+    again(x)  # the convolution's B(below) is drawn at the first forward, from a seed drawn at convert
+    torch.testing.assert_close(again[0].feedback, B0)

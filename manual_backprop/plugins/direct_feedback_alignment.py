@@ -8,9 +8,14 @@ How e reaches the layers, with our rules only (no autograd hooks): backward runs
 layer first. Its rule keeps e in an `OutputError` that the model's DFA layers share, and each
 DFA layer's backward sends e B(below) down as ∂J/∂a of its input, where "below" is the DFA
 layer before it in registration order. What lies between them applies its own backward (the
-activation's σ', dropout's mask), so the layer below receives δ = (e B) ⊙ σ'(z). The lowest
-DFA layer sends backprop's δ W to its input (modules below it, convolutions for instance, keep
-their ordinary rules and learn by backprop from that δ).
+activation's σ', dropout's mask, a max-pool's routing), so the layer below receives
+δ = (e B) ⊙ σ'(z). The lowest DFA layer sends backprop's δ W to its input.
+
+B(l) is shaped (K, what the next DFA layer takes): (K, out_features of l) in a chain of Linear
+layers; below a Linear after Flatten, (K, C·H·W); below a convolution, (K, C, H, W) of that
+convolution's input (after pooling, say), drawn at its first forward from a generator whose
+seed was drawn at convert. Convolutions (Conv1d/2d/3d) are hidden layers; the output is a
+Linear or fused MLP.
 
     model = manual_backprop.convert(model, registry="direct_feedback_alignment")
 
@@ -21,10 +26,11 @@ network whose last parametric module produces the output). For other models name
     model = manual_backprop.convert(model, registry=dfa.registry(output="head"))
 
 The other DFA layers are chained in registration order, which must follow the forward order;
-each one's out_features must equal the in_features of the next (checked at convert).
+between Linear layers and MLPs, each one's out_features must equal the next one's in_features
+(checked at convert).
 
 Each hidden layer keeps B(l) as a non-persistent buffer ``feedback`` (the fused MLP: one per
-layer, ``layers.{k}.feedback``), drawn at convert from torch's global RNG, uniform in ±1/√K
+layer, ``layers.{k}.feedback``), drawn from torch's global RNG at convert, uniform in ±1/√K
 (K = the network's outputs); seed torch before `convert` to draw the same B again. The links
 are plain attributes (`_dfa`), deep-copied with the model and removed by `restore`.
 Under torch.compile the output error cannot pass between backward nodes: run DFA eagerly.
@@ -42,12 +48,16 @@ import manual_backprop.nn as mnn
 from manual_backprop import observe
 from manual_backprop._amp import autocast_inputs, without_autocast
 from manual_backprop.convert import ConversionError
-from manual_backprop.plugins.feedback_alignment import FeedbackMLP
+import manual_backprop.functional as MF
+from manual_backprop.nn.conv import _conv_forward
+from manual_backprop.plugins.feedback_alignment import FeedbackMLP, _conv_seen
+from manual_backprop.rules.conv import Convolution, bias_grad, conv_weight_grad, transposed_convolution
 from manual_backprop.registry import Registry, supports_real_parameters
 from manual_backprop.rules._apply import apply_rule
 from manual_backprop.rules.linear import linear_seen, weight_and_bias_grads
 
 NAME = "direct_feedback_alignment"
+_convolution_forward = Convolution.forward  # a plain function: see FeedbackMLP
 
 
 class OutputError:
@@ -69,19 +79,36 @@ class OutputError:
 
 @dataclass(eq=False)
 class Link:
-    """One DFA layer's place: its name, the shared error, whether it is the output, the DFA layer below."""
+    """One DFA layer's place: its name, the shared error, whether it is the output, the DFA layer below.
+
+    seed: for a convolution, whose input size is known only at its first forward, the seed of the
+    generator that draws B(below) then (itself drawn from torch's RNG at convert).
+    """
 
     name: str
     error: OutputError
     is_output: bool
     below: torch.nn.Module | None
+    K: int = 0
+    seed: int | None = None
 
-    def B_below(self) -> torch.Tensor | None:
-        """B of the layer below (what carries e to this layer's input), or None for the lowest layer."""
+    def holder(self) -> torch.nn.Module:
+        return self.below.layers[-1] if isinstance(self.below, mnn.MLP) else self.below
+
+    def B_below(self, input_shape: tuple | None = None) -> torch.Tensor | None:
+        """B of the layer below (what carries e to this layer's input), or None for the lowest layer.
+
+        input_shape (a convolution's input, per sample): B is (K, *input_shape), drawn at the first call.
+        """
         if self.below is None:
             return None
-        holder = self.below.layers[-1] if isinstance(self.below, mnn.MLP) else self.below
-        return holder.feedback
+        holder = self.holder()
+        B = holder._buffers.get("feedback")
+        if input_shape is not None and (B is None or tuple(B.shape[1:]) != tuple(input_shape)):
+            generator = torch.Generator(device=holder.weight.device).manual_seed(self.seed)
+            B = _draw_B(self.K, tuple(input_shape), holder.weight, generator)
+            holder.register_buffer("feedback", B, persistent=False)
+        return B
 
 
 class DirectFeedbackLinear(torch.autograd.Function):
@@ -139,9 +166,57 @@ class _DirectCarry:
         return e.reshape(-1, B.shape[0]).mm(B.to(e.dtype))
 
 
-def _draw_B(K: int, out_features: int, like: torch.Tensor) -> torch.Tensor:
+def _draw_B(K: int, shape, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """B: (K, *shape), uniform in ±1/√K (torch's bound for a Linear layer taking K inputs)."""
     bound = 1 / math.sqrt(K) if K > 0 else 0.0
-    return torch.empty(K, out_features, device=like.device, dtype=like.dtype).uniform_(-bound, bound)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    B = torch.empty(K, *shape, device=like.device, dtype=like.dtype)
+    return B.uniform_(-bound, bound, generator=generator)
+
+
+class DirectFeedbackConvolution(torch.autograd.Function):
+    """z = W ⋆ a + b;  ∂J/∂a = e B(below) reshaped like a (for the lowest layer: backprop's transposed
+    convolution of δ with W),  ∂J/∂W = Σₙ Σ_positions δ ⊗ patch(a),  ∂J/∂b = Σ δ."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, W, b, stride, padding, dilation, groups, B_below, link):
+        return _convolution_forward(a, W, b, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, W, b, *ctx.config, B_below, ctx.link = inputs
+        need_a, need_W = ctx.needs_input_grad[:2]
+        ctx.unbatched = a.dim() == W.dim() - 1
+        ctx.a_shape, ctx.kernel_size = tuple(a.shape), tuple(W.shape[2:])
+        ctx.call = observe.keep(ctx, W, b)
+        ctx.save_for_backward(a if need_W or ctx.call else None, W if need_a and B_below is None else None,
+                              B_below if need_a else None, *observe.output(ctx, output))
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, delta):
+        a, W, B_below, *output = ctx.saved_tensors
+        need_a, need_W, need_b = ctx.needs_input_grad[:3]
+        stride, padding, dilation, groups = ctx.config
+        if ctx.call is not None:
+            ctx.call.see(_conv_seen(ctx, delta, a, *output))
+        grad_a = grad_W = grad_b = None
+        if need_a and B_below is not None:  # e B, shaped like a
+            e = ctx.link.error.get(ctx.link.name)
+            grad_a = (e.reshape(-1, B_below.shape[0]) @ B_below.flatten(1).to(e.dtype)).reshape(ctx.a_shape)
+        if ctx.unbatched:
+            delta, a = delta.unsqueeze(0), None if a is None else a.unsqueeze(0)
+        if need_a and B_below is None:  # the lowest DFA layer: backprop's
+            spatial = ctx.a_shape[2 - ctx.unbatched:]
+            grad_a = transposed_convolution(delta, W, spatial, stride, padding, dilation, groups)
+            grad_a = grad_a.squeeze(0) if ctx.unbatched else grad_a
+        if need_W:
+            grad_W = conv_weight_grad(delta, a, ctx.kernel_size, stride, padding, dilation, groups)
+        if need_b:
+            grad_b = bias_grad(delta)
+        return grad_a, grad_W, grad_b, None, None, None, None, None, None
 
 
 class _DirectFeedback:
@@ -183,6 +258,44 @@ class Linear(_DirectFeedback, torch.nn.Linear):
         return apply_rule(DirectFeedbackLinear, input, weight, bias, None if B_below is None else B_below.detach(), link)
 
 
+class _DirectFeedbackConvNd(_DirectFeedback):
+    """A convolution trained by DFA: a hidden layer (never the output), B(below) drawn at its first forward."""
+
+    _d = 0
+
+    def _fans(self) -> tuple[int | None, int | None]:
+        return None, None  # sizes known only from the input: checked at the first forward
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        link, d = self._dfa_link(), self._d
+        unbatched = input.dim() == d + 1
+        B_below = link.B_below(tuple(input.shape[1 - unbatched:]) if link.below is not None else None)
+        B_below = None if B_below is None else B_below.detach()
+
+        def conv(*args):
+            return MF._conv(f"conv{d}d", d, *args, DirectFeedbackConvolution, (B_below, link))
+
+        return _conv_forward(self, input, conv)
+
+
+class Conv1d(_DirectFeedbackConvNd, torch.nn.Conv1d):
+    """torch.nn.Conv1d trained by DFA. Buffer ``feedback`` (K, *the next DFA layer's input) when one lies above."""
+
+    _d = 1
+
+
+class Conv2d(_DirectFeedbackConvNd, torch.nn.Conv2d):
+    """torch.nn.Conv2d trained by DFA. Buffer ``feedback`` (K, *the next DFA layer's input) when one lies above."""
+
+    _d = 2
+
+
+class Conv3d(_DirectFeedbackConvNd, torch.nn.Conv3d):
+    """torch.nn.Conv3d trained by DFA. Buffer ``feedback`` (K, *the next DFA layer's input) when one lies above."""
+
+    _d = 3
+
+
 class MLP(_DirectFeedback, mnn.MLP):
     """manual_backprop.nn.MLP trained by direct feedback alignment: layer l's δ is (e B(l)) ⊙ σ'.
 
@@ -208,48 +321,63 @@ def link_layers(model: torch.nn.Module, output: str | None = None) -> None:
     """After convert: find the output layer, chain the DFA layers in registration order, draw each hidden B."""
     units = [(name, m) for name, m in model.named_modules() if isinstance(m, _DirectFeedback)]
     if output is None:
-        if not units:
+        outputs = [name for name, m in units if not isinstance(m, _DirectFeedbackConvNd)]
+        if not outputs:
             raise ConversionError(
-                "direct_feedback_alignment: the model has no Linear or fused MLP to take the output error"
+                "direct_feedback_alignment: the model has no Linear or fused MLP to produce the output error e"
             )
-        output = units[-1][0]
+        output = outputs[-1]
     found = [m for name, m in units if name == output]
     if not found:
         raise ConversionError(
-            f"direct_feedback_alignment: the output {output!r} is not a Linear or fused MLP of the model "
-            f"(those are: {[name for name, _ in units]})"
+            f"direct_feedback_alignment: the output {output!r} is not a Linear, convolution or fused MLP of the "
+            f"model (those are: {[name for name, _ in units]})"
         )
     out_module = found[0]
+    if isinstance(out_module, _DirectFeedbackConvNd):
+        raise ConversionError(
+            f"direct_feedback_alignment: the output {output!r} is a convolution; the output layer must be a "
+            "Linear or fused MLP (mark one with registry(output=NAME))"
+        )
     K = out_module._fans()[1]
     error = OutputError(output)
     chain = [(name, m) for name, m in units if m is not out_module] + [(output, out_module)]
     below = None
     for name, module in chain:
-        if below is not None and below[1]._fans()[1] != module._fans()[0]:
+        fan_in, below_out = module._fans()[0], None if below is None else below[1]._fans()[1]
+        if below_out is not None and fan_in is not None and below_out != fan_in:
             raise ConversionError(
-                f"direct_feedback_alignment: {name or '(root)'!r} takes {module._fans()[0]} features, but the DFA "
-                f"layer before it in registration order, {below[0]!r}, gives {below[1]._fans()[1]}: e B cannot be "
+                f"direct_feedback_alignment: {name or '(root)'!r} takes {fan_in} features, but the DFA "
+                f"layer before it in registration order, {below[0]!r}, gives {below_out}: e B cannot be "
                 "its input's gradient (keep one of them on backprop with convert(exclude=...))"
             )
         is_output = module is out_module
         holders = module._feedback_holders()
-        for k, holder in enumerate(holders):
-            hidden = not (is_output and k == len(holders) - 1)
+        for k, holder in enumerate(holders[:-1]):  # a fused MLP's inner layers: B(k) is (K, out_features)
             B = holder._buffers.get("feedback")
-            if hidden and (B is None or tuple(B.shape) != (K, holder.out_features)):
+            if B is None or tuple(B.shape) != (K, holder.out_features):
                 holder.register_buffer("feedback", _draw_B(K, holder.out_features, holder.weight), persistent=False)
-            elif not hidden:
-                holder._buffers.pop("feedback", None)
-        module.__dict__["_dfa"] = Link(name, error, is_output, None if below is None else below[1])
+        if is_output:  # the output's own top layer carries nothing down
+            holders[-1]._buffers.pop("feedback", None)
+        link = Link(name, error, is_output, None if below is None else below[1], K)
+        if below is not None:  # B(below): (K, what this layer takes), drawn on the layer below
+            B = link.holder()._buffers.get("feedback")
+            if fan_in is None:  # a convolution: its input size is known at its first forward
+                link.seed = int(torch.randint(2**62, ()))
+            elif B is None or tuple(B.shape) != (K, fan_in):
+                link.holder().register_buffer("feedback", _draw_B(K, fan_in, link.holder().weight), persistent=False)
+        module.__dict__["_dfa"] = link
         below = (name, module)
 
 
 def registry(output: str | None = None) -> Registry:
-    """The built-in rules, with Linear and the fused MLP trained by DFA; `output`: the qualified name of
+    """The built-in rules, with Linear, Conv1d/2d/3d and the fused MLP trained by DFA; `output`: the qualified name of
     the module that produces the network's output (default: the last Linear or MLP in registration order)."""
     rules = Registry(builtins=True)
     rules.register(torch.nn.Linear, Linear, supports=supports_real_parameters, override=True)
     rules.register(mnn.MLP, MLP, supports=supports_real_parameters, override=True)
+    for stock, manual in ((torch.nn.Conv1d, Conv1d), (torch.nn.Conv2d, Conv2d), (torch.nn.Conv3d, Conv3d)):
+        rules.register(stock, manual, supports=supports_real_parameters, override=True)
     rules.model_hooks.append(lambda model: link_layers(model, output))
     return rules
 
