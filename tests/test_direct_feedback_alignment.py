@@ -193,3 +193,24 @@ def test_convolutions_get_e_through_B_shaped_like_the_next_layers_input(unbatche
     again = mb.convert(stock, registry=NAME)
     again(x)  # the convolution's B(below) is drawn at the first forward, from a seed drawn at convert
     torch.testing.assert_close(again[0].feedback, B0)
+
+
+def test_a_padding_convolution_sends_e_B_through_its_padding():
+    """padding_mode="reflect": the rule sees the padded input, so B is shaped like it and the Pad rule's
+    backward folds e B back onto the input, as backprop would fold any gradient."""
+    torch.manual_seed(0)
+    stock = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Conv1d(2, 2, 3, padding=1, padding_mode="reflect"),
+                          nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)).double()
+    model = mb.convert(stock, registry=NAME)
+    x = torch.randn(4, 1, 8, dtype=torch.float64)
+    out = model(x)
+    g = torch.randn_like(out)
+    out.backward(g)
+    B0 = model[0].feedback
+    assert B0.shape == (3, 2, 8)  # conv 2's padded input: 6 + 2 reflected positions
+    a1 = torch.tanh(stock[0](x)).detach().requires_grad_()
+    padded = nn.functional.pad(a1, (1, 1), mode="reflect")
+    padded.backward((g @ B0.flatten(1)).reshape(padded.shape))  # ∂J/∂a1 = the padding's backward of e B
+    stock.zero_grad()
+    torch.tanh(stock[0](x)).backward(a1.grad)
+    torch.testing.assert_close(model[0].weight.grad, stock[0].weight.grad)

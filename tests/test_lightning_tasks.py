@@ -393,7 +393,7 @@ def test_builtin_network_checkpoint_loads_weights_only_and_restores_target_scale
     state = torch.load(tmp_path / "model.ckpt", weights_only=True)
     assert state["hyper_parameters"] == {
         "in_features": 3, "out_features": 3, "hidden_sizes": [4], "activation": "relu",
-        "backend": "manual", "lr": 1e-3, "weight_decay": 0.0, "target_names": None,
+        "backend": "manual", "lr": 1e-3, "weight_decay": 0.0, "target_names": None, "learning_rule": "backprop",
     }  # fmt: skip
     restored = RegressionTask.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=True)
     torch.testing.assert_close(restored.target_mean, torch.tensor(data.target_mean, dtype=torch.float32))

@@ -181,16 +181,18 @@ class DirectFeedbackConvolution(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(a, W, b, stride, padding, dilation, groups, B_below, link):
+    def forward(a, W, b, stride, padding, dilation, groups, link):
         return _convolution_forward(a, W, b, stride, padding, dilation, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        a, W, b, *ctx.config, B_below, ctx.link = inputs
+        a, W, b, *ctx.config, ctx.link = inputs
         need_a, need_W = ctx.needs_input_grad[:2]
         ctx.unbatched = a.dim() == W.dim() - 1
         ctx.a_shape, ctx.kernel_size = tuple(a.shape), tuple(W.shape[2:])
         ctx.call = observe.keep(ctx, W, b)
+        # B(below) shaped like one sample of a as this rule sees it (after any padding), drawn the first time
+        B_below = None if ctx.link.below is None else ctx.link.B_below(ctx.a_shape[1 - ctx.unbatched:]).detach()
         ctx.save_for_backward(a if need_W or ctx.call else None, W if need_a and B_below is None else None,
                               B_below if need_a else None, *observe.output(ctx, output))
 
@@ -216,7 +218,7 @@ class DirectFeedbackConvolution(torch.autograd.Function):
             grad_W = conv_weight_grad(delta, a, ctx.kernel_size, stride, padding, dilation, groups)
         if need_b:
             grad_b = bias_grad(delta)
-        return grad_a, grad_W, grad_b, None, None, None, None, None, None
+        return grad_a, grad_W, grad_b, None, None, None, None, None
 
 
 class _DirectFeedback:
@@ -268,14 +270,7 @@ class _DirectFeedbackConvNd(_DirectFeedback):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         link, d = self._dfa_link(), self._d
-        unbatched = input.dim() == d + 1
-        B_below = link.B_below(tuple(input.shape[1 - unbatched:]) if link.below is not None else None)
-        B_below = None if B_below is None else B_below.detach()
-
-        def conv(*args):
-            return MF._conv(f"conv{d}d", d, *args, DirectFeedbackConvolution, (B_below, link))
-
-        return _conv_forward(self, input, conv)
+        return _conv_forward(self, input, lambda *args: MF._conv(f"conv{d}d", d, *args, DirectFeedbackConvolution, (link,)))
 
 
 class Conv1d(_DirectFeedbackConvNd, torch.nn.Conv1d):
