@@ -19,6 +19,7 @@ from torch import nn
 import manual_backprop as mb
 from manual_backprop import observe
 from manual_backprop.plugins import feedback_alignment as fa
+from tests.cases import DEVICES
 
 RULES = ["feedback_alignment", "sign_symmetry", "batchwise_random_sign_symmetry", "fixed_random_sign_symmetry"]
 KEEPS_M = {"feedback_alignment", "fixed_random_sign_symmetry"}
@@ -265,3 +266,23 @@ def test_alignment_angles():
     state = torch.random.get_rng_state()
     mb.alignment(mb.convert(stock, registry="batchwise_random_sign_symmetry"), x, y, loss)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG untouched
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rule", RULES + ["direct_feedback_alignment"])
+def test_every_rule_on_each_device_and_under_autocast(device, rule):
+    """Buffers follow .to(device); under autocast the rules' backward runs with B in the gradient's dtype."""
+    torch.manual_seed(0)
+    stock = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32, 6), nn.Tanh(),
+                          mb.nn.MLP([6, 5, 3])).to(device)
+    model = mb.convert(stock, registry=rule).to(device)
+    assert all(B.device.type == device for B in model.buffers())
+    x = torch.randn(3, 1, 4, 4, device=device)
+    torch.testing.assert_close(model(x), stock(x), rtol=0, atol=0)
+    dtype = torch.bfloat16
+    with torch.autocast(device, dtype=dtype):
+        out = model(x)
+    assert out.dtype == dtype
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.isfinite().all()
+               for p in model.parameters())
