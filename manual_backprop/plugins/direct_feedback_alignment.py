@@ -44,16 +44,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import manual_backprop.functional as MF
 import manual_backprop.nn as mnn
 from manual_backprop import observe
 from manual_backprop._amp import autocast_inputs, without_autocast
 from manual_backprop.convert import ConversionError
-import manual_backprop.functional as MF
 from manual_backprop.nn.conv import _conv_forward
 from manual_backprop.plugins.feedback_alignment import FeedbackMLP, _conv_seen
-from manual_backprop.rules.conv import Convolution, bias_grad, conv_weight_grad, transposed_convolution
 from manual_backprop.registry import Registry, supports_real_parameters
 from manual_backprop.rules._apply import apply_rule
+from manual_backprop.rules.conv import Convolution, bias_grad, conv_weight_grad, transposed_convolution
 from manual_backprop.rules.linear import linear_seen, weight_and_bias_grads
 
 NAME = "direct_feedback_alignment"

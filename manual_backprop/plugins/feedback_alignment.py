@@ -145,6 +145,9 @@ def feedback_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return apply_rule(FeedbackLinear, input, weight, bias, None if feedback is None else feedback.detach(), make_B)
 
 
+_convolution_forward = Convolution.forward  # a plain function: see FeedbackMLP
+
+
 class FeedbackConvolution(torch.autograd.Function):
     """z = W ⋆ a + b (`rules.Convolution`'s forward);  ∂J/∂a = the transposed convolution of δ with B,
     ∂J/∂W = Σₙ Σ_positions δ ⊗ patch(a),  ∂J/∂b = Σ δ   with B = make_B(W, M), shaped like W."""
@@ -153,7 +156,7 @@ class FeedbackConvolution(torch.autograd.Function):
 
     @staticmethod
     def forward(a, W, b, stride, padding, dilation, groups, M, make_B):
-        return Convolution.forward(a, W, b, stride, padding, dilation, groups)
+        return _convolution_forward(a, W, b, stride, padding, dilation, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
