@@ -23,6 +23,7 @@ import torch
 
 import manual_backprop.nn as mnn
 from lightning_modules.errors import ConfigError
+from manual_backprop.learning_rules import BACKPROP, learning_rule_names
 from manual_backprop.nn.activation import ACTIVATIONS
 
 BACKENDS = ("manual", "autograd")
@@ -134,3 +135,21 @@ class SmallCNN(torch.nn.Sequential):
             raise ValueError(f"{len(channels)} max-pools halve image_size={image_size} below 1 pixel")
         layers += [torch.nn.Flatten(), torch.nn.Linear(channels[-1] * size * size, num_classes)]
         super().__init__(*layers)
+
+
+# ------------------------------------------------------------ learning rules (issue 12)
+
+
+def check_learning_rule(learning_rule: str, backend: str) -> str | None:
+    """The rule set to convert with (None: backprop); a ConfigError for unknown names or backend "autograd"."""
+    choices = learning_rule_names()
+    if learning_rule not in choices:
+        raise ConfigError(f"unknown learning_rule {learning_rule!r}; choose one of: {', '.join(choices)}")
+    if learning_rule == BACKPROP:
+        return None
+    if backend != "manual":
+        raise ConfigError(
+            f"learning_rule {learning_rule!r} replaces our rules' backward, so it needs backend 'manual'; "
+            f"got backend {backend!r} (stock autograd always runs backprop)"
+        )
+    return learning_rule

@@ -28,7 +28,7 @@ import manual_backprop
 import manual_backprop.nn as mnn
 import manual_backprop.privacy  # noqa: F401  (DP-SGD; Opacus only for its accountant, imported when used)
 from lightning_modules.errors import ConfigError
-from lightning_modules.network import build_network, check_backend, state_dict_for_backend
+from lightning_modules.network import build_network, check_backend, check_learning_rule, state_dict_for_backend
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -45,6 +45,11 @@ class TaskModule(pl.LightningModule):
     and through `manual_backprop.convert` (a converted copy) for backend "manual".
     `net` may also be a config, {"class_path": "pkg.Net", "init_args": {...}}: the CLI
     records a `net` given by class path this way, so its checkpoints reload on their own.
+
+    `learning_rule` (backend "manual"): "backprop", or any registered rule set that trains the
+    network another way (`manual_backprop.learning_rule_names()`: "feedback_alignment",
+    "sign_symmetry", "batchwise_random_sign_symmetry", "fixed_random_sign_symmetry",
+    "direct_feedback_alignment"); the network is converted with `registry=learning_rule`.
     """
 
     task: str = ""
@@ -64,6 +69,7 @@ class TaskModule(pl.LightningModule):
         dp_noise_multiplier: Optional[float] = None,
         dp_max_grad_norm: float = 1.0,
         dp_delta: float = 1e-5,
+        learning_rule: str = "backprop",
     ) -> None:
         super().__init__()
         self._save_plain_hparams(inspect.currentframe().f_back, net)
@@ -73,6 +79,7 @@ class TaskModule(pl.LightningModule):
         if isinstance(net, Mapping):
             net = instantiate_net(net)
         check_backend(backend)
+        registry = check_learning_rule(learning_rule, backend)
         if lr <= 0:
             raise ConfigError(f"lr must be positive; got {lr!r}")
         if weight_decay < 0:
@@ -85,10 +92,12 @@ class TaskModule(pl.LightningModule):
                     "the CLI links it from the data module's num_features"
                 )
             self.net = build_network(in_features, hidden_sizes, out_features, activation, backend)
+            if registry is not None:
+                self.net = manual_backprop.convert(self.net, registry=registry, inplace=True)
         elif not isinstance(net, torch.nn.Module):
             raise TypeError(f"net must be a torch.nn.Module; got {type(net).__name__}")
         elif backend == "manual":
-            self.net = manual_backprop.convert(net)
+            self.net = manual_backprop.convert(net, registry=registry)
         else:
             self.net = net
         self.loss_fn = self.make_loss(backend)
@@ -300,6 +309,7 @@ class RegressionTask(TaskModule):
         dp_noise_multiplier: Optional[float] = None,
         dp_max_grad_norm: float = 1.0,
         dp_delta: float = 1e-5,
+        learning_rule: str = "backprop",
     ) -> None:
         hidden_sizes = list(hidden_sizes)  # plain list in hparams and checkpoints
         self.out_features = out_features
@@ -309,7 +319,7 @@ class RegressionTask(TaskModule):
                 raise ConfigError(f"target_names has {len(target_names)} names for out_features={out_features}")
         self.target_names = target_names or [f"target_{j}" for j in range(out_features)]
         super().__init__(in_features, out_features, hidden_sizes, activation, backend, lr, weight_decay, net,
-                         dp_noise_multiplier, dp_max_grad_norm, dp_delta)
+                         dp_noise_multiplier, dp_max_grad_norm, dp_delta, learning_rule)
         self.register_buffer("target_mean", torch.zeros(out_features))
         self.register_buffer("target_scale", torch.ones(out_features))
 
@@ -386,10 +396,11 @@ class BinaryClassificationTask(TaskModule):
         dp_noise_multiplier: Optional[float] = None,
         dp_max_grad_norm: float = 1.0,
         dp_delta: float = 1e-5,
+        learning_rule: str = "backprop",
     ) -> None:
         hidden_sizes = list(hidden_sizes)
         super().__init__(in_features, 1, hidden_sizes, activation, backend, lr, weight_decay, net,
-                         dp_noise_multiplier, dp_max_grad_norm, dp_delta)
+                         dp_noise_multiplier, dp_max_grad_norm, dp_delta, learning_rule)
 
     def make_loss(self, backend: str) -> torch.nn.Module:
         return _loss(backend, mnn.BCEWithLogitsLoss)
@@ -438,6 +449,7 @@ class MulticlassClassificationTask(TaskModule):
         dp_noise_multiplier: Optional[float] = None,
         dp_max_grad_norm: float = 1.0,
         dp_delta: float = 1e-5,
+        learning_rule: str = "backprop",
     ) -> None:
         if num_classes is None:
             raise ConfigError(
@@ -451,7 +463,7 @@ class MulticlassClassificationTask(TaskModule):
         hidden_sizes = list(hidden_sizes)
         self.num_classes = num_classes
         super().__init__(in_features, num_classes, hidden_sizes, activation, backend, lr, weight_decay, net,
-                         dp_noise_multiplier, dp_max_grad_norm, dp_delta)
+                         dp_noise_multiplier, dp_max_grad_norm, dp_delta, learning_rule)
 
     def make_loss(self, backend: str) -> torch.nn.Module:
         return _loss(backend, mnn.CrossEntropyLoss)

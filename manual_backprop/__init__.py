@@ -16,6 +16,8 @@ from manual_backprop.per_sample import per_sample_grads  # noqa: E402  (issue 10
 from manual_backprop import privacy  # noqa: E402  (issue 10: DP-SGD on the per-sample norms)
 # the δ tape (issue 11)
 from manual_backprop.tape import Tape, tape  # noqa: E402
+# learning rules (issue 12)
+from manual_backprop.learning_rules import LayerAlignment, alignment, learning_rule_names  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -46,4 +48,8 @@ __all__ = [
     # the δ tape (issue 11)
     "Tape",
     "tape",
+    # learning rules (issue 12)
+    "LayerAlignment",
+    "alignment",
+    "learning_rule_names",
 ]

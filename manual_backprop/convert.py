@@ -475,6 +475,8 @@ def convert(
             after_convert = getattr(occ.module, "after_convert", None)
             if after_convert is not None:
                 after_convert()
+    for hook in registry.model_hooks:
+        hook(model)
     return model
 
 

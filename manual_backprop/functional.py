@@ -645,7 +645,7 @@ def _conv_checks(op: str, d: int, input, weight, bias, stride, dilation, groups,
         )
 
 
-def _conv(op: str, d: int, input, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
+def _conv(op: str, d: int, input, weight, bias, stride, padding, dilation, groups, rule=None, rule_args=()) -> torch.Tensor:
     stride, dilation = _ntuple(op, "stride", stride, d), _ntuple(op, "dilation", dilation, d)
     _conv_checks(op, d, input, weight, bias, stride, dilation, groups, transposed=False)
     kernel = tuple(weight.shape[2:])
@@ -676,7 +676,8 @@ def _conv(op: str, d: int, input, weight, bias, stride, padding, dilation, group
     input, weight, bias = autocast_inputs(op, input.device, input, weight, bias)
     if input.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         _checks.same_dtype(op, input=input, weight=weight, bias=bias)
-    return apply_rule(rules.Convolution, input, weight, bias, stride, padding, dilation, groups)
+    # rule, rule_args: a learning-rule plugin's convolution rule and its arguments after groups
+    return apply_rule(rule or rules.Convolution, input, weight, bias, stride, padding, dilation, groups, *rule_args)
 
 
 def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:

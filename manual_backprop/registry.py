@@ -91,6 +91,9 @@ class Registry:
         self._group = group
         self._plugins_pending = plugins
         self._lock = threading.RLock()
+        # Called with the whole model after `convert` swapped its modules (a learning rule that links
+        # layers, as direct feedback alignment does); `restore` undoes through each module's before_restore.
+        self.model_hooks: list[Callable[[torch.nn.Module], None]] = []
         if builtins:
             for rule in _builtin_rules():
                 self._add(rule, override=False)
@@ -202,6 +205,7 @@ class Registry:
         new = Registry(group=self._group)
         new._rules, new._by_manual = dict(self._rules), dict(self._by_manual)
         new._rule_sets = dict(self._rule_sets)
+        new.model_hooks = list(self.model_hooks)
         return new
 
     # ----------------------------------------------------------------- plugins

@@ -166,7 +166,8 @@ def test_cli_exits_nonzero_when_gradients_differ(factory_module, capsys):
         (["parity_factories:make", "--input-shape", "2,4", "--kwargs", "[1]"], "JSON object"),
         (["parity_factories:instance", "--input-shape", "2,4", "--kwargs", "{\"hidden\": 2}"], "module instance"),
         (["parity_factories:make", "--input-shape", "2,4", "--registry", "nosuch"],
-         "no rule set named 'nosuch'; available: ['feedback_alignment']"),
+         "no rule set named 'nosuch'; available: ['batchwise_random_sign_symmetry', 'direct_feedback_alignment', "
+         "'feedback_alignment', 'fixed_random_sign_symmetry', 'sign_symmetry']"),
         (["parity_factories:make", "--input-shape", "2,4", "--loss", "bce"],
          "--loss bce takes probabilities in [0, 1], but the model's outputs lie in"),
         (["parity_factories:make", "--input-shape", "2,5"], "the model fails on random inputs of shape 2,5: "),

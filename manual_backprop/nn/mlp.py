@@ -100,6 +100,10 @@ class MLP(torch.nn.Module):
         input, *weights_and_biases = autocast_inputs("linear", input.device, input, *weights_and_biases)
         if input.dtype != weights_and_biases[0].dtype:
             _checks.same_dtype("MLP", input=input, weight=weights_and_biases[0])
+        return self._fused(input, *weights_and_biases)
+
+    def _fused(self, input: torch.Tensor, *weights_and_biases: torch.Tensor | None) -> torch.Tensor:
+        """The fused rule on checked, autocast inputs (a learning-rule plugin runs its own variant here)."""
         return mlp(input, self._rule_layers, *weights_and_biases)
 
     def extra_repr(self) -> str:

@@ -1,109 +1,395 @@
-"""Feedback alignment (Lillicrap et al., 2016): δ travels back through a fixed random B, not W.
+"""Feedback alignment and sign symmetry: δ travels back through a matrix B, not through W.
 
 Backprop sends the error back through the forward weights, δ(l) = W(l) δ(l+1) (torch's
-layout: ∂J/∂a = δ W). Feedback alignment replaces W by a fixed random matrix B of the
-same shape, drawn once and never trained:
+layout: ∂J/∂a = δ W; for a convolution the transposed convolution of δ with W). This
+family replaces W by another matrix B of the same shape in that one line:
 
-    forward:   z = a Wᵀ + b                      (unchanged)
-    backward:  ∂J/∂a = δ B                       (B instead of W)
-               ∂J/∂W = δᵀ a,   ∂J/∂b = Σₙ δₙ     (unchanged: each layer's update is local)
+    forward:   z = a Wᵀ + b          (conv: z = W ⋆ a + b)                        unchanged
+    backward:  ∂J/∂a = δ B           (conv: the transposed convolution of δ with B)
+               ∂J/∂W = δᵀ a,   ∂J/∂b = Σₙ δₙ   (each layer's update stays local) unchanged
 
-B is a non-persistent buffer named ``feedback``: it follows `.to()` and deep copies but
-is not in the state_dict, so checkpoints keep stock keys. It is drawn from torch's
-global RNG like nn.Linear's own init (uniform in ±1/√in_features), so seed torch before
-converting to get the same B again; a checkpoint does not carry it.
+The rule sets differ only in how B is made (`Feedback.B`, a function of W and M):
 
-    model = manual_backprop.convert(model, registry="feedback_alignment")
-    # or: convert(model, registry=manual_backprop.plugins.feedback_alignment.registry())
+    rule set                          B                      M (buffer ``feedback``)
+    feedback_alignment (FA)           M                      fixed random         Lillicrap et al. 2016
+    sign_symmetry (uSF)               sign(W)                none                 Liao, Leibo, Poggio 2016
+    batchwise_random_sign_symmetry    |M| ⊙ sign(W)          redrawn each backward  (brSF)  Moskovitz et al. 2018
+    fixed_random_sign_symmetry        |M| ⊙ sign(W)          fixed                (frSF)
+
+B is made from the current W at every backward. M is drawn as torch draws the layer's own
+weight, uniform in ±1/√fan_in (fan_in = W[0].numel(): in_features, or C_in/groups·∏kernel),
+from torch's global RNG at convert, so seeding torch before `convert` draws the same M again.
+It is a non-persistent buffer: it follows `.to()` and deep copies, is not in the state_dict
+(checkpoints keep stock keys), and `restore` removes it.
+
+Each rule set runs on Linear, Conv1d/2d/3d and the fused `manual_backprop.nn.MLP` (whose
+layers keep M as ``layers.{k}.feedback``); every other module keeps its ordinary rule.
+
+    model = manual_backprop.convert(model, registry="sign_symmetry")
+    # or: convert(model, registry=manual_backprop.plugins.feedback_alignment.registry("sign_symmetry"))
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+import manual_backprop.functional as MF
+import manual_backprop.nn as mnn
 from manual_backprop import observe
 from manual_backprop._amp import autocast_inputs, without_autocast
 from manual_backprop._checks import InputError
+from manual_backprop.nn.conv import _conv_forward
 from manual_backprop.registry import Registry, supports_real_parameters
 from manual_backprop.rules._apply import apply_rule
+from manual_backprop.rules.conv import Convolution, bias_grad, conv_weight_grad, transposed_convolution
 from manual_backprop.rules.linear import linear_seen, weight_and_bias_grads
+from manual_backprop.rules.mlp import MLP as MLPRule
 
 NAME = "feedback_alignment"
 
 
+# ------------------------------------------------------------------ how B is made
+
+
+def draw_M(W: torch.Tensor) -> torch.Tensor:
+    """M: uniform in ±1/√fan_in, shaped like W (torch's own bound for a Linear or conv weight)."""
+    fan_in = W[0].numel() if W.shape[0] else 0
+    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    return torch.empty(W.shape, device=W.device, dtype=W.dtype).uniform_(-bound, bound)
+
+
+def fixed_B(W, M):
+    return M  # FA: B = M
+
+
+def sign_B(W, M):
+    return W.sign()  # uSF: B = sign(W)
+
+
+def batchwise_random_sign_B(W, M):
+    return draw_M(W).abs() * W.sign()  # brSF: B = |M| ⊙ sign(W), M drawn now
+
+
+def fixed_random_sign_B(W, M):
+    return M.abs() * W.sign()  # frSF: B = |M| ⊙ sign(W), M fixed
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """One rule set: its name, B(W, M), and whether it keeps a fixed M (buffer ``feedback``)."""
+
+    name: str
+    B: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+    keeps_M: bool
+    prefix: str  # of its module classes' names
+
+
+RULE_SETS = {
+    f.name: f
+    for f in (
+        Feedback("feedback_alignment", fixed_B, True, "FeedbackAlignment"),
+        Feedback("sign_symmetry", sign_B, False, "SignSymmetry"),
+        Feedback("batchwise_random_sign_symmetry", batchwise_random_sign_B, False, "BatchwiseRandomSignSymmetry"),
+        Feedback("fixed_random_sign_symmetry", fixed_random_sign_B, True, "FixedRandomSignSymmetry"),
+    )
+}
+
+
+# ------------------------------------------------------------------ the rules
+
+
 class FeedbackLinear(torch.autograd.Function):
-    """z = a Wᵀ + b;  ∂J/∂a = δ B,  ∂J/∂W = δᵀ a,  ∂J/∂b = Σₙ δₙ   (B: fixed, shaped like W)."""
+    """z = a Wᵀ + b;  ∂J/∂a = δ B,  ∂J/∂W = δᵀ a,  ∂J/∂b = Σₙ δₙ   with B = make_B(W, M), shaped like W."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(a, W, b, B):
+    def forward(a, W, b, M, make_B):
         return F.linear(a, W, b)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        a, W, b, B = inputs
-        need_a, need_W, _, _ = ctx.needs_input_grad
+        a, W, b, M, ctx.make_B = inputs
+        need_a, need_W = ctx.needs_input_grad[:2]
         ctx.call = observe.keep(ctx, W, b)
-        ctx.save_for_backward(a if need_W or ctx.call else None, B if need_a else None, *observe.output(ctx, output))
+        ctx.save_for_backward(a if need_W or ctx.call else None, W if need_a else None, M if need_a else None,
+                              *observe.output(ctx, output))
 
     @staticmethod
     @without_autocast
     def backward(ctx, delta):
-        a, B, *output = ctx.saved_tensors
-        need_a, need_W, need_b, _ = ctx.needs_input_grad
+        a, W, M, *output = ctx.saved_tensors
+        need_a, need_W, need_b = ctx.needs_input_grad[:3]
         if ctx.call is not None:
             ctx.call.see(linear_seen(ctx.call, delta, a, *ctx.params, *output))
-        grad_a = delta @ B.to(delta.dtype) if need_a else None  # δ B, where backprop has δ W
-        return grad_a, *weight_and_bias_grads(delta, a, need_W, need_b), None
+        grad_a = delta @ ctx.make_B(W, M).to(delta.dtype) if need_a else None  # δ B, where backprop has δ W
+        return grad_a, *weight_and_bias_grads(delta, a, need_W, need_b), None, None
 
 
-def feedback_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, feedback: torch.Tensor):
-    """F.linear whose backward sends δ through `feedback` (shaped like weight) instead of weight."""
-    if feedback.shape != weight.shape:
+def feedback_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    feedback: torch.Tensor | None, make_B: Callable = fixed_B) -> torch.Tensor:
+    """F.linear whose backward sends δ through B = make_B(weight, feedback) instead of weight.
+
+    With the default make_B, `feedback` is B itself (feedback alignment); it must have the weight's shape.
+    """
+    if feedback is not None and feedback.shape != weight.shape:
         raise InputError(
             f"feedback_linear: feedback must have the weight's shape {tuple(weight.shape)}, got {tuple(feedback.shape)}"
         )
     input, weight, bias = autocast_inputs("linear", input.device, input, weight, bias)
-    return apply_rule(FeedbackLinear, input, weight, bias, feedback.detach())
+    return apply_rule(FeedbackLinear, input, weight, bias, None if feedback is None else feedback.detach(), make_B)
 
 
-class Linear(torch.nn.Linear):
-    """torch.nn.Linear trained by feedback alignment. Input: (*, H_in); output: (*, H_out).
+_convolution_forward = Convolution.forward  # a plain function: see FeedbackMLP
 
-    Buffer ``feedback`` (out_features, in_features): the fixed random B, not in state_dict.
+
+class FeedbackConvolution(torch.autograd.Function):
+    """z = W ⋆ a + b (`rules.Convolution`'s forward);  ∂J/∂a = the transposed convolution of δ with B,
+    ∂J/∂W = Σₙ Σ_positions δ ⊗ patch(a),  ∂J/∂b = Σ δ   with B = make_B(W, M), shaped like W."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, W, b, stride, padding, dilation, groups, M, make_B):
+        return _convolution_forward(a, W, b, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, W, b, *ctx.config, M, ctx.make_B = inputs
+        need_a, need_W = ctx.needs_input_grad[:2]
+        ctx.unbatched = a.dim() == W.dim() - 1
+        ctx.a_size, ctx.kernel_size = tuple(a.shape[2 - ctx.unbatched:]), tuple(W.shape[2:])
+        ctx.call = observe.keep(ctx, W, b)
+        ctx.save_for_backward(a if need_W or ctx.call else None, W if need_a else None, M if need_a else None,
+                              *observe.output(ctx, output))
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, delta):
+        a, W, M, *output = ctx.saved_tensors
+        need_a, need_W, need_b = ctx.needs_input_grad[:3]
+        stride, padding, dilation, groups = ctx.config
+        if ctx.call is not None:
+            ctx.call.see(_conv_seen(ctx, delta, a, *output))
+        if ctx.unbatched:
+            delta, a = delta.unsqueeze(0), None if a is None else a.unsqueeze(0)
+        grad_a = grad_W = grad_b = None
+        if need_a:  # the transposed convolution of δ with B, where backprop has W
+            B = ctx.make_B(W, M).to(delta.dtype)
+            grad_a = transposed_convolution(delta, B, ctx.a_size, stride, padding, dilation, groups)
+            grad_a = grad_a.squeeze(0) if ctx.unbatched else grad_a
+        if need_W:
+            grad_W = conv_weight_grad(delta, a, ctx.kernel_size, stride, padding, dilation, groups)
+        if need_b:
+            grad_b = bias_grad(delta)
+        return grad_a, grad_W, grad_b, None, None, None, None, None, None
+
+
+def _conv_seen(ctx, delta, a, output=None):
+    """What the feedback convolution reports to `observe`: per-sample ∂J/∂W(n) = Σ_positions δₙ ⊗ patch(aₙ)
+    (conv_weight_grad on one sample at a time, under vmap), ∂J/∂b(n) = Σ_positions δₙ.
+
+    When the convolution rule itself reports to `observe` (issue 10), use its function here instead.
     """
+    stride, padding, dilation, groups = ctx.config
+    W, b = ctx.params
+    kernel = ctx.kernel_size
+
+    def per_sample(d, x):
+        if d.dim() == W.dim() - 1:  # unbatched: one sample
+            d, x = d.unsqueeze(0), x.unsqueeze(0)
+        grad_W = torch.func.vmap(
+            lambda dn, xn: conv_weight_grad(dn[None], xn[None], kernel, stride, padding, dilation, groups)
+        )(d, x)
+        return grad_W, (d.sum(list(range(2, d.dim()))) if b is not None else None)
+
+    def sq_norms(d, x):
+        return sum(g.flatten(1).square().sum(1) for g in per_sample(d, x) if g is not None)
+
+    return observe.Seen(ctx.call, delta, a, (W, b), per_sample=per_sample, sq_norms=sq_norms, output=output)
+
+
+def feedback_conv(op: str, d: int, input, weight, bias, stride, padding, dilation, groups,
+                  feedback: torch.Tensor | None, make_B: Callable = fixed_B) -> torch.Tensor:
+    """F.conv{d}d (checks, padding strings, autocast as ours) whose backward sends δ through B = make_B(W, M)."""
+    M = None if feedback is None else feedback.detach()
+    return MF._conv(op, d, input, weight, bias, stride, padding, dilation, groups, FeedbackConvolution, (M, make_B))
+
+
+class _Carry:
+    """The fused MLP's matrix for δ below layer l: ∂J/∂a(l) = δ(l+1) B(l), B(l) = make_B(W(l), M(l))."""
+
+    def __init__(self, make_B: Callable, Ms: tuple) -> None:
+        self.make_B, self.Ms = make_B, Ms
+
+    def __call__(self, l: int, delta: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        return delta.mm(self.make_B(W, self.Ms[l]).to(delta.dtype))
+
+
+# The fused rule's three steps as plain functions: torch.compile traces a call of another
+# Function's staticmethod through the class as a nested autograd call.
+_mlp_forward, _mlp_setup_context, _mlp_backward = MLPRule.forward, MLPRule.setup_context, MLPRule.backward
+
+
+class FeedbackMLP(MLPRule):
+    """`rules.MLP` with one more argument last, `carry`: carry(l, δ(l+1), W(l)) is the ∂J/∂a(l) the
+    backward loop sends below layer l (backprop's δ(l+1) W(l); here δ(l+1) B(l), or DFA's e B)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, layers, *weights_and_biases_and_carry):
+        return _mlp_forward(a, layers, *weights_and_biases_and_carry[:-1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        _mlp_setup_context(ctx, inputs[:-1], outputs)  # needs_input_grad has one more entry, last: unread
+        ctx.carry = inputs[-1]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (*_mlp_backward(ctx, *grads), None)  # autocast off: _mlp_backward is the decorated backward
+
+
+# ------------------------------------------------------------------ modules
+
+
+class FeedbackModule:
+    """What every module of this family shares: M drawn at convert (if the rule set keeps one), removed at restore.
+
+    Subclasses set `feedback_rule` (a `Feedback`). `feedback_pairs()` gives (name, W, B) per weight, for
+    `manual_backprop.alignment`.
+    """
+
+    feedback_rule: Feedback
+
+    def _feedback_layers(self) -> list[tuple[str, torch.nn.Module]]:
+        """(name, module holding weight and M) for each weight B replaces."""
+        return [("", self)]
+
+    def after_convert(self) -> None:
+        """Draw M for each weight (convert swaps the class, then calls this); converting twice keeps it."""
+        if not self.feedback_rule.keeps_M:
+            return
+        for _, module in self._feedback_layers():
+            if "feedback" not in module._buffers:
+                module.register_buffer("feedback", draw_M(module.weight.detach()), persistent=False)
+
+    def before_restore(self) -> None:
+        for _, module in self._feedback_layers():
+            module._buffers.pop("feedback", None)
+
+    def feedback_pairs(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(name of the layer, W, B) for each weight: B as the backward uses it now (brSF: one fresh draw)."""
+        pairs = []
+        for name, module in self._feedback_layers():
+            W = module.weight.detach()
+            pairs.append((name, W, self.feedback_rule.B(W, module._buffers.get("feedback"))))
+        return pairs
+
+
+class Linear(FeedbackModule, torch.nn.Linear):
+    """torch.nn.Linear trained by a feedback rule (feedback alignment here; the other rule sets subclass it).
+
+    Input: (*, H_in); output: (*, H_out). Buffer ``feedback`` (out_features, in_features): M, not in state_dict.
+    """
+
+    feedback_rule = RULE_SETS["feedback_alignment"]
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.after_convert()
 
-    def after_convert(self) -> None:
-        """Draw B (convert swaps a torch.nn.Linear's class to this one, then calls this)."""
-        if "feedback" in self._buffers:  # converting twice keeps the B the module already has
-            return
-        bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
-        W = self.weight
-        B = torch.empty(W.shape, device=W.device, dtype=W.dtype).uniform_(-bound, bound)
-        self.register_buffer("feedback", B, persistent=False)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return feedback_linear(input, self.weight, self.bias, self._buffers.get("feedback"), self.feedback_rule.B)
 
-    def before_restore(self) -> None:
-        del self._buffers["feedback"]
+
+class _FeedbackConvNd(FeedbackModule):
+    _d = 0
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.after_convert()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return feedback_linear(input, self.weight, self.bias, self.feedback)
+        d, M, make_B = self._d, self._buffers.get("feedback"), self.feedback_rule.B
+        return _conv_forward(self, input, lambda *args: feedback_conv(f"conv{d}d", d, *args, M, make_B))
 
 
-def registry() -> Registry:
-    """The built-in rules, with torch.nn.Linear trained by feedback alignment."""
+class Conv1d(_FeedbackConvNd, torch.nn.Conv1d):
+    """torch.nn.Conv1d trained by a feedback rule. Buffer ``feedback``: M, shaped like the weight."""
+
+    feedback_rule, _d = RULE_SETS["feedback_alignment"], 1
+
+
+class Conv2d(_FeedbackConvNd, torch.nn.Conv2d):
+    """torch.nn.Conv2d trained by a feedback rule. Buffer ``feedback``: M, shaped like the weight."""
+
+    feedback_rule, _d = RULE_SETS["feedback_alignment"], 2
+
+
+class Conv3d(_FeedbackConvNd, torch.nn.Conv3d):
+    """torch.nn.Conv3d trained by a feedback rule. Buffer ``feedback``: M, shaped like the weight."""
+
+    feedback_rule, _d = RULE_SETS["feedback_alignment"], 3
+
+
+class MLP(FeedbackModule, mnn.MLP):
+    """manual_backprop.nn.MLP whose fused backward sends δ below layer l through B(l) instead of W(l).
+
+    Buffers ``layers.{k}.feedback``: M(k), shaped like layer k's weight, not in state_dict.
+    """
+
+    feedback_rule = RULE_SETS["feedback_alignment"]
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.after_convert()
+
+    def _feedback_layers(self) -> list[tuple[str, torch.nn.Module]]:
+        return [(f"layers.{k}", layer) for k, layer in enumerate(self.layers)]
+
+    def _fused(self, input, *weights_and_biases):
+        carry = _Carry(self.feedback_rule.B, tuple(layer._buffers.get("feedback") for layer in self.layers))
+        return apply_rule(FeedbackMLP, input, self._rule_layers, *weights_and_biases, carry)[0]
+
+
+# One class per (rule set, module type): the same code, another `feedback_rule`. Named
+# <Prefix><Type> at module level (so models pickle); repr shows the torch type's name.
+_BASES = {torch.nn.Linear: Linear, torch.nn.Conv1d: Conv1d, torch.nn.Conv2d: Conv2d, torch.nn.Conv3d: Conv3d,
+          mnn.MLP: MLP}
+CLASSES: dict[str, dict[type, type]] = {}
+for _rule in RULE_SETS.values():
+    CLASSES[_rule.name] = {}
+    for _stock, _base in _BASES.items():
+        if _rule.name == NAME:
+            _cls = _base
+        else:
+            _qualname = _rule.prefix + _base.__name__
+            _cls = type(_base.__name__, (_base,), {"feedback_rule": _rule, "__module__": __name__,
+                                                   "__qualname__": _qualname,
+                                                   "__doc__": f"{_base.__name__} trained by {_rule.name}."})
+            globals()[_qualname] = _cls
+        CLASSES[_rule.name][_stock] = _cls
+del _rule, _stock, _base
+
+
+def registry(name: str = NAME) -> Registry:
+    """The built-in rules, with Linear, Conv1d/2d/3d and the fused MLP trained by rule set `name`."""
+    if name not in CLASSES:
+        raise KeyError(f"no feedback rule set named {name!r}; available: {sorted(CLASSES)}")
     rules = Registry(builtins=True)
-    rules.register(torch.nn.Linear, Linear, supports=supports_real_parameters, override=True)
+    for stock, manual in CLASSES[name].items():
+        rules.register(stock, manual, supports=supports_real_parameters, override=True)
     return rules
 
 
 def register(target: Registry) -> None:
-    """Entry-point hook: offer the rule set as `convert(model, registry="feedback_alignment")`."""
-    target.add_rule_set(NAME, registry)
+    """Entry-point hook: offer each rule set as `convert(model, registry=NAME)`."""
+    for name in RULE_SETS:
+        target.add_rule_set(name, lambda name=name: registry(name))

@@ -108,6 +108,7 @@ class MLP(torch.autograd.Function):
         Ws = [W if l > ctx.lowest or need_a0 else None for l, W in enumerate(weights_and_biases[0::2])]
         from_a = _sigma_prime_source(layers[-1]) == "a"
         ctx.save_for_backward(a if need_params[0] or ctx.call else None, out if from_a else None, *Ws, *kept)
+        ctx.carry = None  # a learning rule's carry(l, δ, W(l)) for ∂J/∂a(l) (plugins.feedback_alignment); None: δ W
 
     @staticmethod
     @without_autocast
@@ -134,7 +135,7 @@ class MLP(torch.autograd.Function):
             # ∂J/∂W(l) = δ(l+1)ᵀ a(l),  ∂J/∂b(l) = Σₙ δ(l+1)
             grads[2 * l], grads[2 * l + 1] = weight_and_bias_grads(delta, a[l], need[2 * l], need[2 * l + 1])
             if l > ctx.lowest or need_a0:
-                grad_a = delta.mm(W[l])  # ∂J/∂a(l) = δ(l+1) W(l)
+                grad_a = delta.mm(W[l]) if ctx.carry is None else ctx.carry(l, delta, W[l])  # ∂J/∂a(l) = δ(l+1) W(l)
         grad_input = grad_a.reshape(ctx.input_shape) if need_a0 and grad_a is not None else None
         return grad_input, None, *grads
 

@@ -1,0 +1,382 @@
+"""Direct feedback alignment (Nøkland, 2016): every hidden layer gets the network's output error directly.
+
+    e = δ of the output layer: ∂J/∂ŷ for the layer whose output ŷ is the network's (softmax + CE: ŷ − y)
+    δ(l) = (e B(l)) ⊙ σ'(z(l))        hidden layer l; B(l): (K, out_features of l), fixed random
+    ∂J/∂W(l) = δ(l)ᵀ a(l),  ∂J/∂b(l) = Σₙ δ(l)      unchanged; the output layer's own δ is e
+
+How e reaches the layers, with our rules only (no autograd hooks): backward runs the output
+layer first. Its rule keeps e in an `OutputError` that the model's DFA layers share, and each
+DFA layer's backward sends e B(below) down as ∂J/∂a of its input, where "below" is the DFA
+layer before it in registration order. What lies between them applies its own backward (the
+activation's σ', dropout's mask, a max-pool's routing), so the layer below receives
+δ = (e B) ⊙ σ'(z). The lowest DFA layer sends backprop's δ W to its input.
+
+B(l) is shaped (K, what the next DFA layer takes): (K, out_features of l) in a chain of Linear
+layers; below a Linear after Flatten, (K, C·H·W); below a convolution, (K, C, H, W) of that
+convolution's input (after pooling, say), drawn at its first forward from a generator whose
+seed was drawn at convert. Convolutions (Conv1d/2d/3d) are hidden layers; the output is a
+Linear or fused MLP.
+
+    model = manual_backprop.convert(model, registry="direct_feedback_alignment")
+
+finds the output as the last Linear or fused MLP in registration order (the common case: a
+network whose last parametric module produces the output). For other models name it:
+
+    from manual_backprop.plugins import direct_feedback_alignment as dfa
+    model = manual_backprop.convert(model, registry=dfa.registry(output="head"))
+
+The other DFA layers are chained in registration order, which must follow the forward order;
+between Linear layers and MLPs, each one's out_features must equal the next one's in_features
+(checked at convert).
+
+Each hidden layer keeps B(l) as a non-persistent buffer ``feedback`` (the fused MLP: one per
+layer, ``layers.{k}.feedback``), drawn from torch's global RNG at convert, uniform in ±1/√K
+(K = the network's outputs); seed torch before `convert` to draw the same B again. The links
+are plain attributes (`_dfa`), deep-copied with the model and removed by `restore`.
+Under torch.compile the output error cannot pass between backward nodes: run DFA eagerly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import manual_backprop.functional as MF
+import manual_backprop.nn as mnn
+from manual_backprop import observe
+from manual_backprop._amp import autocast_inputs, without_autocast
+from manual_backprop.convert import ConversionError
+from manual_backprop.nn.conv import _conv_forward
+from manual_backprop.plugins.feedback_alignment import FeedbackMLP, _conv_seen
+from manual_backprop.registry import Registry, supports_real_parameters
+from manual_backprop.rules._apply import apply_rule
+from manual_backprop.rules.conv import Convolution, bias_grad, conv_weight_grad, transposed_convolution
+from manual_backprop.rules.linear import linear_seen, weight_and_bias_grads
+
+NAME = "direct_feedback_alignment"
+_convolution_forward = Convolution.forward  # a plain function: see FeedbackMLP
+
+
+class OutputError:
+    """e, the output layer's δ of the latest backward, shared by a converted model's DFA layers."""
+
+    def __init__(self, output: str) -> None:
+        self.output, self.e = output, None
+
+    def get(self, layer: str) -> torch.Tensor:
+        if self.e is None:
+            raise RuntimeError(
+                f"direct_feedback_alignment: {layer or '(root)'!r} ran backward before the output layer "
+                f"{self.output or '(root)'!r} did, so there is no output error e to send: the loss must be "
+                "computed from the output layer's output (mark the right one with "
+                "registry(output=NAME) from manual_backprop.plugins.direct_feedback_alignment)"
+            )
+        return self.e
+
+
+@dataclass(eq=False)
+class Link:
+    """One DFA layer's place: its name, the shared error, whether it is the output, the DFA layer below.
+
+    seed: for a convolution, whose input size is known only at its first forward, the seed of the
+    generator that draws B(below) then (itself drawn from torch's RNG at convert).
+    """
+
+    name: str
+    error: OutputError
+    is_output: bool
+    below: torch.nn.Module | None
+    K: int = 0
+    seed: int | None = None
+
+    def holder(self) -> torch.nn.Module:
+        return self.below.layers[-1] if isinstance(self.below, mnn.MLP) else self.below
+
+    def B_below(self, input_shape: tuple | None = None) -> torch.Tensor | None:
+        """B of the layer below (what carries e to this layer's input), or None for the lowest layer.
+
+        input_shape (a convolution's input, per sample): B is (K, *input_shape), drawn at the first call.
+        """
+        if self.below is None:
+            return None
+        holder = self.holder()
+        B = holder._buffers.get("feedback")
+        if input_shape is not None and (B is None or tuple(B.shape[1:]) != tuple(input_shape)):
+            generator = torch.Generator(device=holder.weight.device).manual_seed(self.seed)
+            B = _draw_B(self.K, tuple(input_shape), holder.weight, generator)
+            holder.register_buffer("feedback", B, persistent=False)
+        return B
+
+
+class DirectFeedbackLinear(torch.autograd.Function):
+    """z = a Wᵀ + b;  ∂J/∂a = e B(below) (δ W for the lowest layer),  ∂J/∂W = δᵀ a,  ∂J/∂b = Σₙ δₙ.
+
+    The output layer's backward first keeps e = δ in link.error.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, W, b, B_below, link):
+        return F.linear(a, W, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, W, b, B_below, ctx.link = inputs
+        need_a, need_W = ctx.needs_input_grad[:2]
+        ctx.call = observe.keep(ctx, W, b)
+        ctx.save_for_backward(a if need_W or ctx.call else None, W if need_a and B_below is None else None,
+                              B_below if need_a else None, *observe.output(ctx, output))
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, delta):
+        a, W, B_below, *output = ctx.saved_tensors
+        need_a, need_W, need_b = ctx.needs_input_grad[:3]
+        link = ctx.link
+        if link.is_output:
+            link.error.e = delta  # e = ∂J/∂ŷ
+        if ctx.call is not None:
+            ctx.call.see(linear_seen(ctx.call, delta, a, *ctx.params, *output))
+        grad_a = None
+        if need_a and B_below is None:
+            grad_a = delta @ W  # the lowest DFA layer: backprop's δ W to whatever lies below
+        elif need_a:
+            e = link.error.get(link.name)
+            grad_a = (e @ B_below.to(e.dtype)).reshape(*delta.shape[:-1], B_below.shape[1])  # e B, not δ W
+        return grad_a, *weight_and_bias_grads(delta, a, need_W, need_b), None, None
+
+
+class _DirectCarry:
+    """The fused MLP's ∂J/∂a(l) under DFA: e B(l−1) (B(−1): the layer below the MLP; none: δ W)."""
+
+    def __init__(self, link: Link, Bs: list) -> None:
+        self.link, self.Bs = link, Bs
+
+    def __call__(self, l: int, delta: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        if l == len(self.Bs) and self.link.is_output:  # the top layer runs first: its δ is e
+            self.link.error.e = delta
+        B = self.Bs[l - 1] if l > 0 else self.link.B_below()
+        if B is None:
+            return delta.mm(W)
+        e = self.link.error.get(f"{self.link.name}.layers.{l}" if self.link.name else f"layers.{l}")
+        return e.reshape(-1, B.shape[0]).mm(B.to(e.dtype))
+
+
+def _draw_B(K: int, shape, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """B: (K, *shape), uniform in ±1/√K (torch's bound for a Linear layer taking K inputs)."""
+    bound = 1 / math.sqrt(K) if K > 0 else 0.0
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    B = torch.empty(K, *shape, device=like.device, dtype=like.dtype)
+    return B.uniform_(-bound, bound, generator=generator)
+
+
+class DirectFeedbackConvolution(torch.autograd.Function):
+    """z = W ⋆ a + b;  ∂J/∂a = e B(below) reshaped like a (for the lowest layer: backprop's transposed
+    convolution of δ with W),  ∂J/∂W = Σₙ Σ_positions δ ⊗ patch(a),  ∂J/∂b = Σ δ."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, W, b, stride, padding, dilation, groups, link):
+        return _convolution_forward(a, W, b, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, W, b, *ctx.config, ctx.link = inputs
+        need_a, need_W = ctx.needs_input_grad[:2]
+        ctx.unbatched = a.dim() == W.dim() - 1
+        ctx.a_shape, ctx.kernel_size = tuple(a.shape), tuple(W.shape[2:])
+        ctx.call = observe.keep(ctx, W, b)
+        # B(below) shaped like one sample of a as this rule sees it (after any padding), drawn the first time
+        B_below = None if ctx.link.below is None else ctx.link.B_below(ctx.a_shape[1 - ctx.unbatched:]).detach()
+        ctx.save_for_backward(a if need_W or ctx.call else None, W if need_a and B_below is None else None,
+                              B_below if need_a else None, *observe.output(ctx, output))
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, delta):
+        a, W, B_below, *output = ctx.saved_tensors
+        need_a, need_W, need_b = ctx.needs_input_grad[:3]
+        stride, padding, dilation, groups = ctx.config
+        if ctx.call is not None:
+            ctx.call.see(_conv_seen(ctx, delta, a, *output))
+        grad_a = grad_W = grad_b = None
+        if need_a and B_below is not None:  # e B, shaped like a
+            e = ctx.link.error.get(ctx.link.name)
+            grad_a = (e.reshape(-1, B_below.shape[0]) @ B_below.flatten(1).to(e.dtype)).reshape(ctx.a_shape)
+        if ctx.unbatched:
+            delta, a = delta.unsqueeze(0), None if a is None else a.unsqueeze(0)
+        if need_a and B_below is None:  # the lowest DFA layer: backprop's
+            spatial = ctx.a_shape[2 - ctx.unbatched:]
+            grad_a = transposed_convolution(delta, W, spatial, stride, padding, dilation, groups)
+            grad_a = grad_a.squeeze(0) if ctx.unbatched else grad_a
+        if need_W:
+            grad_W = conv_weight_grad(delta, a, ctx.kernel_size, stride, padding, dilation, groups)
+        if need_b:
+            grad_b = bias_grad(delta)
+        return grad_a, grad_W, grad_b, None, None, None, None, None
+
+
+class _DirectFeedback:
+    """What the DFA modules share: their link, and B drawn for each hidden layer."""
+
+    def _dfa_link(self) -> Link:
+        link = self.__dict__.get("_dfa")
+        if link is None:
+            raise RuntimeError(
+                f"direct_feedback_alignment: this {type(self).__name__} is not linked to a model's output; "
+                "convert the whole model with registry='direct_feedback_alignment'"
+            )
+        return link
+
+    def before_restore(self) -> None:
+        self.__dict__.pop("_dfa", None)
+        for module in self._feedback_holders():
+            module._buffers.pop("feedback", None)
+
+    def _feedback_holders(self) -> list[torch.nn.Module]:
+        return [self]
+
+    def _fans(self) -> tuple[int, int]:
+        return self.in_features, self.out_features
+
+
+class Linear(_DirectFeedback, torch.nn.Linear):
+    """torch.nn.Linear trained by direct feedback alignment. Input: (*, H_in); output: (*, H_out).
+
+    Buffer ``feedback`` (K, out_features) on hidden layers: B, not in state_dict.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        link = self._dfa_link()
+        if link.is_output:
+            link.error.e = None  # a new forward: the next e comes from this output's backward
+        input, weight, bias = autocast_inputs("linear", input.device, input, self.weight, self.bias)
+        B_below = link.B_below()
+        return apply_rule(DirectFeedbackLinear, input, weight, bias, None if B_below is None else B_below.detach(), link)
+
+
+class _DirectFeedbackConvNd(_DirectFeedback):
+    """A convolution trained by DFA: a hidden layer (never the output), B(below) drawn at its first forward."""
+
+    _d = 0
+
+    def _fans(self) -> tuple[int | None, int | None]:
+        return None, None  # sizes known only from the input: checked at the first forward
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        link, d = self._dfa_link(), self._d
+        return _conv_forward(self, input, lambda *args: MF._conv(f"conv{d}d", d, *args, DirectFeedbackConvolution, (link,)))
+
+
+class Conv1d(_DirectFeedbackConvNd, torch.nn.Conv1d):
+    """torch.nn.Conv1d trained by DFA. Buffer ``feedback`` (K, *the next DFA layer's input) when one lies above."""
+
+    _d = 1
+
+
+class Conv2d(_DirectFeedbackConvNd, torch.nn.Conv2d):
+    """torch.nn.Conv2d trained by DFA. Buffer ``feedback`` (K, *the next DFA layer's input) when one lies above."""
+
+    _d = 2
+
+
+class Conv3d(_DirectFeedbackConvNd, torch.nn.Conv3d):
+    """torch.nn.Conv3d trained by DFA. Buffer ``feedback`` (K, *the next DFA layer's input) when one lies above."""
+
+    _d = 3
+
+
+class MLP(_DirectFeedback, mnn.MLP):
+    """manual_backprop.nn.MLP trained by direct feedback alignment: layer l's δ is (e B(l)) ⊙ σ'.
+
+    Buffers ``layers.{k}.feedback`` (K, out_features of layer k) on its hidden layers: B(k), not in state_dict.
+    """
+
+    def _feedback_holders(self) -> list[torch.nn.Module]:
+        return list(self.layers)
+
+    def _fans(self) -> tuple[int, int]:
+        return self.sizes[0], self.sizes[-1]
+
+    def _fused(self, input, *weights_and_biases):
+        link = self._dfa_link()
+        if link.is_output:
+            link.error.e = None
+        Bs = [layer._buffers.get("feedback") for layer in self.layers]
+        carry = _DirectCarry(link, [None if B is None else B.detach() for B in Bs[:-1]])
+        return apply_rule(FeedbackMLP, input, self._rule_layers, *weights_and_biases, carry)[0]
+
+
+def link_layers(model: torch.nn.Module, output: str | None = None) -> None:
+    """After convert: find the output layer, chain the DFA layers in registration order, draw each hidden B."""
+    units = [(name, m) for name, m in model.named_modules() if isinstance(m, _DirectFeedback)]
+    if output is None:
+        outputs = [name for name, m in units if not isinstance(m, _DirectFeedbackConvNd)]
+        if not outputs:
+            raise ConversionError(
+                "direct_feedback_alignment: the model has no Linear or fused MLP to produce the output error e"
+            )
+        output = outputs[-1]
+    found = [m for name, m in units if name == output]
+    if not found:
+        raise ConversionError(
+            f"direct_feedback_alignment: the output {output!r} is not a Linear, convolution or fused MLP of the "
+            f"model (those are: {[name for name, _ in units]})"
+        )
+    out_module = found[0]
+    if isinstance(out_module, _DirectFeedbackConvNd):
+        raise ConversionError(
+            f"direct_feedback_alignment: the output {output!r} is a convolution; the output layer must be a "
+            "Linear or fused MLP (mark one with registry(output=NAME))"
+        )
+    K = out_module._fans()[1]
+    error = OutputError(output)
+    chain = [(name, m) for name, m in units if m is not out_module] + [(output, out_module)]
+    below = None
+    for name, module in chain:
+        fan_in, below_out = module._fans()[0], None if below is None else below[1]._fans()[1]
+        if below_out is not None and fan_in is not None and below_out != fan_in:
+            raise ConversionError(
+                f"direct_feedback_alignment: {name or '(root)'!r} takes {fan_in} features, but the DFA "
+                f"layer before it in registration order, {below[0]!r}, gives {below_out}: e B cannot be "
+                "its input's gradient (keep one of them on backprop with convert(exclude=...))"
+            )
+        is_output = module is out_module
+        holders = module._feedback_holders()
+        for k, holder in enumerate(holders[:-1]):  # a fused MLP's inner layers: B(k) is (K, out_features)
+            B = holder._buffers.get("feedback")
+            if B is None or tuple(B.shape) != (K, holder.out_features):
+                holder.register_buffer("feedback", _draw_B(K, holder.out_features, holder.weight), persistent=False)
+        if is_output:  # the output's own top layer carries nothing down
+            holders[-1]._buffers.pop("feedback", None)
+        link = Link(name, error, is_output, None if below is None else below[1], K)
+        if below is not None:  # B(below): (K, what this layer takes), drawn on the layer below
+            B = link.holder()._buffers.get("feedback")
+            if fan_in is None:  # a convolution: its input size is known at its first forward
+                link.seed = int(torch.randint(2**62, ()))
+            elif B is None or tuple(B.shape) != (K, fan_in):
+                link.holder().register_buffer("feedback", _draw_B(K, fan_in, link.holder().weight), persistent=False)
+        module.__dict__["_dfa"] = link
+        below = (name, module)
+
+
+def registry(output: str | None = None) -> Registry:
+    """The built-in rules, with Linear, Conv1d/2d/3d and the fused MLP trained by DFA; `output`: the qualified name of
+    the module that produces the network's output (default: the last Linear or MLP in registration order)."""
+    rules = Registry(builtins=True)
+    rules.register(torch.nn.Linear, Linear, supports=supports_real_parameters, override=True)
+    rules.register(mnn.MLP, MLP, supports=supports_real_parameters, override=True)
+    for stock, manual in ((torch.nn.Conv1d, Conv1d), (torch.nn.Conv2d, Conv2d), (torch.nn.Conv3d, Conv3d)):
+        rules.register(stock, manual, supports=supports_real_parameters, override=True)
+    rules.model_hooks.append(lambda model: link_layers(model, output))
+    return rules
+
+
+def register(target: Registry) -> None:
+    """Entry-point hook: offer the rule set as `convert(model, registry="direct_feedback_alignment")`."""
+    target.add_rule_set(NAME, registry)
