@@ -50,10 +50,10 @@ from manual_backprop import observe
 from manual_backprop._amp import autocast_inputs, without_autocast
 from manual_backprop.convert import ConversionError
 from manual_backprop.nn.conv import _conv_forward
-from manual_backprop.plugins.feedback_alignment import FeedbackMLP, _conv_seen
+from manual_backprop.plugins.feedback_alignment import FeedbackMLP
 from manual_backprop.registry import Registry, supports_real_parameters
 from manual_backprop.rules._apply import apply_rule
-from manual_backprop.rules.conv import Convolution, bias_grad, conv_weight_grad, transposed_convolution
+from manual_backprop.rules.conv import Convolution, bias_grad, conv_weight_grad, see_convolution, transposed_convolution
 from manual_backprop.rules.linear import linear_seen, weight_and_bias_grads
 
 NAME = "direct_feedback_alignment"
@@ -202,14 +202,14 @@ class DirectFeedbackConvolution(torch.autograd.Function):
         a, W, B_below, *output = ctx.saved_tensors
         need_a, need_W, need_b = ctx.needs_input_grad[:3]
         stride, padding, dilation, groups = ctx.config
-        if ctx.call is not None:
-            ctx.call.see(_conv_seen(ctx, delta, a, *output))
         grad_a = grad_W = grad_b = None
         if need_a and B_below is not None:  # e B, shaped like a
             e = ctx.link.error.get(ctx.link.name)
             grad_a = (e.reshape(-1, B_below.shape[0]) @ B_below.flatten(1).to(e.dtype)).reshape(ctx.a_shape)
         if ctx.unbatched:
             delta, a = delta.unsqueeze(0), None if a is None else a.unsqueeze(0)
+        if ctx.call is not None:  # ∂J/∂W is backprop's, so the convolution's own report serves
+            see_convolution(ctx, delta, a, output, transposed=False)
         if need_a and B_below is None:  # the lowest DFA layer: backprop's
             spatial = ctx.a_shape[2 - ctx.unbatched:]
             grad_a = transposed_convolution(delta, W, spatial, stride, padding, dilation, groups)

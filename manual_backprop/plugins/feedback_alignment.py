@@ -46,7 +46,7 @@ from manual_backprop._checks import InputError
 from manual_backprop.nn.conv import _conv_forward
 from manual_backprop.registry import Registry, supports_real_parameters
 from manual_backprop.rules._apply import apply_rule
-from manual_backprop.rules.conv import Convolution, bias_grad, conv_weight_grad, transposed_convolution
+from manual_backprop.rules.conv import Convolution, bias_grad, conv_weight_grad, see_convolution, transposed_convolution
 from manual_backprop.rules.linear import linear_seen, weight_and_bias_grads
 from manual_backprop.rules.mlp import MLP as MLPRule
 
@@ -174,10 +174,10 @@ class FeedbackConvolution(torch.autograd.Function):
         a, W, M, *output = ctx.saved_tensors
         need_a, need_W, need_b = ctx.needs_input_grad[:3]
         stride, padding, dilation, groups = ctx.config
-        if ctx.call is not None:
-            ctx.call.see(_conv_seen(ctx, delta, a, *output))
         if ctx.unbatched:
             delta, a = delta.unsqueeze(0), None if a is None else a.unsqueeze(0)
+        if ctx.call is not None:  # ∂J/∂W is backprop's, so the convolution's own report serves
+            see_convolution(ctx, delta, a, output, transposed=False)
         grad_a = grad_W = grad_b = None
         if need_a:  # the transposed convolution of δ with B, where backprop has W
             B = ctx.make_B(W, M).to(delta.dtype)
@@ -188,30 +188,6 @@ class FeedbackConvolution(torch.autograd.Function):
         if need_b:
             grad_b = bias_grad(delta)
         return grad_a, grad_W, grad_b, None, None, None, None, None, None
-
-
-def _conv_seen(ctx, delta, a, output=None):
-    """What the feedback convolution reports to `observe`: per-sample ∂J/∂W(n) = Σ_positions δₙ ⊗ patch(aₙ)
-    (conv_weight_grad on one sample at a time, under vmap), ∂J/∂b(n) = Σ_positions δₙ.
-
-    When the convolution rule itself reports to `observe` (issue 10), use its function here instead.
-    """
-    stride, padding, dilation, groups = ctx.config
-    W, b = ctx.params
-    kernel = ctx.kernel_size
-
-    def per_sample(d, x):
-        if d.dim() == W.dim() - 1:  # unbatched: one sample
-            d, x = d.unsqueeze(0), x.unsqueeze(0)
-        grad_W = torch.func.vmap(
-            lambda dn, xn: conv_weight_grad(dn[None], xn[None], kernel, stride, padding, dilation, groups)
-        )(d, x)
-        return grad_W, (d.sum(list(range(2, d.dim()))) if b is not None else None)
-
-    def sq_norms(d, x):
-        return sum(g.flatten(1).square().sum(1) for g in per_sample(d, x) if g is not None)
-
-    return observe.Seen(ctx.call, delta, a, (W, b), per_sample=per_sample, sq_norms=sq_norms, output=output)
 
 
 def feedback_conv(op: str, d: int, input, weight, bias, stride, padding, dilation, groups,

@@ -218,7 +218,7 @@ def _save_for_weight_and_input_grads(ctx, a, W, b=None, output=None) -> None:
     ctx.save_for_backward(a if need_W or ctx.call else None, W if need_a else None, *observe.output(ctx, output))
 
 
-def _see(ctx, delta, a, output, transposed: bool) -> None:
+def see_convolution(ctx, delta, a, output, transposed: bool) -> None:
     """Report to the watching call (δ and a already batched)."""
     output = [o.unsqueeze(0) if ctx.unbatched else o for o in output]
     ctx.call.see(conv_seen(ctx.call, delta, a, *ctx.params, ctx.kernel_size, ctx.config, transposed, *output))
@@ -258,7 +258,7 @@ class Convolution(torch.autograd.Function):
         if ctx.unbatched:
             delta, a = delta.unsqueeze(0), None if a is None else a.unsqueeze(0)
         if ctx.call is not None:
-            _see(ctx, delta, a, output, transposed=False)
+            see_convolution(ctx, delta, a, output, transposed=False)
         grad_a = transposed_convolution(delta, W, ctx.a_size, stride, padding, dilation, groups) if need_a else None
         grad_W = conv_weight_grad(delta, a, ctx.kernel_size, stride, padding, dilation, groups) if need_W else None
         grad_b = bias_grad(delta) if need_b else None
@@ -301,7 +301,7 @@ class ConvTranspose(torch.autograd.Function):
         if ctx.unbatched:
             delta, a = delta.unsqueeze(0), None if a is None else a.unsqueeze(0)
         if ctx.call is not None:
-            _see(ctx, delta, a, output, transposed=True)
+            see_convolution(ctx, delta, a, output, transposed=True)
         grad_a = grad_W = grad_b = None
         if need_a:  # output_padding may leave δ room for one more position than a has: cut it
             grad_a = torch.convolution(delta, W, None, stride, padding, dilation, False, [0] * len(stride), groups)
