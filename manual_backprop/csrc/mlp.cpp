@@ -18,6 +18,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -131,11 +132,16 @@ Tensor rows(const Tensor& t) {  // (*, features) -> (n, features)
 }
 
 struct NativeMLP : public torch::autograd::Function<NativeMLP> {
-  // a: (*, in); weights_and_biases: W₀, b₀, W₁, b₁, … (b undefined: no bias); kinds[l], params[2l], params[2l+1]:
-  // layer l's activation. Returns (out, a(1) … a(L−1), z(l) of the layers whose σ' reads z), as MLP.forward.
-  static variable_list forward(AutogradContext* ctx, const Tensor& a_in, at::TensorList weights_and_biases,
-                               std::vector<int64_t> kinds, std::vector<double> params) {
+  // a: (*, in); given: the tensors among W₀, b₀, W₁, b₁, … (autograd takes no undefined inputs), slot[i]: where
+  // the i-th of W₀, b₀, … is in `given` (−1: no bias); kinds[l], params[2l], params[2l+1]: layer l's activation.
+  // Returns (out, a(1) … a(L−1), z(l) of the layers whose σ' reads z), as MLP.forward.
+  static variable_list forward(AutogradContext* ctx, const Tensor& a_in, at::TensorList given,
+                               std::vector<int64_t> slot, std::vector<int64_t> kinds, std::vector<double> params) {
     const int64_t L = static_cast<int64_t>(kinds.size());
+    std::vector<Tensor> weights_and_biases(2 * L);
+    for (int64_t i = 0; i < 2 * L; ++i) {
+      if (slot[i] >= 0) weights_and_biases[i] = given[slot[i]];
+    }
     auto leading = a_in.sizes().slice(0, a_in.dim() - 1);
     Tensor a = rows(a_in);
     variable_list activations, zs;
@@ -175,6 +181,7 @@ struct NativeMLP : public torch::autograd::Function<NativeMLP> {
     for (const auto& t : zs) saved.push_back(t);
     ctx->save_for_backward(saved);
     ctx->set_materialize_grads(false);  // unused extra outputs get undefined gradients, not zeros
+    ctx->saved_data["slot"] = slot;
     ctx->saved_data["kinds"] = kinds;
     ctx->saved_data["params"] = params;
     ctx->saved_data["lowest"] = lowest;
@@ -189,6 +196,7 @@ struct NativeMLP : public torch::autograd::Function<NativeMLP> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     // Compute in the dtypes forward saved, whatever autocast says (the Python rule's `without_autocast`).
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const auto slot = ctx->saved_data["slot"].toIntVector();
     const auto kinds = ctx->saved_data["kinds"].toIntVector();
     const auto params = ctx->saved_data["params"].toDoubleVector();
     const int64_t lowest = ctx->saved_data["lowest"].toInt();
@@ -212,7 +220,9 @@ struct NativeMLP : public torch::autograd::Function<NativeMLP> {
     }
     const bool need_a0 = ctx->needs_input_grad(0);
 
-    variable_list grads(1 + 2 * L + 2);  // a(0), W₀, b₀, …, and none for kinds and params
+    const int64_t given = 1 + *std::max_element(slot.begin(), slot.end());
+    auto need = [&](int64_t i) { return slot[i] >= 0 && ctx->needs_input_grad(1 + slot[i]); };
+    variable_list grads(1 + given + 3);  // a(0), the given W and b, and none for slot, kinds and params
     Tensor grad_a = rows(grad_outputs[0]);  // ∂J/∂a(L)
     for (int64_t l = L - 1; l >= 0; --l) {
       grad_a = plus(grad_a, grad_hidden[l]);
@@ -223,8 +233,8 @@ struct NativeMLP : public torch::autograd::Function<NativeMLP> {
       grad_a = Tensor();
       if (!delta.defined()) continue;
       // ∂J/∂W(l) = δ(l+1)ᵀ a(l),  ∂J/∂b(l) = Σₙ δ(l+1)
-      if (ctx->needs_input_grad(1 + 2 * l)) grads[1 + 2 * l] = delta.t().mm(a[l]);
-      if (ctx->needs_input_grad(2 + 2 * l)) grads[2 + 2 * l] = delta.sum(0);
+      if (need(2 * l)) grads[1 + slot[2 * l]] = delta.t().mm(a[l]);
+      if (need(2 * l + 1)) grads[1 + slot[2 * l + 1]] = delta.sum(0);
       if (l > lowest || need_a0) grad_a = delta.mm(W[l]);  // ∂J/∂a(l) = δ(l+1) W(l)
     }
     if (need_a0 && grad_a.defined()) grads[0] = grad_a.reshape(ctx->saved_data["input_shape"].toIntVector());
@@ -237,13 +247,17 @@ std::vector<Tensor> mlp(const Tensor& a, const c10::List<std::optional<Tensor>>&
   TORCH_CHECK(static_cast<int64_t>(weights_and_biases.size()) == 2 * static_cast<int64_t>(kinds.size()) &&
                   params.size() == 2 * kinds.size() && !kinds.empty(),
               "manual_backprop native MLP: expected W, b and two parameters per layer");
-  std::vector<Tensor> wb;
-  wb.reserve(weights_and_biases.size());
+  std::vector<Tensor> given;
+  std::vector<int64_t> slot;
+  given.reserve(weights_and_biases.size());
+  slot.reserve(weights_and_biases.size());
   for (const auto& t : weights_and_biases) {
     std::optional<Tensor> o = t;
-    wb.push_back(o.has_value() ? *o : Tensor());
+    const bool present = o.has_value() && o->defined();
+    slot.push_back(present ? static_cast<int64_t>(given.size()) : -1);
+    if (present) given.push_back(*o);
   }
-  return NativeMLP::apply(a, at::TensorList(wb), kinds.vec(), params.vec());
+  return NativeMLP::apply(a, at::TensorList(given), std::move(slot), kinds.vec(), params.vec());
 }
 
 }  // namespace manual_backprop
