@@ -99,10 +99,10 @@ Tensor delta_sigma_prime(const Tensor& delta, const Tensor& s, int64_t kind, dou
     case TANH: return (s * s).neg_().add_(1).mul_(delta);           // σ' = 1 − a²
     case RELU: return s.sign().mul_(delta);                         // σ' = [a > 0]  (a ≥ 0)
     case LEAKY_RELU: return at::where(s > 0, delta, delta * p0);    // σ' = 1 for z > 0, slope else
-    case ELU: return delta * at::where(s > 0, at::scalar_tensor(1.0, s.options()), p0 * at::exp(s));
+    case ELU: return delta * at::where(s > 0, 1.0, p0 * at::exp(s));
     case SOFTPLUS: {  // σ' = sigmoid(βz), 1 past the threshold
       Tensor bz = s * p0;
-      return delta * at::where(bz > p1, at::scalar_tensor(1.0, s.options()), at::sigmoid(bz));
+      return delta * at::where(bz > p1, 1.0, at::sigmoid(bz));
     }
     case SILU: {  // σ' = s (1 + z (1 − s)), s = sigmoid(z)
       Tensor sg = at::sigmoid(s);
@@ -120,11 +120,9 @@ Tensor delta_sigma_prime(const Tensor& delta, const Tensor& s, int64_t kind, dou
     case RELU6: return at::where((s > 0.0).logical_and_(s < 6.0), delta, 0.0);  // 1 on (0, 6), from a
     case HARDTANH: return at::where((s > p0).logical_and_(s < p1), delta, 0.0);  // 1 on (min, max), from a
     case HARDSIGMOID:  // 1/6 on (−3, 3), from z
-      return delta * at::where((s > -3).logical_and_(s < 3), at::scalar_tensor(ONE_SIXTH, s.options()),
-                               at::zeros_like(s));
+      return delta * at::where((s > -3).logical_and_(s < 3), ONE_SIXTH, at::zeros_like(s));
     case HARDSWISH:  // 0 for z ≤ −3, z/3 + ½ on (−3, 3), 1 for z ≥ 3
-      return delta * at::where(s <= -3, at::scalar_tensor(0.0, s.options()),
-                               at::where(s < 3, s / 3 + 0.5, at::scalar_tensor(1.0, s.options())));
+      return delta * at::where(s <= -3, 0.0, at::where(s < 3, s / 3 + 0.5, 1.0));
     case MISH: {  // t + z sigmoid(z) (1 − t²), t = tanh(softplus(z))
       Tensor t = at::tanh(at::softplus(s));
       return delta * (t + s * at::sigmoid(s) * (1 - t * t));
