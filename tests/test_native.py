@@ -277,3 +277,23 @@ def test_without_a_compiler_one_warning_and_the_python_rule(monkeypatch, tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
         assert node_name(model(torch.randn(2, 3)).grad_fn) == "MLPBackward"
+
+
+def test_parameters_are_read_as_the_linears_hold_them_parametrized_or_substituted():
+    """MLP.forward reads each Linear's parameter dict (fast), or its attribute where parametrized."""
+
+    class Double(nn.Module):
+        def forward(self, W):
+            return 2 * W
+
+    model = mnn.MLP([3, 4, 2], "tanh", dtype=torch.float64)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    W0 = model.layers[0].weight.detach().clone()
+    substitute = {"layers.0.weight": 2 * W0}
+    expected = torch.func.functional_call(model, substitute, (x,))
+    torch.nn.utils.parametrize.register_parametrization(model.layers[0], "weight", Double())
+    out = model(x)
+    assert node_name(out.grad_fn) == "NativeMLPBackward"
+    torch.testing.assert_close(out, expected, **FLOAT64_EXACT)
+    out.sum().backward()
+    assert model.layers[0].parametrizations.weight.original.grad is not None
