@@ -110,7 +110,7 @@ class MLP(torch.nn.Module):
         weight, so it is read through the attribute.
         """
         out = []
-        for layer in self.layers._modules.values():
+        for layer in self._modules["layers"]._modules.values():  # not self.layers: Module.__getattr__ is Python
             params = layer._parameters
             if "weight" in params and "bias" in params:
                 out += (params["weight"], params["bias"])
