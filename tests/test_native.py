@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +28,7 @@ FLOAT64_EXACT = dict(rtol=1e-12, atol=1e-12)
 
 @pytest.fixture(autouse=True)
 def _native_on(monkeypatch):
-    monkeypatch.delenv("MANUAL_BACKPROP_NATIVE", raising=False)
+    monkeypatch.setattr(_native, "_ENVIRONMENT_ALLOWS", True)  # these tests run both rules, whatever the environment
 
 
 def step(model, x, upstream, python: bool = False):
@@ -130,13 +134,24 @@ def test_gradcheck_with_a_bias_on_some_layers_only_and_gradients_for_some_inputs
             torch.testing.assert_close(g, e, **FLOAT64_EXACT)
 
 
-def test_environment_variable_forces_the_python_rule(monkeypatch):
+def test_environment_variable_forces_the_python_rule(tmp_path):
+    """MANUAL_BACKPROP_NATIVE=0, read at import: a process started with it runs the Python rule, and builds nothing."""
+    script = ("import torch, manual_backprop.nn as mnn; from tests.cases import node_name; "
+              "print(node_name(mnn.MLP([3, 4, 2], 'tanh')(torch.randn(2, 3)).grad_fn))")
+    env = {**os.environ, "MANUAL_BACKPROP_NATIVE": "0", "MANUAL_BACKPROP_BUILD_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["MLPBackward"]
+    assert not any(tmp_path.iterdir())  # nothing was built
+
+
+def test_python_rule_block_forces_the_python_rule():
     model = mnn.MLP([3, 4, 2], "tanh")
     x = torch.randn(2, 3)
     assert node_name(model(x).grad_fn) == "NativeMLPBackward"
-    monkeypatch.setenv("MANUAL_BACKPROP_NATIVE", "0")
-    assert node_name(model(x).grad_fn) == "MLPBackward"
-    monkeypatch.setenv("MANUAL_BACKPROP_NATIVE", "1")
+    with _native.python_rule():
+        assert node_name(model(x).grad_fn) == "MLPBackward"
     assert node_name(model(x).grad_fn) == "NativeMLPBackward"
 
 

@@ -97,7 +97,8 @@ class MLP(torch.nn.Module):
             )
         weights_and_biases = self._weights_and_biases()
         # Autocast casts every Linear's inputs; the activations then run in that dtype, as after a stock Linear.
-        input, *weights_and_biases = autocast_inputs("linear", input.device, input, *weights_and_biases)
+        if torch._C._is_any_autocast_enabled():
+            input, *weights_and_biases = autocast_inputs("linear", input.device, input, *weights_and_biases)
         if input.dtype != weights_and_biases[0].dtype:
             _checks.same_dtype("MLP", input=input, weight=weights_and_biases[0])
         return mlp(input, self._rule_layers, *weights_and_biases)

@@ -13,7 +13,8 @@ build (`pip install -e .`), where torch is not importable without downloading it
 time; building against the torch that actually runs avoids ABI mismatches; and a machine
 without a compiler installs and works the same (the Python rule runs).
 
-`MANUAL_BACKPROP_NATIVE=0` forces the Python rule. Without a C++ compiler or ninja, or if the
+`MANUAL_BACKPROP_NATIVE=0` (read when manual_backprop is imported) forces the Python rule;
+`python_rule()` does so for a block. Without a C++ compiler or ninja, or if the
 build fails, one warning says why and the Python rule runs.
 """
 
@@ -62,6 +63,8 @@ _lock = threading.Lock()
 _op = None  # the loaded operator, once loaded
 _tried = False
 _forced_off = 0  # > 0 inside `python_rule()`
+# read once: the check runs on every MLP call, and os.environ's lookup is a few Python frames
+_ENVIRONMENT_ALLOWS = os.environ.get("MANUAL_BACKPROP_NATIVE", "1") != "0"
 _encoded: dict = {}  # layers -> (kinds, params), or None where an activation has no native form
 
 
@@ -159,7 +162,7 @@ def runnable(layers: tuple):
     Not switched off; every activation has a native form; no torch.func transform is active and
     torch.compile is not tracing (both need a Python autograd.Function); built and loaded.
     """
-    if not wanted() or _transforms_active() or torch.compiler.is_compiling():
+    if _forced_off or not _ENVIRONMENT_ALLOWS or _transforms_active() or torch.compiler.is_compiling():
         return None
     encoded = encode(layers)
     if encoded is None:
@@ -170,7 +173,7 @@ def runnable(layers: tuple):
 
 def wanted() -> bool:
     """Whether the native rule should run: not switched off (MANUAL_BACKPROP_NATIVE=0, `python_rule()`)."""
-    return not _forced_off and os.environ.get("MANUAL_BACKPROP_NATIVE", "1") != "0"
+    return not _forced_off and _ENVIRONMENT_ALLOWS
 
 
 @contextlib.contextmanager
