@@ -9,6 +9,7 @@ Contenders, all started from the same parameters and fed the same batch:
     per-layer  the same Sequential of manual_backprop.nn modules: two of our nodes per layer
     fused      manual_backprop.nn.MLP: one node for the network
     compiled   the fused step (MLP + loss) under torch.compile
+    native     manual_backprop.nn.MLP with its native rule (csrc/mlp.cpp; "fused" is its Python rule)
     peers      a plain per-layer autograd.Function without fusion, in the style of
                peer projects (old-style ctx, saves the inputs, recomputes σ in backward)
     matmuls    the step's matrix products alone (3 per layer: forward, grad-input,
@@ -50,6 +51,7 @@ import torch.nn as nn
 
 import manual_backprop.nn as mnn
 from manual_backprop.nn.activation import ACTIVATIONS
+from manual_backprop.rules import _native
 
 # ------------------------------------------------------------------ the peers' style
 
@@ -116,9 +118,12 @@ FULL_GRID = [
     ((64, 128, 128, 10), 128, False),
     ((256, 512, 512, 10), 256, False),
     ((784, 1024, 1024, 10), 512, True),
+    # course sizes (≤ 64 wide), where per-op overhead dominates (issue 13)
+    ((6, 12, 12, 1), 48, False),
+    ((20, 64, 64, 64, 3), 64, False),
 ]
 QUICK_GRID = [((4, 8, 8, 1), 8, False), ((16, 32, 10), 16, True)]
-CONTENDERS = ["stock", "per-layer", "fused", "compiled", "peers"]
+CONTENDERS = ["stock", "per-layer", "fused", "compiled", "peers", "native"]
 
 
 @dataclass(eq=False)
@@ -182,12 +187,26 @@ def build(case: Case, compile_backend: str, our_loss_for_ours: bool = False):
         "compiled": (lambda: compiled_forward(x, y), compiled_model),
         "peers": (lambda: stock_loss(peers(x), y), peers),
     }
+    # native (issue 13): "fused" runs the Python rule, "native" its C++ twin, on their own copies of the parameters
+    forwards["fused"] = (python_rule(forwards["fused"][0]), fused)
+    native = mnn.MLP.from_sequential(stock)
+    forwards["native"] = (lambda: our_loss(native(x), y), native)
     steps, params = {}, {}
     for name, (forward, model) in forwards.items():
         params[name] = list(model.parameters())
         steps[name] = make_step(forward, params[name])
     steps["matmuls"], case.flops = matmul_step(stock, x)
     return forwards, steps, params
+
+
+def python_rule(forward):
+    """`forward` with the fused MLP on its Python rule (`rules._native.python_rule`), whatever is built."""
+
+    def run():
+        with _native.python_rule():
+            return forward()
+
+    return run
 
 
 def make_step(forward, params):
@@ -364,6 +383,32 @@ def targets(cases: list[Case]) -> list[tuple[bool, str]]:
         results.append((not over, f"{device}: saved bytes never above stock: {'ok' if not over else 'above in ' + ', '.join(over)}"))
         compiled = max(c.ratio("compiled") for c in smallest)
         results.append((compiled < 1.0, f"{device}: compiled fused faster than eager stock at the smallest size: worst {compiled:.2f}×"))
+    return results
+
+
+def native_targets(cases: list[Case]) -> list[tuple[bool, str]]:
+    """Issue 13's targets for the native rule, per size the geometric mean over the activations."""
+    results = []
+    for device in dict.fromkeys(c.device for c in cases if "native" in c.times):
+        on = [c for c in cases if c.device == device]
+        sizes = list(dict.fromkeys((c.sizes, c.batch) for c in on))
+        per_size = {s: geomean(c.ratio("native") for c in on if (c.sizes, c.batch) == s) for s in sizes}
+        name = lambda s: f"{'→'.join(map(str, s[0]))} b{s[1]}"  # noqa: E731
+        worst = max(sizes, key=per_size.get)
+        course = [s for s in sizes if max(s[0]) <= 64]
+        worst_course = max(course, key=per_size.get, default=None)
+        overall = geomean(c.ratio("native") for c in on)
+        results.append((overall <= 0.80, f"{device}: native ≤ 0.80× stock, geomean over the grid: {overall:.2f}×"))
+        results.append((per_size[worst] <= 1.00, f"{device}: native ≤ 1.00× stock at every size: worst "
+                                                 f"{per_size[worst]:.2f}× ({name(worst)})"))
+        if worst_course is not None:
+            results.append((per_size[worst_course] <= 0.75, f"{device}: native ≤ 0.75× stock at course sizes "
+                                                             f"(≤ 64 wide): worst {per_size[worst_course]:.2f}× "
+                                                             f"({name(worst_course)})"))
+        over = [f"{c.network} {c.activation}" for c in on
+                if c.saved.get("native") is not None and c.saved["native"] > c.saved["stock"]]
+        results.append((not over, f"{device}: native saved bytes never above stock: "
+                                  f"{'ok' if not over else 'above in ' + ', '.join(over)}"))
     return results
 
 
@@ -699,7 +744,7 @@ def main(argv=None) -> int:
                    cnn_table(cnn_cases)]
     if cases or cnn_cases:
         report += ["", "Targets:"]
-        for met, text in targets(cases) + cnn_targets(cnn_cases):
+        for met, text in targets(cases) + native_targets(cases) + cnn_targets(cnn_cases):
             report.append(f"- {'met' if met else 'MISSED'}: {text}")
     markdown = "\n".join(report + block_lines)
     print(markdown)

@@ -487,3 +487,17 @@ ATTENTION_CASES = [
     AttentionCase("gqa_mask", (2, 6), 3, 4, kv_batch=(2, 2), mask="bool_full_rows", kwargs=dict(enable_gqa=True)),
     AttentionCase("broadcast_kv", (2, 3), 4, 5, kv_batch=(1, 3)),
 ]
+
+
+# ------------------------------------------------ native fused MLP (issue 13)
+
+# The fused MLP rule's autograd node: the Python rule's, or its native twin's (csrc/mlp.cpp), whose
+# C++ node Python sees as a `CppFunction` named "torch::autograd::CppNode<manual_backprop::NativeMLP>".
+FUSED_MLP = {"MLPBackward", "NativeMLPBackward"}
+
+
+def node_name(node) -> str:
+    """A grad_fn's type name; the native MLP's C++ node as "NativeMLPBackward"."""
+    if node is not None and type(node).__name__ == "CppFunction" and "NativeMLP" in node.name():
+        return "NativeMLPBackward"
+    return type(node).__name__

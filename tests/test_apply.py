@@ -59,3 +59,25 @@ def test_without_the_private_internals_every_call_takes_function_apply(monkeypat
     assert _apply._c_apply is not None
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ------------------------------------------------ native branch (issue 13): the fast path's dead-wrapper check
+
+
+def test_a_tensor_left_by_a_finished_transform_is_unwrapped_as_function_apply_does():
+    leaked = []
+
+    def f(x):
+        leaked.append(x * 2)  # escapes torch.func.grad: a dead functorch wrapper afterwards
+        return x.sum()
+
+    torch.func.grad(f)(torch.randn(4, 3))
+    (dead,) = leaked
+    assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+    W = torch.randn(2, 3, requires_grad=True)
+    out = MF.linear(dead, W)
+    assert type(out.grad_fn).__name__ == "LinearBackward"
+    assert not torch._C._functorch.is_functorch_wrapped_tensor(out)
+    torch.testing.assert_close(out, torch.nn.functional.linear(dead, W))
+    out.sum().backward()
+    torch.testing.assert_close(W.grad, dead.sum(0).expand(2, 3))

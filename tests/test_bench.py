@@ -37,7 +37,7 @@ def test_quick_run_writes_table_chart_and_targets(bench, tmp_path, capsys):
         assert float(cells[5]) > 0 and float(cells[6]) >= 0  # step ms, × stock
         if cells[4] == "stock":
             assert cells[6] == "1.00"
-    assert markdown.count("- met:") + markdown.count("- MISSED:") == 8  # 7 for the MLPs, 1 for the CNN (saved bytes)
+    assert markdown.count("- met:") + markdown.count("- MISSED:") == 12  # 7 + 4 native for the MLPs, 1 for the CNN
     cnn_rows = [line for line in markdown.split("Convolutional networks")[1].splitlines() if line.startswith("| cpu |")]
     assert [row.split("|")[4].strip() for row in cnn_rows] == bench.CNN_CONTENDERS * len(bench.CNN_QUICK)
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -73,7 +73,8 @@ def test_matmul_roofline_counts_the_step_products(bench):
 def test_targets_report_met_and_missed(bench):
     def case(sizes, gemm_bound, fused, saved_fused):
         c = bench.Case("cpu", sizes, 8, "relu", gemm_bound)
-        c.times = {"stock": 1.0, "per-layer": 1.0, "fused": fused, "compiled": 0.5, "peers": 1.2, "matmuls": fused / 1.05}
+        c.times = {"stock": 1.0, "per-layer": 1.0, "fused": fused, "compiled": 0.5, "peers": 1.2, "matmuls": fused / 1.05,
+                   "native": 0.7}
         c.saved = {"stock": 100, "per-layer": 100, "fused": saved_fused}
         return c
 
@@ -85,6 +86,23 @@ def test_targets_report_met_and_missed(bench):
     assert not bad["fused ≤ 1.05× stock at every size"]
     assert not bad["saved bytes never above stock"]
     assert bad["per-layer ≤ 1.10× stock at GEMM-bound sizes"]
+
+
+def test_native_targets_report_met_and_missed(bench):
+    """Issue 13: geomean ≤ 0.80×, every size ≤ 1.00×, course sizes (≤ 64 wide) ≤ 0.75×, saved bytes ≤ stock."""
+    def case(sizes, native, saved_native=100):
+        c = bench.Case("cpu", sizes, 8, "relu", False)
+        c.times, c.saved = {"stock": 1.0, "native": native}, {"stock": 100, "native": saved_native}
+        return c
+
+    good = bench.native_targets([case((4, 8, 1), 0.6), case((256, 512, 10), 0.9)])
+    assert all(met for met, _ in good) and len(good) == 4, good
+    bad = dict((text.split(":")[1].strip(), met) for met, text in
+               bench.native_targets([case((4, 8, 1), 0.8, 120), case((256, 512, 10), 1.1)]))
+    assert not bad["native ≤ 0.80× stock, geomean over the grid"]
+    assert not bad["native ≤ 1.00× stock at every size"]
+    assert not bad["native ≤ 0.75× stock at course sizes (≤ 64 wide)"]
+    assert not bad["native saved bytes never above stock"]
 
 
 def test_ratios_pair_contenders_within_each_round(bench):

@@ -22,6 +22,7 @@ try:
 
     _c_apply = torch._C._FunctionBase.__dict__.get("apply")
     _transforms_active = torch._C._are_functorch_transforms_active
+    _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 except (ImportError, AttributeError):  # internals moved or gone: the public path only
     _c_apply = None
 
@@ -30,4 +31,8 @@ def apply_rule(rule: type[torch.autograd.Function], *args):
     """`rule.apply(*args)`, with every argument of `rule.forward` given positionally."""
     if _c_apply is None or _transforms_active() or torch.compiler.is_compiling():
         return rule.apply(*args)
-    return _c_apply.__get__(None, rule)(*unwrap_dead_wrappers(args))
+    for arg in args:  # a wrapper left by a finished torch.func transform: unwrap all, as `apply` does
+        if isinstance(arg, torch.Tensor) and _is_wrapped(arg):
+            args = unwrap_dead_wrappers(args)
+            break
+    return _c_apply.__get__(None, rule)(*args)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from manual_backprop import observe
 from manual_backprop._amp import without_autocast
+from manual_backprop.rules import _native
 from manual_backprop.rules._apply import apply_rule
 from manual_backprop.rules.linear import linear_seen, weight_and_bias_grads
 
@@ -150,5 +151,15 @@ def _see_layer(ctx, l: int, delta: torch.Tensor, a: torch.Tensor) -> None:
 
 
 def mlp(a: torch.Tensor, layers: tuple, *weights_and_biases: torch.Tensor | None) -> torch.Tensor:
-    """The network's output, `MLP.apply(a, layers, *weights_and_biases)[0]`."""
+    """The network's output, `MLP.apply(a, layers, *weights_and_biases)[0]`.
+
+    Runs the native twin of `MLP` (`_native`: csrc/mlp.cpp, the same loop in C++) where it may:
+    not switched off, built, every activation known to it, no torch.func transform or
+    torch.compile tracing (they need the Python rule), and nobody watching (`observe` reads δ
+    and a from the Python rule's loop). Otherwise the Python rule.
+    """
+    native = _native.runnable(layers)  # (operator, activation codes, their parameters), or None
+    if native is not None and observe.current() is None:
+        op, kinds, params = native
+        return op(a, weights_and_biases, kinds, params)[0]
     return apply_rule(MLP, a, layers, *weights_and_biases)[0]

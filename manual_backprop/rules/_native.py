@@ -1,0 +1,187 @@
+"""The native twin of the fused MLP rule: built once, loaded, and when it may run.
+
+`manual_backprop/csrc/mlp.cpp` is the loop of `rules/mlp.py` (the readable reference) written
+as a C++ `torch::autograd::Function` from ATen ops, registered as the operator
+`torch.ops.manual_backprop.mlp`. It is compiled with `torch.utils.cpp_extension` on first use
+(about 20 s; a message says so) into a folder keyed by a hash of the source, the torch
+version and the Python ABI, so every later process loads the built library at once:
+
+    $MANUAL_BACKPROP_BUILD_DIR, else $XDG_CACHE_HOME/manual_backprop, else ~/.cache/manual_backprop
+
+Why on first use and not at install: the project installs with plain setuptools in an isolated
+build (`pip install -e .`), where torch is not importable without downloading it a second
+time; building against the torch that actually runs avoids ABI mismatches; and a machine
+without a compiler installs and works the same (the Python rule runs).
+
+`MANUAL_BACKPROP_NATIVE=0` (read when manual_backprop is imported) forces the Python rule;
+`python_rule()` does so for a block. Without a C++ compiler or ninja, or if the
+build fails, one warning says why and the Python rule runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import sys
+import sysconfig
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from manual_backprop.rules import activations as act
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "mlp.cpp"
+NAME = "manual_backprop_native"
+
+# Elementwise rule -> (code in mlp.cpp's `Kind`, its parameters as two floats).
+_ACTIVATION_CODES = {
+    act.Identity: (0, lambda: (0.0, 0.0)),
+    act.Sigmoid: (1, lambda: (0.0, 0.0)),
+    act.Tanh: (2, lambda: (0.0, 0.0)),
+    act.ReLU: (3, lambda: (0.0, 0.0)),
+    act.LeakyReLU: (4, lambda slope: (float(slope), 0.0)),
+    act.ELU: (5, lambda alpha: (float(alpha), 0.0)),
+    act.Softplus: (6, lambda beta, threshold: (float(beta), float(threshold))),
+    act.SiLU: (7, lambda: (0.0, 0.0)),
+    act.GELU: (8, lambda approximate: ({"none": 0.0, "tanh": 1.0}[approximate], 0.0)),
+    act.ReLU6: (9, lambda: (0.0, 0.0)),
+    act.Hardtanh: (10, lambda min_val, max_val: (float(min_val), float(max_val))),
+    act.Hardsigmoid: (11, lambda: (0.0, 0.0)),
+    act.Hardswish: (12, lambda: (0.0, 0.0)),
+    act.Mish: (13, lambda: (0.0, 0.0)),
+}
+# an MLP layer's activation names its rule by σ (`rules.mlp.activation`)
+_BY_SIGMA = {rule.sigma: entry for rule, entry in _ACTIVATION_CODES.items()}
+
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+_lock = threading.Lock()
+_op = None  # the loaded operator, once loaded
+_tried = False
+_forced_off = 0  # > 0 inside `python_rule()`
+# read once: the check runs on every MLP call, and os.environ's lookup is a few Python frames
+_ENVIRONMENT_ALLOWS = os.environ.get("MANUAL_BACKPROP_NATIVE", "1") != "0"
+_encoded: dict = {}  # layers -> (kinds, params), or None where an activation has no native form
+
+
+def build_directory() -> Path:
+    """Where the library is built: one folder per (source, torch, Python ABI)."""
+    key = hashlib.sha256(SOURCE.read_bytes())
+    key.update(f"{torch.__version__}|{torch.version.cuda}|{sysconfig.get_config_var('SOABI')}".encode())
+    base = os.environ.get("MANUAL_BACKPROP_BUILD_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "manual_backprop"
+    return Path(base) / f"native-{key.hexdigest()[:16]}"
+
+
+def _fallback(reason: str) -> None:
+    warnings.warn(f"manual_backprop: the native MLP rule is unavailable ({reason}); the Python rule runs instead "
+                  "(same results, slower at small widths). Set MANUAL_BACKPROP_NATIVE=0 to silence this.",
+                  RuntimeWarning, stacklevel=4)
+
+
+def load():
+    """The operator `torch.ops.manual_backprop.mlp`, building it first if needed; None where it cannot be built."""
+    global _op, _tried
+    if _tried:
+        return _op
+    with _lock:
+        if _tried:
+            return _op
+        try:
+            _op = _load()
+        except Exception as error:  # a failed build or load: the Python rule, with one warning
+            _fallback(f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}")
+        _tried = True
+    return _op
+
+
+def _load():
+    folder = build_directory()
+    library, done = folder / f"{NAME}.so", folder / "built"
+    if not done.exists():  # `done` is written after a whole build: never load a half-written library
+        from torch.utils import cpp_extension
+
+        compiler = os.environ.get("CXX", "c++")
+        if shutil.which(compiler) is None:
+            _fallback(f"no C++ compiler: {compiler!r} is not on PATH")
+            return None
+        if not cpp_extension.is_ninja_available():
+            _fallback("ninja, which torch.utils.cpp_extension needs, is not on PATH")
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"manual_backprop: building the native MLP rule once (about 20-60 s) in {folder}",
+              file=sys.stderr, flush=True)
+        # takes a file lock in `folder`: concurrent processes (pytest -n 2) build once
+        cpp_extension.load(NAME, [str(SOURCE)], build_directory=str(folder), is_python_module=False,
+                           extra_cflags=["-O2"], verbose=False)
+        done.touch()
+    else:
+        torch.ops.load_library(str(library))
+    overload = torch.ops.manual_backprop.mlp.default
+    return getattr(overload, "_op", overload)  # the C++ operator itself, without OpOverload's Python frame
+
+
+def encode(layers: tuple):
+    """(kinds, params) for `layers` (`rules.mlp.activation` tuples or None), or None if any has no native form."""
+    try:
+        return _encoded[layers]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable parameters: work it out each call
+        return _encode(layers)
+    _encoded[layers] = encoded = _encode(layers)
+    return encoded
+
+
+def _encode(layers):
+    kinds, params = [], []
+    for activation in layers:
+        if activation is None:
+            kind, values = 0, (0.0, 0.0)
+        else:
+            sigma, _, _, extra = activation
+            if sigma not in _BY_SIGMA:
+                return None
+            kind, encode_params = _BY_SIGMA[sigma]
+            try:
+                values = encode_params(*extra)
+            except (TypeError, ValueError, KeyError):  # settings the C++ side does not take
+                return None
+        kinds.append(kind)
+        params.extend(values)
+    return kinds, params
+
+
+def runnable(layers: tuple):
+    """(operator, kinds, params) when the native rule may run for `layers` now, else None.
+
+    Not switched off; every activation has a native form; no torch.func transform is active and
+    torch.compile is not tracing (both need a Python autograd.Function); built and loaded.
+    """
+    if _forced_off or not _ENVIRONMENT_ALLOWS or _transforms_active() or torch.compiler.is_compiling():
+        return None
+    encoded = encode(layers)
+    if encoded is None:
+        return None
+    op = _op if _tried else load()
+    return None if op is None else (op, *encoded)
+
+
+def wanted() -> bool:
+    """Whether the native rule should run: not switched off (MANUAL_BACKPROP_NATIVE=0, `python_rule()`)."""
+    return not _forced_off and _ENVIRONMENT_ALLOWS
+
+
+@contextlib.contextmanager
+def python_rule():
+    """Run the Python rule inside this block, whatever the environment says (the benchmark's `fused`)."""
+    global _forced_off
+    _forced_off += 1
+    try:
+        yield
+    finally:
+        _forced_off -= 1
