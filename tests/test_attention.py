@@ -3,7 +3,6 @@ and MultiheadAttention / Transformer layers built on it against torch's modules.
 
 from __future__ import annotations
 
-import copy
 import inspect
 from functools import partial
 

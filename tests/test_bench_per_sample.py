@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
 
 @pytest.mark.slow
 def test_quick_benchmark_runs_and_contenders_agree(capsys):
-    spec = importlib.util.spec_from_file_location("bench_per_sample", ROOT / "scripts" / "bench_per_sample.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_per_sample")
     assert bench.main(["--quick", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     for model in ("mlp", "transformer block", "cnn"):

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_tape.py"
+from tests.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench_tape():
-    spec = importlib.util.spec_from_file_location("bench_tape", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_tape"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_tape")
 
 
 @pytest.mark.slow

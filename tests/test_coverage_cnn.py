@@ -6,9 +6,6 @@ convert, from `report`; gradients must equal stock autograd's on a small input.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,16 +13,12 @@ import torch
 import manual_backprop as mb
 from manual_backprop.testing import assert_grad_parity
 
-ZOO = Path(__file__).resolve().parents[1] / "scripts" / "zoo_cnn.py"
+from tests.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def zoo():
-    spec = importlib.util.spec_from_file_location("zoo_cnn", ZOO)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["zoo_cnn"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("zoo_cnn")
 
 
 @pytest.fixture(autouse=True)

@@ -7,17 +7,17 @@ package (tests/stand_ins), with this package's Hugging Face plugin registered.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from torch import nn
 
 import manual_backprop as mb
 from manual_backprop.plugins import huggingface
 from manual_backprop.testing import assert_grad_parity, rule_nodes
+
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 STAND_INS = ROOT / "tests" / "stand_ins"
@@ -38,11 +38,7 @@ def zoo():
     """scripts/zoo_transformers.py, with the stand-in transformers importable while this module runs."""
     len(mb.default_registry())  # the default registry loads its plugins before, never with the stand-in
     sys.path.insert(0, str(STAND_INS))
-    spec = importlib.util.spec_from_file_location("zoo_transformers", ROOT / "scripts" / "zoo_transformers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["zoo_transformers"] = module
-    spec.loader.exec_module(module)
-    yield module
+    yield load_script("zoo_transformers")
     sys.path.remove(str(STAND_INS))
     for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")]:
         del sys.modules[name]

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
 
 @pytest.mark.slow
 def test_quick_run_writes_the_table_and_plot(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("learning_rules_script", ROOT / "scripts" / "learning_rules.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("learning_rules")
     assert script.main(["--quick", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "learning_rules.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and "`" in line]

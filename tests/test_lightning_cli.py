@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import shlex
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from lightning_modules import (
 )
 from lightning_modules.callbacks import PredictionWriter
 from lightning_modules.cli import build_cli, cli_main
+from tests.scripts import load_script
 from tests.cases import FUSED_MLP, node_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,10 +203,7 @@ def test_console_script_runs_a_fast_dev_run(tmp_path):
 
 
 def load_train_examples():
-    spec = importlib.util.spec_from_file_location("train_examples", ROOT / "scripts" / "train_examples.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_examples")
 
 
 def test_make_train_script_prints_one_table_and_fails_when_a_floor_is_missed(tmp_path, capsys):

@@ -5,7 +5,6 @@ reductions; repeated backward; torch.compile records or raises."""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch

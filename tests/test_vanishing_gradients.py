@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "vanishing_gradients.py"
+from tests.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("vanishing_gradients", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["vanishing_gradients"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("vanishing_gradients")
 
 
 def test_sigmoid_deltas_vanish_under_the_quarter_bound(script):
