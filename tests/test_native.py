@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -31,6 +32,21 @@ def _native_on(monkeypatch):
     monkeypatch.setattr(_native, "_ENVIRONMENT_ALLOWS", True)  # these tests run both rules, whatever the environment
 
 
+# The native rule's two CPU paths: "direct" (BLAS and plain loops, float32/float64) and "aten" (ATen ops, as on CUDA)
+PATHS = ["direct", "aten"]
+
+
+@contextlib.contextmanager
+def on_path(path: str, device: str):
+    """Run the native rule on `path`, and check that it took it: the direct path's forward and backward ran once
+    each on CPU for the "direct" path, never otherwise."""
+    with _native.direct_path(path == "direct"):
+        before = _native.direct_counts()
+        yield
+        ran = [after - b for after, b in zip(_native.direct_counts(), before)]
+    assert ran == ([1, 1] if path == "direct" and device == "cpu" else [0, 0]), f"direct path ran {ran} times"
+
+
 def step(model, x, upstream, python: bool = False):
     """Output, its node's name and ∂/∂(x, parameters…) of ⟨output, upstream⟩, by the native or the Python rule."""
     x = x.detach().clone().requires_grad_(True)
@@ -51,19 +67,21 @@ def test_the_native_rule_is_built_and_loaded():
     assert node_name(out.grad_fn) == "NativeMLPBackward"
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("shape_id, shape", SHAPES, ids=[s[0] for s in SHAPES])
 @pytest.mark.parametrize("act_id, activation, stock_activation", ACTIVATIONS, ids=ACTIVATION_IDS)
 def test_native_equals_python_rule_equals_stock_float64(act_id, activation, stock_activation, shape_id, shape, bias,
-                                                       device):
+                                                       device, path):
     # the output layer takes the hidden activation too where there is a bias: σ' of the last layer, from a or z
     output = stock_activation() if bias else None
     model, stock = pair(SIZES, activation, stock_activation, output_activation=output, bias=bias,
                         device=device, dtype=torch.float64)
     x = torch.randn(shape, dtype=torch.float64, device=device) * 2
     upstream = torch.randn(*shape[:-1], SIZES[-1], dtype=torch.float64, device=device)
-    out, name, grads = step(model, x, upstream)
+    with on_path(path, device):
+        out, name, grads = step(model, x, upstream)
     out_p, name_p, grads_p = step(model, x, upstream, python=True)
     out_s, _, grads_s = step(stock, x, upstream)
     assert (name, name_p) == ("NativeMLPBackward", "MLPBackward")
@@ -75,19 +93,58 @@ def test_native_equals_python_rule_equals_stock_float64(act_id, activation, stoc
         torch.testing.assert_close(g, g_s, **FLOAT64_EXACT)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("act_id, activation, stock_activation", ACTIVATIONS, ids=ACTIVATION_IDS)
-def test_native_equals_stock_float32(act_id, activation, stock_activation, device):
+def test_native_equals_stock_float32(act_id, activation, stock_activation, device, path):
     model, stock = pair([6, 16, 16, 3], activation, stock_activation, output_activation=stock_activation(),
                         device=device)
     x = torch.randn(2, 5, 6, device=device)
     upstream = torch.randn(2, 5, 3, device=device)
-    out, name, grads = step(model, x, upstream)
+    with on_path(path, device):
+        out, name, grads = step(model, x, upstream)
     out_s, _, grads_s = step(stock, x, upstream)
     assert name == "NativeMLPBackward"
     torch.testing.assert_close(out, out_s, **FLOAT32)
     for g, g_s in zip(grads, grads_s, strict=True):
         torch.testing.assert_close(g, g_s, **FLOAT32)
+
+
+def test_the_direct_path_finds_torchs_blas():
+    """Fails where the direct CPU path silently falls back to ATen on a torch that links MKL or OpenBLAS."""
+    if not (torch.backends.mkl.is_available() or "BLAS_INFO=open" in torch.__config__.show()):
+        pytest.skip("this torch links neither MKL nor OpenBLAS")
+    assert _native.has_blas()
+
+
+@pytest.mark.parametrize("act_id, activation, stock_activation", ACTIVATIONS, ids=ACTIVATION_IDS)
+def test_direct_path_takes_strided_inputs_and_expanded_gradients(act_id, activation, stock_activation):
+    """A transposed input, an expanded upstream gradient (as from .sum()) and a non-contiguous weight."""
+    model, stock = pair([4, 6, 6, 3], activation, stock_activation, dtype=torch.float64)
+    with torch.no_grad():
+        for m in (model.layers[1], stock[2]):  # the same values, held transposed
+            m.weight = nn.Parameter(m.weight.detach().t().contiguous().t())
+    x = torch.randn(4, 7, dtype=torch.float64).t()
+    upstream = torch.randn(1, 3, dtype=torch.float64).expand(7, 3)
+    with on_path("direct", "cpu"):
+        out, _, grads = step(model, x, upstream)
+    out_s, _, grads_s = step(stock, x, upstream)
+    torch.testing.assert_close(out, out_s, **FLOAT64_EXACT)
+    for g, g_s in zip(grads, grads_s, strict=True):
+        torch.testing.assert_close(g, g_s, **FLOAT64_EXACT)
+
+
+def test_double_backward_takes_the_aten_path_in_backward():
+    """create_graph=True needs a differentiable backward: the direct path serves the forward only."""
+    model = mnn.MLP([3, 4, 2], "tanh", dtype=torch.float64)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    before = _native.direct_counts()
+    (grad_x,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+    assert [a - b for a, b in zip(_native.direct_counts(), before)] == [1, 0]
+    with _native.python_rule():
+        (expected,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+    torch.testing.assert_close(grad_x, expected, **FLOAT64_EXACT)
+    assert grad_x.grad_fn is not None
 
 
 # σ' from a (sigmoid, relu6), from z (gelu, softplus), none (identity); and no output activation

@@ -36,6 +36,7 @@ from manual_backprop.rules import activations as act
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "mlp.cpp"
 NAME = "manual_backprop_native"
+FLAGS = ["-O3"]  # -O3 vectorises the direct path's loops (σ'⊙δ, Σₙ δ) for the baseline instruction set
 
 # Elementwise rule -> (code in mlp.cpp's `Kind`, its parameters as two floats).
 _ACTIVATION_CODES = {
@@ -71,7 +72,7 @@ _encoded: dict = {}  # layers -> (kinds, params), or None where an activation ha
 def build_directory() -> Path:
     """Where the library is built: one folder per (source, torch, Python ABI)."""
     key = hashlib.sha256(SOURCE.read_bytes())
-    key.update(f"{torch.__version__}|{torch.version.cuda}|{sysconfig.get_config_var('SOABI')}".encode())
+    key.update(f"{torch.__version__}|{torch.version.cuda}|{sysconfig.get_config_var('SOABI')}|{FLAGS}".encode())
     base = os.environ.get("MANUAL_BACKPROP_BUILD_DIR") or Path(
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "manual_backprop"
     return Path(base) / f"native-{key.hexdigest()[:16]}"
@@ -117,7 +118,7 @@ def _load():
               file=sys.stderr, flush=True)
         # takes a file lock in `folder`: concurrent processes (pytest -n 2) build once
         cpp_extension.load(NAME, [str(SOURCE)], build_directory=str(folder), is_python_module=False,
-                           extra_cflags=["-O2"], verbose=False)
+                           extra_cflags=FLAGS, verbose=False)
         done.touch()
     else:
         torch.ops.load_library(str(library))
@@ -174,6 +175,31 @@ def runnable(layers: tuple):
 def wanted() -> bool:
     """Whether the native rule should run: not switched off (MANUAL_BACKPROP_NATIVE=0, `python_rule()`)."""
     return not _forced_off and _ENVIRONMENT_ALLOWS
+
+
+@contextlib.contextmanager
+def direct_path(allowed: bool):
+    """Allow or forbid, inside this block, the native rule's direct CPU path (BLAS and plain loops; csrc/mlp.cpp).
+
+    Where forbidden, the native rule runs on ATen ops throughout: the tests and the benchmark run both.
+    """
+    if load() is None:
+        raise RuntimeError("manual_backprop: the native MLP rule is not built, so it has no direct path to switch")
+    previous = torch.ops.manual_backprop.set_direct(allowed)
+    try:
+        yield
+    finally:
+        torch.ops.manual_backprop.set_direct(previous)
+
+
+def direct_counts() -> tuple[int, int]:
+    """How many forwards and backwards the direct CPU path has run in this process (the tests check it ran)."""
+    return tuple(torch.ops.manual_backprop.direct_counts()) if load() is not None else (0, 0)
+
+
+def has_blas() -> bool:
+    """Whether the direct CPU path found the BLAS (sgemm_, dgemm_) that torch links."""
+    return load() is not None and torch.ops.manual_backprop.has_blas()
 
 
 @contextlib.contextmanager
