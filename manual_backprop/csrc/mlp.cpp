@@ -9,7 +9,8 @@
 // Python between the layers, which is where the Python rule spends its time at small widths.
 // Backward uses forward ATen ops only (mm, sum, elementwise), never autograd or a *_backward
 // kernel, and is differentiable: as in the Python rule, the hidden a(l) and the z(l) that σ' reads
-// are extra outputs, so double backward reaches W and the input through σ'.
+// are extra outputs of the node (the operator hands back only the network's output), so double
+// backward reaches W and the input through σ'. Where σ' reads a, σ is applied over z in place.
 //
 // On CPU, for float32 and float64, the same loop runs on raw memory (the "direct" path): matrix
 // products straight to the BLAS that torch itself links (sgemm_/dgemm_, MKL or OpenBLAS), σ'⊙δ,
@@ -34,18 +35,20 @@
 #include <cstring>
 #include <vector>
 
-// Fortran BLAS, as torch's own CPU build calls it (32-bit integers). Weak: where torch does not export them,
-// they are null and the ATen path runs.
 // d[i] depends on index i alone, even where d is g (δ written over ∂J/∂a): tell the compiler, so it vectorises
 // instead of checking for overlap at run time and, finding d == g, falling back to a branchy scalar loop.
 #if defined(__clang__)
-#define ELEMENTWISE _Pragma("clang loop vectorize(enable)")
+#define ELEMENTWISE _Pragma("clang loop vectorize(assume_safety)")
 #elif defined(__GNUC__)
 #define ELEMENTWISE _Pragma("GCC ivdep")
 #else
 #define ELEMENTWISE
 #endif
 
+// Fortran BLAS, as torch's own CPU build calls it (32-bit integers). Weak, and declared on Linux only, where an
+// unresolved weak symbol is null: where torch does not export them, the ATen path runs.
+#if defined(__linux__)
+#define MANUAL_BACKPROP_BLAS 1
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
             const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
@@ -54,6 +57,7 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
 }
+#endif
 
 namespace manual_backprop {
 
@@ -190,7 +194,13 @@ Tensor rows(const Tensor& t) {  // (*, features) -> (n, features)
 std::atomic<bool> direct_allowed{true};  // set_direct(false): ATen everywhere (the tests run both paths)
 std::atomic<int64_t> direct_runs[2];     // forwards, backwards on the direct path: the tests check it ran
 
-bool has_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+bool has_blas() {
+#ifdef MANUAL_BACKPROP_BLAS
+  return sgemm_ != nullptr && dgemm_ != nullptr;
+#else
+  return false;
+#endif
+}
 
 // Whether the direct path may run: CPU, float32 or float64, plain strided tensors, sizes within BLAS's int.
 bool direct_ok(const Tensor& a, at::TensorList tensors) {
@@ -223,11 +233,15 @@ void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, c
   const int ldb = static_cast<int>(transpose_b ? k : n), lda = static_cast<int>(transpose_a ? m : k);
   const char op_b = transpose_b ? 'T' : 'N', op_a = transpose_a ? 'T' : 'N';
   const T one = 1;
+#ifdef MANUAL_BACKPROP_BLAS
   if constexpr (std::is_same_v<T, float>) {
     sgemm_(&op_b, &op_a, &M, &N, &K, &one, B, &ldb, A, &lda, &beta, C, &M);
   } else {
     dgemm_(&op_b, &op_a, &M, &N, &K, &one, B, &ldb, A, &lda, &beta, C, &M);
   }
+#else
+  TORCH_CHECK(false, "manual_backprop native MLP: the direct path ran without a BLAS");  // direct_ok prevents it
+#endif
 }
 
 // z = a Wᵀ + b: b copied into every row, then the product added onto it (as addmm does)
@@ -460,8 +474,10 @@ struct NativeMLP : public torch::autograd::Function<NativeMLP> {
   }
 };
 
-std::vector<Tensor> mlp(const Tensor& a, const c10::List<std::optional<Tensor>>& weights_and_biases,
-                        at::IntArrayRef kinds, at::ArrayRef<double> params) {
+// The network's output. The node's other outputs (the hidden a(l), z(l)) stay with the node, which saved them:
+// no Python object is made for them on every call.
+Tensor mlp(const Tensor& a, const c10::List<std::optional<Tensor>>& weights_and_biases, at::IntArrayRef kinds,
+           at::ArrayRef<double> params) {
   TORCH_CHECK(static_cast<int64_t>(weights_and_biases.size()) == 2 * static_cast<int64_t>(kinds.size()) &&
                   params.size() == 2 * kinds.size() && !kinds.empty(),
               "manual_backprop native MLP: expected W, b and two parameters per layer");
@@ -475,7 +491,7 @@ std::vector<Tensor> mlp(const Tensor& a, const c10::List<std::optional<Tensor>>&
     slot.push_back(present ? static_cast<int64_t>(given.size()) : -1);
     if (present) given.push_back(*o);
   }
-  return NativeMLP::apply(a, at::TensorList(given), std::move(slot), kinds.vec(), params.vec());
+  return NativeMLP::apply(a, at::TensorList(given), std::move(slot), kinds.vec(), params.vec())[0];
 }
 
 }  // namespace manual_backprop
@@ -487,7 +503,7 @@ std::vector<int64_t> direct_counts() { return {direct_runs[0].load(), direct_run
 }  // namespace manual_backprop
 
 TORCH_LIBRARY(manual_backprop, m) {
-  m.def("mlp(Tensor a, Tensor?[] weights_and_biases, int[] kinds, float[] params) -> Tensor[]");
+  m.def("mlp(Tensor a, Tensor?[] weights_and_biases, int[] kinds, float[] params) -> Tensor");
   m.def("set_direct(bool allowed) -> bool", &manual_backprop::set_direct);
   m.def("direct_counts() -> int[]", &manual_backprop::direct_counts);
   m.def("has_blas() -> bool", &manual_backprop::has_blas);

@@ -161,5 +161,5 @@ def mlp(a: torch.Tensor, layers: tuple, *weights_and_biases: torch.Tensor | None
     native = _native.runnable(layers)  # (operator, activation codes, their parameters), or None
     if native is not None and observe.current() is None:
         op, kinds, params = native
-        return op(a, weights_and_biases, kinds, params)[0]
+        return op(a, weights_and_biases, kinds, params)
     return apply_rule(MLP, a, layers, *weights_and_biases)[0]
