@@ -10,6 +10,8 @@ Contenders, all started from the same parameters and fed the same batch:
     fused      manual_backprop.nn.MLP: one node for the network
     compiled   the fused step (MLP + loss) under torch.compile
     native     manual_backprop.nn.MLP with its native rule (csrc/mlp.cpp; "fused" is its Python rule)
+    native-aten  the native rule on ATen ops only, its direct CPU path (BLAS, plain loops) switched
+               off: what that path buys (on CUDA the two are the same)
     peers      a plain per-layer autograd.Function without fusion, in the style of
                peer projects (old-style ctx, saves the inputs, recomputes σ in backward)
     matmuls    the step's matrix products alone (3 per layer: forward, grad-input,
@@ -123,7 +125,7 @@ FULL_GRID = [
     ((20, 64, 64, 64, 3), 64, False),
 ]
 QUICK_GRID = [((4, 8, 8, 1), 8, False), ((16, 32, 10), 16, True)]
-CONTENDERS = ["stock", "per-layer", "fused", "compiled", "peers", "native"]
+CONTENDERS = ["stock", "per-layer", "fused", "compiled", "peers", "native", "native-aten"]
 
 
 @dataclass(eq=False)
@@ -191,6 +193,8 @@ def build(case: Case, compile_backend: str, our_loss_for_ours: bool = False):
     forwards["fused"] = (python_rule(forwards["fused"][0]), fused)
     native = mnn.MLP.from_sequential(stock)
     forwards["native"] = (lambda: our_loss(native(x), y), native)
+    native_aten = mnn.MLP.from_sequential(stock)
+    forwards["native-aten"] = (aten_path(lambda: our_loss(native_aten(x), y)), native_aten)
     steps, params = {}, {}
     for name, (forward, model) in forwards.items():
         params[name] = list(model.parameters())
@@ -207,6 +211,17 @@ def python_rule(forward):
             return forward()
 
     return run
+
+
+def aten_path(forward):
+    """`forward` with the native rule's direct CPU path off (`rules._native.direct_path`); backward follows
+    the path forward took."""
+
+    def run():
+        with _native.direct_path(False):
+            return forward()
+
+    return run if _native.load() is not None else forward
 
 
 def make_step(forward, params):
@@ -360,7 +375,7 @@ def targets(cases: list[Case]) -> list[tuple[bool, str]]:
     results = []
     for device in dict.fromkeys(c.device for c in cases):
         on = [c for c in cases if c.device == device]
-        ratio = {name: {c: c.ratio(name) for c in on} for name in CONTENDERS}
+        ratio = {name: {c: c.ratio(name) for c in on} for name in ("fused", "per-layer")}
         fused = ratio["fused"]
         worst = max(on, key=lambda c: fused[c])
         results.append((geomean(fused.values()) <= 1.00,
