@@ -13,6 +13,10 @@ build (`pip install -e .`), where torch is not importable without downloading it
 time; building against the torch that actually runs avoids ABI mismatches; and a machine
 without a compiler installs and works the same (the Python rule runs).
 
+On CPU, for float32 and float64, the native rule takes a "direct" path: products straight to the
+BLAS torch links, the elementwise steps as plain loops (no per-op dispatch); `direct_path(False)`
+switches it off for a block, `direct_counts()` says how often it ran.
+
 `MANUAL_BACKPROP_NATIVE=0` (read when manual_backprop is imported) forces the Python rule;
 `python_rule()` does so for a block. Without a C++ compiler or ninja, or if the
 build fails, one warning says why and the Python rule runs.
