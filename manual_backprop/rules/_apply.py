@@ -35,7 +35,10 @@ except (ImportError, AttributeError):  # internals moved or gone: the public pat
     _c_apply = None
 
 
-_is_compiling = torch.compiler.is_compiling  # the same function (dynamo knows it), one lookup less a call
+# Only dynamo needs `Function.apply` (it cannot trace the C++ apply); other tracers (make_fx, export)
+# run the C++ apply either way, `Function.apply` only adding the signature binding. is_dynamo_compiling
+# is `return False` outside dynamo (is_compiling calls torch.jit.is_scripting too: a frame per rule call).
+_is_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 _Tensor = torch.Tensor
 
 

@@ -115,7 +115,9 @@ class Sigmoid(Elementwise):
 
     @staticmethod
     def delta_sigma_prime(delta, a):
-        return (1 - a).mul_(a).mul_(delta)  # one new tensor, updated in place (autograd still tracks it)
+        # (1 − a)·a·δ in one new tensor, updated in place (autograd still tracks it). torch.rsub(a, 1) is
+        # 1 − a without Tensor.__rsub__'s Python wrapper: ~5 µs a layer and step at course sizes (issue 13).
+        return torch.rsub(a, 1).mul_(a).mul_(delta)
 
 
 class Tanh(Elementwise):

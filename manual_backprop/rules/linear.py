@@ -50,10 +50,7 @@ class Linear(torch.autograd.Function):
         if ctx.call is not None:
             ctx.call.see(linear_seen(ctx.call, delta, a, *ctx.params, *output))
         grad_a = delta @ W if need_a else None
-        if delta.dim() != 2:  # (*, out) -> (n, out), as weight_and_bias_grads does
-            delta, a = delta.reshape(-1, delta.shape[-1]), None if a is None else a.reshape(-1, a.shape[-1])
-        # weight_and_bias_grads written out here: a per-step call saved at course sizes (issue 13)
-        return grad_a, (delta.T @ a if need_W else None), (delta.sum(0) if need_b else None)
+        return grad_a, *weight_and_bias_grads(delta, a, need_W, need_b)
 
 
 def weight_and_bias_grads(delta, a, need_W: bool, need_b: bool):
