@@ -125,6 +125,18 @@ def test_hooks_on_a_direct_backward_node_still_run():
     torch.testing.assert_close(W.grad, 2 * torch.ones(2, 3) @ x.detach())
 
 
+def test_a_patched_backward_is_what_runs():
+    """The node calls the rule's backward as it is now: breaking a rule (as tests do) still shows."""
+    original = rules.Sigmoid.backward
+    try:
+        rules.Sigmoid.backward = staticmethod(lambda ctx, delta: delta * 0)
+        z = torch.randn(4, requires_grad=True)
+        MF.sigmoid(z).sum().backward()
+        assert not z.grad.any()
+    finally:
+        rules.Sigmoid.backward = original
+
+
 def test_direct_backward_leaves_other_functions_to_torch():
     class WithVjp(torch.autograd.Function):
         @staticmethod

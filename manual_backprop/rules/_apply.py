@@ -11,9 +11,9 @@ functorch wrappers. Inside transforms or compile, the full `apply` runs.
 Backward has the same kind of plumbing: autograd's engine calls the graph node's
 `apply`, which for a Python Function is `BackwardCFunction.apply`, two Python
 frames that look up and call `rule.backward`. `direct_backward` makes the node's
-`apply` the rule's backward itself (what those frames would call anyway), a few µs
-per node and step at course sizes (issue 13). Compiled autograd and anomaly mode call
-`rule.backward` themselves and are unaffected.
+`apply` one frame that calls `rule.backward` (what those frames would call anyway), a µs
+or so per node and step at course sizes (issue 13). Compiled autograd calls
+`rule.backward` itself and is unaffected.
 
 The fast path leans on private torch internals (`torch._C._FunctionBase.apply`,
 `torch._functorch.utils.unwrap_dead_wrappers`, `torch._C._are_functorch_transforms_active`).
@@ -57,7 +57,7 @@ def direct_backward(rule: type[torch.autograd.Function]) -> type[torch.autograd.
     """Class decorator: autograd's engine calls `rule.backward` directly (see the module docstring).
 
     Only for a plain rule, as `BackwardCFunction.apply` would treat it: a `backward`, no `vjp`, grads
-    not boxed. Then the node's `apply(ctx, *grads)` is `rule.backward(ctx, *grads)`, the same call.
+    not boxed. Then the node's `apply(ctx, *grads)` calls `rule.backward(ctx, *grads)`, the same call.
     """
     backward_cls = rule.__dict__.get("_backward_cls")  # made by FunctionMeta for this class
     plain = (
@@ -67,5 +67,9 @@ def direct_backward(rule: type[torch.autograd.Function]) -> type[torch.autograd.
         and not getattr(rule, "boxed_grads_call", False)
     )
     if plain:
-        backward_cls.apply = rule.backward
+
+        def apply(ctx, *grads):  # rule.backward looked up at each call, so a patched backward runs too
+            return rule.backward(ctx, *grads)
+
+        backward_cls.apply = apply
     return rule
