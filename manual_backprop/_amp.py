@@ -80,6 +80,11 @@ _BCE_BANNED_MESSAGE = (
 )
 
 
+# Is autocast on for any device? One cheap check, for the hot paths (autocast_inputs, without_autocast,
+# and callers that skip even the call to autocast_inputs at course sizes, issue 13).
+autocast_on = torch._C._is_any_autocast_enabled
+
+
 def _eligible(t: torch.Tensor | None) -> bool:
     # autocast casts floating tensors other than float64 (autocast_mode.h is_eligible).
     return t is not None and t.is_floating_point() and t.dtype is not torch.float64
@@ -90,7 +95,7 @@ def autocast_inputs(op: str, device: torch.device, *tensors: torch.Tensor | None
 
     Returns the tensors unchanged (and fast) when autocast is off for `device`.
     """
-    if not torch._C._is_any_autocast_enabled():  # the common case, one cheap check
+    if not autocast_on():  # the common case, one cheap check
         return tensors
     device_type = device.type
     if not torch.is_autocast_enabled(device_type):
@@ -115,7 +120,7 @@ def without_autocast(backward: F) -> F:
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
-        if not torch._C._is_any_autocast_enabled():  # the common case: one cheap check
+        if not autocast_on():  # the common case: one cheap check
             return backward(ctx, *grads)
         device = next((g.device for g in grads if g is not None), None)
         if device is not None and torch.is_autocast_enabled(device.type):

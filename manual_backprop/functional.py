@@ -14,7 +14,7 @@ import torch
 from torch.nn import _reduction
 
 from manual_backprop import _checks, observe, rules
-from manual_backprop._amp import autocast_inputs
+from manual_backprop._amp import autocast_inputs, autocast_on
 from manual_backprop._checks import InputError, TargetIndexError, shape
 from manual_backprop.rules._apply import apply_rule
 
@@ -64,7 +64,8 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if not (len(w_shape) == 2 and input.dim() != 0 and input.shape[-1] == w_shape[1]
             and (bias is None or bias.shape == w_shape[:1])):
         _linear_shape_error(input, weight, bias)
-    input, weight, bias = autocast_inputs("linear", input.device, input, weight, bias)
+    if autocast_on():
+        input, weight, bias = autocast_inputs("linear", input.device, input, weight, bias)
     if input.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         _checks.same_dtype("linear", input=input, weight=weight, bias=bias)
     return apply_rule(rules.Linear, input, weight, bias)
@@ -88,7 +89,8 @@ def _linear_shape_error(input, weight, bias) -> None:
 
 
 def _activate(op: str, rule, input: torch.Tensor, inplace: bool, *params) -> torch.Tensor:
-    (input,) = autocast_inputs(op, input.device, input)
+    if autocast_on():
+        (input,) = autocast_inputs(op, input.device, input)
     if inplace:
         z_before = input.clone() if rule.sigma_prime_from == "z" else None
         return apply_rule(rules.activations.InplaceElementwise, rule, input, z_before, *params)

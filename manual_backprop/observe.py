@@ -195,6 +195,8 @@ def keep(ctx, *params: torch.Tensor | None) -> Call | None:
 
     Keeps the rule's parameter tensors as `ctx.params` for `Seen.params`.
     """
+    if not _watching:  # nobody watches: every rule asks this, every step
+        return None
     call = current()
     if call is not None:
         ctx.params = params

@@ -205,3 +205,21 @@ def test_compile_aot_eager_fullgraph_each_activation(activation):
     (got,) = torch.autograd.grad((compiled(z) * torch.arange(5.0)).sum(), z)
     (expected,) = torch.autograd.grad((activation.stock(z) * torch.arange(5.0)).sum(), z)
     torch.testing.assert_close(got, expected)
+
+
+# ------------------------------------------------ per-layer overhead (issue 13, part 4): fewer ops, same rounding
+
+
+@pytest.mark.parametrize("rule", [rules.Sigmoid, rules.Tanh])
+def test_delta_sigma_prime_rounds_as_torch_in_saturation(rule):
+    """δ ⊙ σ' from a float32 a, against the same product in float64: sigmoid's (1 − a) is exact, so its
+    error stays a few ulp of the result however close a is to 1; tanh's δ − (δa)·a, like torch's
+    δ(1 − a²), stays within a few ulp of δ."""
+    z = torch.linspace(-12, 12, 2001)
+    a = rule.sigma(z)
+    delta = torch.empty_like(z).uniform_(0.5, 2)
+    got = rule.delta_sigma_prime(delta, a).double()
+    exact = delta.double() * rule.sigma_prime(a.double())
+    eps = torch.finfo(torch.float32).eps
+    bound = 4 * eps * (exact.abs() if rule is rules.Sigmoid else delta.double().abs())
+    assert ((got - exact).abs() <= bound).all()

@@ -81,3 +81,83 @@ def test_a_tensor_left_by_a_finished_transform_is_unwrapped_as_function_apply_do
     torch.testing.assert_close(out, torch.nn.functional.linear(dead, W))
     out.sum().backward()
     torch.testing.assert_close(W.grad, dead.sum(0).expand(2, 3))
+
+
+# ------------------------------------------------ per-layer overhead (issue 13, part 4): direct_backward
+
+
+def count_backward_c_function_applies(monkeypatch) -> list:
+    calls = []
+    original = torch.autograd.function.BackwardCFunction.apply
+
+    def counting(self, *args):
+        calls.append(type(self).__name__)
+        return original(self, *args)
+
+    monkeypatch.setattr(torch.autograd.function.BackwardCFunction, "apply", counting)
+    return calls
+
+
+def test_the_engine_calls_our_rules_backward_directly(monkeypatch):
+    calls = count_backward_c_function_applies(monkeypatch)
+    torch.manual_seed(0)
+    x, W = torch.randn(3, 4, requires_grad=True), torch.randn(2, 4, requires_grad=True)
+    z = MF.linear(x, W)
+    out = MF.relu(MF.tanh(MF.sigmoid(z)))
+    target = torch.randn(3, 2)
+    grads = torch.autograd.grad(MF.mse_loss(out, target), [x, W])
+    assert calls == []  # no node took Function's Python plumbing
+    expected = torch.autograd.grad(
+        torch.nn.functional.mse_loss(torch.relu(torch.tanh(torch.sigmoid(x @ W.T))), target), [x, W])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_hooks_on_a_direct_backward_node_still_run():
+    x, W = torch.randn(3, 4, requires_grad=True), torch.randn(2, 4, requires_grad=True)
+    z = MF.linear(x, W)
+    seen = []
+    z.grad_fn.register_prehook(lambda grad_outputs: seen.append("pre"))
+    z.grad_fn.register_hook(lambda grad_inputs, grad_outputs: seen.append("post"))
+    z.register_hook(lambda delta: delta * 2)  # on the tensor: doubles δ before our backward sees it
+    z.sum().backward()
+    assert seen == ["pre", "post"]
+    torch.testing.assert_close(W.grad, 2 * torch.ones(2, 3) @ x.detach())
+
+
+def test_a_patched_backward_is_what_runs():
+    """The node calls the rule's backward as it is now: breaking a rule (as tests do) still shows."""
+    original = rules.Sigmoid.backward
+    try:
+        rules.Sigmoid.backward = staticmethod(lambda ctx, delta: delta * 0)
+        z = torch.randn(4, requires_grad=True)
+        MF.sigmoid(z).sum().backward()
+        assert not z.grad.any()
+    finally:
+        rules.Sigmoid.backward = original
+
+
+def test_direct_backward_leaves_other_functions_to_torch():
+    class WithVjp(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x * 2
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def vjp(ctx, grad):
+            return grad * 2
+
+    class Boxed(WithVjp):
+        boxed_grads_call = True
+
+    for function in (WithVjp, Boxed):
+        assert _apply.direct_backward(function) is function
+        assert "apply" not in vars(function._backward_cls)
+    assert "apply" in vars(rules.Linear._backward_cls)  # and ours do take it
+    x = torch.ones(2, requires_grad=True)
+    WithVjp.apply(x).sum().backward()
+    assert x.grad.tolist() == [2.0, 2.0]

@@ -7,8 +7,10 @@ import torch.nn.functional as F
 
 from manual_backprop import observe
 from manual_backprop._amp import without_autocast
+from manual_backprop.rules._apply import direct_backward
 
 
+@direct_backward
 class Linear(torch.autograd.Function):
     """z = a Wᵀ + b for a: (*, in), W: (out, in), b: (out,) or None.
 
@@ -34,8 +36,11 @@ class Linear(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         a, W, b = inputs
         need_a, need_W, _ = ctx.needs_input_grad
-        ctx.call = observe.keep(ctx, W, b)
-        ctx.save_for_backward(a if need_W or ctx.call else None, W if need_a else None, *observe.output(ctx, output))
+        ctx.call = call = observe.keep(ctx, W, b)
+        if call is None:  # the common case, nobody watching: a for ∂J/∂W, W for ∂J/∂a
+            ctx.save_for_backward(a if need_W else None, W if need_a else None)
+        else:  # a watcher reads δ and a (and the output, when it asks)
+            ctx.save_for_backward(a, W if need_a else None, *observe.output(ctx, output))
 
     @staticmethod
     @without_autocast

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from manual_backprop._amp import without_autocast
+from manual_backprop.rules._apply import direct_backward  # the engine calls backward itself (issue 13)
 
 
 def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -32,6 +33,7 @@ def incoming(grad: torch.Tensor, reduction: str, numel: int) -> torch.Tensor:
     return grad / numel if reduction == "mean" else grad
 
 
+@direct_backward
 class MSELoss(torch.autograd.Function):
     """J = reduce(w (ŷ − y)²);  δ = ∂J/∂ŷ = 2 w (ŷ − y) · g,  ∂J/∂y = −δ   (w = 1 if None).
 
@@ -74,6 +76,7 @@ class MSELoss(torch.autograd.Function):
         return grad_input, grad_target, None, None
 
 
+@direct_backward
 class BinaryCrossEntropy(torch.autograd.Function):
     """J = −w [y log a + (1 − y) log(1 − a)]  on probabilities a (logs clamped at −100, as torch).
 
@@ -105,6 +108,7 @@ class BinaryCrossEntropy(torch.autograd.Function):
         return grad_a, grad_y, None, None
 
 
+@direct_backward
 class BinaryCrossEntropyWithLogits(torch.autograd.Function):
     """J = −w [p·y log σ(z) + (1 − y) log(1 − σ(z))]   (p = pos_weight, 1 if None).
 
@@ -191,6 +195,7 @@ def _mean_scale(grad, denominator):
     return grad / max(denominator, 1)
 
 
+@direct_backward
 class CrossEntropy(torch.autograd.Function):
     """J = −Σ_c q_c log softmax(z)_c per sample, q the target distribution.
 
