@@ -134,6 +134,22 @@ def test_direct_path_takes_strided_inputs_and_expanded_gradients(act_id, activat
         torch.testing.assert_close(g, g_s, **FLOAT64_EXACT)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("rule", [rules.Sigmoid, rules.Tanh])
+def test_sigma_prime_rounds_as_torch_in_saturation(rule, path):
+    """δ ⊙ σ' on both CPU paths, float32, against float64: sigmoid's (1 − a) is exact, so the error stays a few
+    ulp of the result however close a is to 1; tanh's, like torch's 1 − a², a few ulp of δ. One layer,
+    W = I, b = 0: ∂J/∂x is δ ⊙ σ'(a) itself."""
+    z = torch.linspace(-12, 12, 2001).reshape(-1, 1).requires_grad_(True)
+    delta = torch.empty_like(z).uniform_(0.5, 2)
+    with on_path(path, "cpu"):
+        (got,) = torch.autograd.grad(fused_mlp(z, (layer_activation(rule),), torch.eye(1), torch.zeros(1)), z, delta)
+    exact = delta.double() * rule.sigma_prime(rule.sigma(z.detach()).double())
+    eps = torch.finfo(torch.float32).eps
+    bound = 4 * eps * (exact.abs() if rule is rules.Sigmoid else delta.double().abs())
+    assert ((got.double() - exact).abs() <= bound).all()
+
+
 def test_double_backward_takes_the_aten_path_in_backward():
     """create_graph=True needs a differentiable backward: the direct path serves the forward only."""
     model = mnn.MLP([3, 4, 2], "tanh", dtype=torch.float64)

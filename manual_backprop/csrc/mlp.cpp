@@ -120,16 +120,9 @@ Tensor sigma(const Tensor& z, int64_t kind, double p0, double p1) {
 
 // δ ⊙ σ'(s), s = a or z by source_of(kind): the formulas of rules/activations.py, term for term.
 Tensor delta_sigma_prime(const Tensor& delta, const Tensor& s, int64_t kind, double p0, double p1) {
-  if (!at::GradMode::is_enabled()) {  // no double backward asked for: the same products in two passes, not three
-    switch (kind) {
-      case SIGMOID: {  // δ a (1 − a) = δa − δa·a
-        Tensor delta_a = delta * s;
-        return delta_a.addcmul_(delta_a, s, -1);
-      }
-      case TANH: return at::addcmul(delta, delta * s, s, -1);  // δ (1 − a²) = δ − δa·a
-      default: break;
-    }
-  }
+  // No double backward asked for: δ (1 − a²) = δ − δa·a in two passes, not three (rounding as torch's 1 − a²).
+  // Not so for sigmoid: δa − δa·a cancels as a → 1, where 1 − a is exact; it keeps the notes' three passes.
+  if (!at::GradMode::is_enabled() && kind == TANH) return at::addcmul(delta, delta * s, s, -1);
   switch (kind) {
     case NONE: return delta;
     case SIGMOID: return (1 - s).mul_(s).mul_(delta);               // σ' = a (1 − a)
