@@ -28,6 +28,10 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <climits>
@@ -45,19 +49,35 @@
 #define ELEMENTWISE
 #endif
 
-// Fortran BLAS, as torch's own CPU build calls it (32-bit integers). Weak, and declared on Linux only, where an
-// unresolved weak symbol is null: where torch does not export them, the ATen path runs.
-#if defined(__linux__)
-#define MANUAL_BACKPROP_BLAS 1
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
+// Fortran BLAS (32-bit integers), looked up in torch's own CPU library: the BLAS torch's at::mm calls, whatever
+// else the process has loaded (another library's sgemm_ could take 64-bit integers). Where it is not found (a torch
+// without exported BLAS symbols, a platform without dladdr), the ATen path runs.
+using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+using DgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+                         const int*, const double*, const int*, const double*, double*, const int*);
+struct Blas {
+  SgemmFn sgemm = nullptr;
+  DgemmFn dgemm = nullptr;
+};
+
+const Blas& blas() {
+  static const Blas found = [] {
+    Blas b;
+#if defined(__unix__) || defined(__APPLE__)
+    Dl_info torch_cpu;  // the shared library that defines ATen's operators
+    if (dladdr(reinterpret_cast<void*>(&at::_ops::mm::call), &torch_cpu) && torch_cpu.dli_fname != nullptr) {
+      if (void* library = dlopen(torch_cpu.dli_fname, RTLD_LAZY | RTLD_NOLOAD)) {  // already loaded: no new copy
+        b.sgemm = reinterpret_cast<SgemmFn>(dlsym(library, "sgemm_"));
+        b.dgemm = reinterpret_cast<DgemmFn>(dlsym(library, "dgemm_"));
+        dlclose(library);  // drops the reference dlopen took; torch keeps the library loaded
+      }
+    }
 #endif
+    return b;
+  }();
+  return found;
+}
 
 namespace manual_backprop {
 
@@ -187,13 +207,7 @@ Tensor rows(const Tensor& t) {  // (*, features) -> (n, features)
 std::atomic<bool> direct_allowed{true};  // set_direct(false): ATen everywhere (the tests run both paths)
 std::atomic<int64_t> direct_runs[2];     // forwards, backwards on the direct path: the tests check it ran
 
-bool has_blas() {
-#ifdef MANUAL_BACKPROP_BLAS
-  return sgemm_ != nullptr && dgemm_ != nullptr;
-#else
-  return false;
-#endif
-}
+bool has_blas() { return blas().sgemm != nullptr && blas().dgemm != nullptr; }
 
 // Whether the direct path may run: CPU, float32 or float64, plain strided tensors, sizes within BLAS's int.
 bool direct_ok(const Tensor& a, at::TensorList tensors) {
@@ -226,15 +240,11 @@ void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, c
   const int ldb = static_cast<int>(transpose_b ? k : n), lda = static_cast<int>(transpose_a ? m : k);
   const char op_b = transpose_b ? 'T' : 'N', op_a = transpose_a ? 'T' : 'N';
   const T one = 1;
-#ifdef MANUAL_BACKPROP_BLAS
   if constexpr (std::is_same_v<T, float>) {
-    sgemm_(&op_b, &op_a, &M, &N, &K, &one, B, &ldb, A, &lda, &beta, C, &M);
+    blas().sgemm(&op_b, &op_a, &M, &N, &K, &one, B, &ldb, A, &lda, &beta, C, &M);
   } else {
-    dgemm_(&op_b, &op_a, &M, &N, &K, &one, B, &ldb, A, &lda, &beta, C, &M);
+    blas().dgemm(&op_b, &op_a, &M, &N, &K, &one, B, &ldb, A, &lda, &beta, C, &M);
   }
-#else
-  TORCH_CHECK(false, "manual_backprop native MLP: the direct path ran without a BLAS");  // direct_ok prevents it
-#endif
 }
 
 // z = a Wᵀ + b: b copied into every row, then the product added onto it (as addmm does)
