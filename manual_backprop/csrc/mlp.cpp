@@ -494,6 +494,20 @@ Tensor mlp(const Tensor& a, const c10::List<std::optional<Tensor>>& weights_and_
     slot.push_back(present ? static_cast<int64_t>(given.size()) : -1);
     if (present) given.push_back(*o);
   }
+  // Shapes, before anything reads memory (the direct path trusts them): layer l maps width[l] to W(l).size(0).
+  TORCH_CHECK(a.dim() >= 1, "manual_backprop native MLP: the input must have a feature dimension, got shape ",
+              a.sizes());
+  int64_t width = a.size(-1);
+  for (int64_t l = 0; l < static_cast<int64_t>(kinds.size()); ++l) {
+    TORCH_CHECK(slot[2 * l] >= 0, "manual_backprop native MLP: layer ", l, " has no weight");
+    const Tensor& W = given[slot[2 * l]];
+    TORCH_CHECK(W.dim() == 2 && W.size(1) == width, "manual_backprop native MLP: layer ", l,
+                " takes ", width, " features, but its weight has shape ", W.sizes(), " (expected (out, ", width, "))");
+    TORCH_CHECK(slot[2 * l + 1] < 0 || given[slot[2 * l + 1]].sizes() == at::IntArrayRef{W.size(0)},
+                "manual_backprop native MLP: layer ", l, "'s bias must have shape (", W.size(0), ",), got ",
+                slot[2 * l + 1] < 0 ? at::IntArrayRef{} : given[slot[2 * l + 1]].sizes());
+    width = W.size(0);
+  }
   return NativeMLP::apply(a, at::TensorList(given), std::move(slot), kinds.vec(), params.vec())[0];
 }
 

@@ -13,11 +13,12 @@ from typing import Mapping, Sequence
 
 import torch
 
-from manual_backprop import _checks
+from manual_backprop import _checks, observe
 from manual_backprop._amp import autocast_inputs
 from manual_backprop._checks import InputError
 from manual_backprop.nn.activation import ACTIVATIONS
 from manual_backprop.nn.linear import Linear
+from manual_backprop.rules import _native
 from manual_backprop.rules.mlp import activation as layer_activation
 from manual_backprop.rules.mlp import mlp
 
@@ -80,6 +81,7 @@ class MLP(torch.nn.Module):
         )
         hidden = _rule_of(self.activation)
         self._rule_layers = (hidden,) * (len(sizes) - 2) + (_rule_of(self.output_activation),)
+        self._native_code = _native.encode(self._rule_layers)  # (kinds, params) for the native rule, or None
 
     @property
     def activation(self) -> torch.nn.Module:
@@ -91,17 +93,37 @@ class MLP(torch.nn.Module):
         return self._activations[1]
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weights_and_biases = self._weights_and_biases()
+        # The common case, straight to the native operator (`rules.mlp.mlp` decides the same way): at course
+        # sizes each Python line here costs microseconds of a 0.1 ms step. The operator checks every shape
+        # before it reads memory; where it refuses, `_check` names the bad input, as it does before the Python rule.
+        code = self._native_code
+        if (code is not None and type(self)._fused is MLP._fused and not torch._C._is_any_autocast_enabled()
+                and observe.current() is None):
+            op = _native.operator_now()
+            if op is not None:
+                try:
+                    return op(input, weights_and_biases, *code)
+                except RuntimeError:
+                    self._check_width(input)
+                    self._check_dtype(input, weights_and_biases)
+                    raise
+        self._check_width(input)
+        # Autocast casts every Linear's inputs; the activations then run in that dtype, as after a stock Linear.
+        if torch._C._is_any_autocast_enabled():
+            input, *weights_and_biases = autocast_inputs("linear", input.device, input, *weights_and_biases)
+        self._check_dtype(input, weights_and_biases)
+        return self._fused(input, *weights_and_biases)
+
+    def _check_width(self, input: torch.Tensor) -> None:
         if input.dim() == 0 or input.shape[-1] != self.sizes[0]:
             raise InputError(
                 f"MLP: input's last dimension must equal sizes[0]={self.sizes[0]}, got input of shape {tuple(input.shape)}"
             )
-        weights_and_biases = self._weights_and_biases()
-        # Autocast casts every Linear's inputs; the activations then run in that dtype, as after a stock Linear.
-        if torch._C._is_any_autocast_enabled():
-            input, *weights_and_biases = autocast_inputs("linear", input.device, input, *weights_and_biases)
+
+    def _check_dtype(self, input: torch.Tensor, weights_and_biases: list) -> None:
         if input.dtype != weights_and_biases[0].dtype:
             _checks.same_dtype("MLP", input=input, weight=weights_and_biases[0])
-        return self._fused(input, *weights_and_biases)
 
     def _fused(self, input: torch.Tensor, *weights_and_biases: torch.Tensor | None) -> torch.Tensor:
         """The fused rule on checked, autocast inputs (a learning-rule plugin runs its own variant here)."""

@@ -161,24 +161,32 @@ def _encode(layers):
     return kinds, params
 
 
-def runnable(layers: tuple):
-    """(operator, kinds, params) when the native rule may run for `layers` now, else None.
+def _allowed_now() -> bool:
+    """Not switched off; no torch.func transform active and torch.compile not tracing (both need a Python
+    autograd.Function)."""
+    return not (_forced_off or not _ENVIRONMENT_ALLOWS or _transforms_active() or torch.compiler.is_compiling())
 
-    Not switched off; every activation has a native form; no torch.func transform is active and
-    torch.compile is not tracing (both need a Python autograd.Function); built and loaded.
+
+def operator_now():
+    """The native operator when it may run now (`_allowed_now`, built and loaded), else None.
+
+    For callers that encoded their layers once (`nn.MLP`); others ask `runnable`.
     """
-    if _forced_off or not _ENVIRONMENT_ALLOWS or _transforms_active() or torch.compiler.is_compiling():
+    if not _allowed_now():
+        return None
+    return _op if _tried else load()
+
+
+def runnable(layers: tuple):
+    """(operator, kinds, params) when the native rule may run for `layers` now, else None: `operator_now`,
+    and every activation has a native form (checked first: an unknown one builds nothing)."""
+    if not _allowed_now():
         return None
     encoded = encode(layers)
     if encoded is None:
         return None
     op = _op if _tried else load()
     return None if op is None else (op, *encoded)
-
-
-def wanted() -> bool:
-    """Whether the native rule should run: not switched off (MANUAL_BACKPROP_NATIVE=0, `python_rule()`)."""
-    return not _forced_off and _ENVIRONMENT_ALLOWS
 
 
 @contextlib.contextmanager
