@@ -15,6 +15,7 @@ import torch.nn as nn
 
 import manual_backprop.nn as mnn
 from manual_backprop import observe, rules
+from manual_backprop._checks import InputError
 from manual_backprop.rules import _native
 from manual_backprop.rules.mlp import activation as layer_activation
 from manual_backprop.rules.mlp import mlp as fused_mlp
@@ -148,6 +149,33 @@ def test_sigma_prime_rounds_as_torch_in_saturation(rule, path):
     eps = torch.finfo(torch.float32).eps
     bound = 4 * eps * (exact.abs() if rule is rules.Sigmoid else delta.double().abs())
     assert ((got.double() - exact).abs() <= bound).all()
+
+
+def test_the_operator_checks_every_shape_before_it_reads_memory():
+    """The direct path trusts the shapes, so the operator refuses any mismatch first, naming the layer."""
+    op = _native.load()
+    kinds, params = _native.encode((layer_activation(rules.Tanh), None))
+    x, W0, b0, W1, b1 = torch.randn(4, 3), torch.randn(5, 3), torch.randn(5), torch.randn(2, 5), torch.randn(2)
+    cases = [
+        (x, [W0, b0, torch.randn(2, 4), b1], r"layer 1 takes 5 features, but its weight has shape \[2, 4\]"),
+        (x, [W0, torch.randn(4), W1, b1], r"layer 0's bias must have shape \(5,\), got \[4\]"),
+        (torch.randn(4, 2), [W0, b0, W1, b1], r"layer 0 takes 2 features"),
+        (x, [W0, b0, None, b1], r"layer 1 has no weight"),
+    ]
+    for a, weights_and_biases, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            op(a, weights_and_biases, kinds, params)
+
+
+def test_mlp_names_a_bad_input_whichever_rule_would_run():
+    """MLP.forward hands the native operator the input unchecked; where it refuses, MLP's InputError says why."""
+    model = mnn.MLP([3, 4, 2], "tanh")
+    for python in (False, True):
+        with _native.python_rule() if python else contextlib.nullcontext():
+            with pytest.raises(InputError, match=r"sizes\[0\]=3, got input of shape \(2, 5\)"):
+                model(torch.randn(2, 5))
+            with pytest.raises(InputError, match="dtype"):
+                model(torch.randn(2, 3, dtype=torch.float64))
 
 
 def test_double_backward_takes_the_aten_path_in_backward():
