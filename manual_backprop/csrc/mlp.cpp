@@ -453,8 +453,8 @@ struct NativeMLP : public torch::autograd::Function<NativeMLP> {
     bool own_grad_a = false;  // grad_a is a product made below, which δ may overwrite
     for (int64_t l = L - 1; l >= 0; --l) {
       if (grad_hidden[l].defined()) {
+        own_grad_a = grad_a.defined();  // a sum is a new tensor; ∂J/∂a(l) handed in alone is not ours to overwrite
         grad_a = plus(grad_a, grad_hidden[l]);
-        own_grad_a = true;
       }
       const Tensor& s = source_of(kinds[l]) == FROM_A ? a[l + 1] : z[l];
       const double p0 = params[2 * l], p1 = params[2 * l + 1];

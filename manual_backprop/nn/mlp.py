@@ -13,14 +13,14 @@ from typing import Mapping, Sequence
 
 import torch
 
-from manual_backprop import _checks, observe
-from manual_backprop._amp import autocast_inputs
+from manual_backprop import _checks
+from manual_backprop._amp import autocast_inputs, autocast_on
 from manual_backprop._checks import InputError
 from manual_backprop.nn.activation import ACTIVATIONS
 from manual_backprop.nn.linear import Linear
 from manual_backprop.rules import _native
 from manual_backprop.rules.mlp import activation as layer_activation
-from manual_backprop.rules.mlp import mlp
+from manual_backprop.rules.mlp import mlp, native_operator
 
 
 def _resolve(activation) -> torch.nn.Module:
@@ -94,13 +94,12 @@ class MLP(torch.nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weights_and_biases = self._weights_and_biases()
-        # The common case, straight to the native operator (`rules.mlp.mlp` decides the same way): at course
-        # sizes each Python line here costs microseconds of a 0.1 ms step. The operator checks every shape
-        # before it reads memory; where it refuses, `_check` names the bad input, as it does before the Python rule.
+        # The common case, straight to the native operator with the activation codes encoded once: at course
+        # sizes each Python line on the way costs microseconds of a 0.1 ms step. The operator checks every shape
+        # before it reads memory; where it refuses, MLP's own checks name the bad input.
         code = self._native_code
-        if (code is not None and type(self)._fused is MLP._fused and not torch._C._is_any_autocast_enabled()
-                and observe.current() is None):
-            op = _native.operator_now()
+        if code is not None and type(self)._fused is MLP._fused and not autocast_on():
+            op = native_operator()
             if op is not None:
                 try:
                     return op(input, weights_and_biases, *code)
@@ -110,7 +109,7 @@ class MLP(torch.nn.Module):
                     raise
         self._check_width(input)
         # Autocast casts every Linear's inputs; the activations then run in that dtype, as after a stock Linear.
-        if torch._C._is_any_autocast_enabled():
+        if autocast_on():
             input, *weights_and_biases = autocast_inputs("linear", input.device, input, *weights_and_biases)
         self._check_dtype(input, weights_and_biases)
         return self._fused(input, *weights_and_biases)

@@ -161,32 +161,12 @@ def _encode(layers):
     return kinds, params
 
 
-def _allowed_now() -> bool:
-    """Not switched off; no torch.func transform active and torch.compile not tracing (both need a Python
-    autograd.Function)."""
-    return not (_forced_off or not _ENVIRONMENT_ALLOWS or _transforms_active() or torch.compiler.is_compiling())
-
-
 def operator_now():
-    """The native operator when it may run now (`_allowed_now`, built and loaded), else None.
-
-    For callers that encoded their layers once (`nn.MLP`); others ask `runnable`.
-    """
-    if not _allowed_now():
+    """The native operator when it may run now, else None: not switched off, no torch.func transform active
+    and torch.compile not tracing (both need a Python autograd.Function), built and loaded."""
+    if _forced_off or not _ENVIRONMENT_ALLOWS or _transforms_active() or torch.compiler.is_compiling():
         return None
     return _op if _tried else load()
-
-
-def runnable(layers: tuple):
-    """(operator, kinds, params) when the native rule may run for `layers` now, else None: `operator_now`,
-    and every activation has a native form (checked first: an unknown one builds nothing)."""
-    if not _allowed_now():
-        return None
-    encoded = encode(layers)
-    if encoded is None:
-        return None
-    op = _op if _tried else load()
-    return None if op is None else (op, *encoded)
 
 
 @contextlib.contextmanager

@@ -150,16 +150,18 @@ def _see_layer(ctx, l: int, delta: torch.Tensor, a: torch.Tensor) -> None:
     ctx.call.see(linear_seen(ctx.call, delta, a, W, b, output=z, layer=f"layers.{l}"))
 
 
-def mlp(a: torch.Tensor, layers: tuple, *weights_and_biases: torch.Tensor | None) -> torch.Tensor:
-    """The network's output, `MLP.apply(a, layers, *weights_and_biases)[0]`.
+def native_operator():
+    """The native twin of `MLP` (`_native`: csrc/mlp.cpp, the same loop in C++) where it may run now, else None:
+    built, not switched off, no torch.func transform or torch.compile tracing (they need the Python rule), and
+    nobody watching (`observe` reads δ and a from the Python rule's loop). The one place that decides."""
+    return _native.operator_now() if observe.current() is None else None
 
-    Runs the native twin of `MLP` (`_native`: csrc/mlp.cpp, the same loop in C++) where it may:
-    not switched off, built, every activation known to it, no torch.func transform or
-    torch.compile tracing (they need the Python rule), and nobody watching (`observe` reads δ
-    and a from the Python rule's loop). Otherwise the Python rule.
-    """
-    native = _native.runnable(layers)  # (operator, activation codes, their parameters), or None
-    if native is not None and observe.current() is None:
-        op, kinds, params = native
-        return op(a, weights_and_biases, kinds, params)
+
+def mlp(a: torch.Tensor, layers: tuple, *weights_and_biases: torch.Tensor | None) -> torch.Tensor:
+    """The network's output, `MLP.apply(a, layers, *weights_and_biases)[0]`: natively where `native_operator`
+    allows and every activation has a native form (`_native.encode`), else by the Python rule."""
+    op = native_operator()
+    encoded = None if op is None else _native.encode(layers)  # (activation codes, their parameters), or None
+    if encoded is not None:
+        return op(a, weights_and_biases, *encoded)
     return apply_rule(MLP, a, layers, *weights_and_biases)[0]
