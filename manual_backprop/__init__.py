@@ -10,7 +10,7 @@ from manual_backprop import functional, nn, rules
 from manual_backprop._checks import InputError, TargetIndexError, debug_checks, set_debug_checks
 from manual_backprop.convert import ConversionError, ModuleReport, Report, convert, report, restore
 from manual_backprop.mode import ManualFunctions, manual_functions
-from manual_backprop.registry import PluginWarning, Registry, Rule, default_registry, register
+from manual_backprop.registry import PluginFailure, PluginWarning, Registry, Rule, default_registry, register
 from manual_backprop import testing  # noqa: E402  (uses convert and mode above)
 from manual_backprop.per_sample import per_sample_grads  # noqa: E402  (issue 10: per-sample gradients)
 from manual_backprop import privacy  # noqa: E402  (issue 10: DP-SGD on the per-sample norms)
@@ -26,6 +26,7 @@ __all__ = [
     "InputError",
     "ManualFunctions",
     "ModuleReport",
+    "PluginFailure",
     "PluginWarning",
     "Registry",
     "Report",

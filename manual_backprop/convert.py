@@ -40,7 +40,7 @@ import torch
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
-from manual_backprop.registry import Registry, Rule, default_registry, resolve, type_name
+from manual_backprop.registry import PluginFailure, Registry, Rule, default_registry, resolve, type_name
 
 __all__ = ["ConversionError", "ModuleReport", "ParameterReport", "Report", "convert", "report", "restore"]
 
@@ -101,6 +101,7 @@ class Report(Sequence[ModuleReport]):
     manual_parameters: int
     stock_parameters: int
     parameters: tuple[ParameterReport, ...] = ()
+    plugin_failures: tuple[PluginFailure, ...] = ()  # plugins of the registry that failed to load
 
     def __getitem__(self, index):  # type: ignore[override]
         return self.rows[index]
@@ -146,9 +147,10 @@ class Report(Sequence[ModuleReport]):
         counts = {s: sum(row.status == s for row in self.rows) for s in (MANUAL, STOCK, CONTAINER)}
         total = self.manual_parameters + self.stock_parameters
         share = f", {100 * self.manual_parameters / total:.1f}% of parameters on manual rules" if total else ""
+        failed = f"; {len(self.plugin_failures)} plugin(s) failed to load" if self.plugin_failures else ""
         return (
             f"{counts[MANUAL]} manual ({self.manual_parameters} parameters), "
-            f"{counts[STOCK]} stock ({self.stock_parameters} parameters), {counts[CONTAINER]} containers{share}"
+            f"{counts[STOCK]} stock ({self.stock_parameters} parameters), {counts[CONTAINER]} containers{share}{failed}"
         )
 
     def __str__(self) -> str:
@@ -162,6 +164,8 @@ class Report(Sequence[ModuleReport]):
         stock = self.stock_parameter_rows
         if stock:
             lines += ["", "parameters on stock autograd:"] + [f"  {p.name} ({p.numel}): {p.reason}" for p in stock]
+        if self.plugin_failures:
+            lines += ["", "plugins that failed to load (their rules are missing):"] + [f"  {f}" for f in self.plugin_failures]
         return "\n".join(line.rstrip() for line in lines) + "\n" + self.summary()
 
 
@@ -403,7 +407,7 @@ def _parameter_reports(plan: list[_Occurrence]) -> list[ParameterReport]:
     return rows
 
 
-def _report_from(plan: list[_Occurrence]) -> Report:
+def _report_from(plan: list[_Occurrence], registry: Registry) -> Report:
     parameters = _parameter_reports(plan)
     stock_names = {name for p in parameters if p.status == STOCK for name in p.owners}
     rows = []
@@ -417,7 +421,7 @@ def _report_from(plan: list[_Occurrence]) -> Report:
                 reason += f"; {', '.join(shared)} shared with a stock module: counted as stock"
         rows.append(ModuleReport(occ.name, type_name(type(occ.module)), occ.status, reason, sum(map(_numel, params))))
     totals = {status: sum(p.numel for p in parameters if p.status == status) for status in (MANUAL, STOCK)}
-    return Report(tuple(rows), totals[MANUAL], totals[STOCK], tuple(parameters))
+    return Report(tuple(rows), totals[MANUAL], totals[STOCK], tuple(parameters), tuple(registry.plugin_failures))
 
 
 # ---------------------------------------------------------------------- API
@@ -449,7 +453,8 @@ def convert(
         inplace: convert `model` itself (same module and Parameter objects, so an optimizer
             built before keeps working). Otherwise a deep copy is converted and `model` is untouched.
         strict: raise ConversionError, naming each, if a module with parameters of its own would
-            stay on stock autograd (modules left out by include/exclude are accepted).
+            stay on stock autograd (modules left out by include/exclude are accepted), or if a plugin
+            of the registry failed to load (its rules would be silently missing).
         include: only modules matching one of these (types, or fnmatch patterns on qualified
             names; a match covers the whole subtree) are converted.
         exclude: modules matching one of these (same forms) stay stock.
@@ -461,9 +466,13 @@ def convert(
     plan = _plan(model, registry, include, exclude)
     if strict:
         offenders = [o for o in plan if o.status == STOCK and o.rule is None and not o.deselected and _own_parameters(o.module)]
+        problems = [f"  {o.name or '(root)'} ({type_name(type(o.module))}): {o.reason}" for o in offenders]
         if offenders:
-            listed = "\n".join(f"  {o.name or '(root)'} ({type_name(type(o.module))}): {o.reason}" for o in offenders)
-            raise ConversionError(f"convert(strict=True): modules with parameters would stay on stock autograd:\n{listed}")
+            problems.insert(0, "modules with parameters would stay on stock autograd:")
+        if registry.plugin_failures:
+            problems += ["plugins failed to load, so their rules are missing:"] + [f"  {f}" for f in registry.plugin_failures]
+        if problems:
+            raise ConversionError("convert(strict=True): " + "\n".join(problems))
     if not inplace:
         model = _copy_of(model, "convert")
         plan = _plan(model, registry, include, exclude)
@@ -515,4 +524,5 @@ def report(
     Computed from the model itself (its modules' classes), so it is never stale. Pass the
     include/exclude given to convert to have them named as the reasons.
     """
-    return _report_from(_plan(model, resolve(registry), include, exclude))
+    registry = resolve(registry)
+    return _report_from(_plan(model, registry, include, exclude), registry)

@@ -1003,7 +1003,7 @@ def attention_with_weights(
         keep = torch.empty(weights_shape, dtype=query.dtype, device=query.device).bernoulli_(1 - dropout_p).bool()
     O, P = apply_rule(rules.Attention, query, key, value, attn_mask, keep, dropout_p, scale, is_causal, groups, safe)
     if keep is not None:  # the weights O was computed with, as torch returns them
-        P = P * keep * rules.attention._keep_scale(dropout_p)
+        P = P * rules.dropout.scaled_mask(keep, dropout_p, P.dtype)
     return O, P
 
 

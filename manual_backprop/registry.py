@@ -22,7 +22,11 @@ or such a function itself. It is called once per registry that loads plugins and
 adds rules with ``registry.register(...)``, or whole alternative rule sets with
 ``registry.add_rule_set(name, factory)`` (selected as ``convert(model, registry=name)``).
 A plugin that fails to import or register is skipped, with a `PluginWarning`
-naming it, and leaves nothing half-registered.
+naming it, and leaves nothing half-registered; the failure is kept in
+`Registry.plugin_failures`, so `report()` lists it and `convert(strict=True)` refuses to run
+without it. A plugin may register one class under two names (transformers makes
+``PytorchGELUTanh`` an alias of ``GELUTanh``): the second registration of a class the same
+plugin already registered is skipped, not an error.
 """
 
 from __future__ import annotations
@@ -53,6 +57,18 @@ def type_name(cls: type) -> str:
         if getattr(sys.modules.get(".".join(parts[:i])), cls.__qualname__, None) is cls:
             return f"{'.'.join(parts[:i])}.{cls.__qualname__}"
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """A plugin that failed to load: its entry point's name and target, and the error it raised."""
+
+    name: str
+    target: str
+    error: str
+
+    def __str__(self) -> str:
+        return f"plugin {self.name!r} ({self.target}) failed to load: {self.error}"
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,7 @@ class Registry:
         self._rule_sets: dict[str, tuple[Callable[[], Registry], str]] = {}
         self._group = group
         self._plugins_pending = plugins
+        self._failures: dict[str, PluginFailure] = {}
         self._lock = threading.RLock()
         # Called with the whole model after `convert` swapped its modules (a learning rule that links
         # layers, as direct feedback alignment does); `restore` undoes through each module's before_restore.
@@ -116,6 +133,9 @@ class Registry:
             return lambda cls: self.register(stock, cls, supports=supports, override=override)
         with self._lock:
             self._load_plugins_once()  # so a clash with a plugin's rule is reported the same in any order
+            old = self._rules.get(stock)
+            if old is not None and not override and self._source.startswith("plugin:") and old.source == self._source:
+                return manual  # an alias of a class this plugin already registered: its first rule stands
             self._add(Rule(stock, manual, supports, self._source), override=override)
         return manual
 
@@ -205,6 +225,7 @@ class Registry:
         new = Registry(group=self._group)
         new._rules, new._by_manual = dict(self._rules), dict(self._by_manual)
         new._rule_sets = dict(self._rule_sets)
+        new._failures = dict(self._failures)
         new.model_hooks = list(self.model_hooks)
         return new
 
@@ -212,12 +233,19 @@ class Registry:
 
     _source = "user"  # what `register` records; set to "plugin:<name>" while a plugin registers
 
+    @property
+    def plugin_failures(self) -> list[PluginFailure]:
+        """The plugins that failed to load into this registry (each also warned once, as a PluginWarning)."""
+        self._load_plugins_once()
+        return list(self._failures.values())
+
     def reload_plugins(self) -> None:
         """Forget every plugin's rules and load the entry points again (e.g. after installing one)."""
         with self._lock:
             self._rules = {s: r for s, r in self._rules.items() if not r.source.startswith("plugin:")}
             self._by_manual = {r.manual: r for r in self._rules.values()}
             self._rule_sets = {n: v for n, v in self._rule_sets.items() if not v[1].startswith("plugin:")}
+            self._failures = {}
             self._plugins_pending = True
             self._load_plugins_once()
 
@@ -242,12 +270,9 @@ class Registry:
             hook(self)
         except Exception as error:  # a broken plugin must never break convert
             self._rules, self._by_manual, self._rule_sets = snapshot
-            warnings.warn(
-                f"manual_backprop plugin {entry_point.name!r} ({entry_point.value}) failed to load and was "
-                f"skipped: {type(error).__name__}: {error}",
-                PluginWarning,
-                stacklevel=4,
-            )
+            failure = PluginFailure(entry_point.name, entry_point.value, f"{type(error).__name__}: {error}")
+            self._failures[entry_point.name] = failure
+            warnings.warn(f"manual_backprop {failure}; it was skipped", PluginWarning, stacklevel=4)
         finally:
             del self._source
 

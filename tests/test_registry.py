@@ -219,7 +219,7 @@ def plugin_path(tmp_path, monkeypatch):
     len(mb.default_registry())
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
-    for name in ("fake_softsign_rules", "fake_broken_rules", "fake_half_rules", "fake_clash_rules"):
+    for name in ("fake_softsign_rules", "fake_broken_rules", "fake_half_rules", "fake_clash_rules", "fake_alias_rules"):
         sys.modules.pop(name, None)
 
 
@@ -277,3 +277,57 @@ def test_plugin_clashing_with_a_builtin_is_skipped_with_a_warning(plugin_path):
     registry = Registry(builtins=True, plugins=True)
     with pytest.warns(mb.PluginWarning, match="'clash'.*already has a rule"):
         assert registry.rule_for(nn.Linear).manual is mnn.Linear
+
+
+ALIAS_PLUGIN = """
+    import torch
+    import manual_backprop.functional as MF
+
+    Softsign = torch.nn.Softsign
+    SoftsignAlias = torch.nn.Softsign  # one class under two names, as transformers has GELUTanh/PytorchGELUTanh
+
+    class ManualSoftsign(torch.nn.Softsign):
+        def forward(self, input):
+            return MF.identity(input).div(1 + input.abs())
+
+    def register(registry):
+        for stock in (Softsign, SoftsignAlias):
+            registry.register(stock, ManualSoftsign)
+"""
+
+
+def test_a_plugin_registering_an_alias_of_its_own_class_loads_whole(plugin_path):
+    _install_fake_distribution(plugin_path, "fake_alias", {"fake_alias_rules": ALIAS_PLUGIN}, {"alias": "fake_alias_rules"})
+    registry = Registry(builtins=True, plugins=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mb.PluginWarning)
+        assert registry.rule_for(nn.Softsign).source == "plugin:alias"
+    assert registry.plugin_failures == []
+    with pytest.raises(ValueError, match="already has a rule"):  # a user's clash still is one
+        registry.register(nn.Softsign, type("Softsign2", (nn.Softsign,), {}))
+
+
+def test_a_failed_plugin_is_named_by_report_and_refused_by_strict_convert(plugin_path):
+    _install_fake_distribution(plugin_path, "fake_broken", {"fake_broken_rules": BROKEN_PLUGIN}, {"broken": "fake_broken_rules"})
+    registry = Registry(builtins=True, plugins=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mb.PluginWarning)  # a filter that hides the warning hides nothing else
+        failures = registry.plugin_failures
+        model = nn.Sequential(nn.Linear(3, 3))
+        [failure] = failures
+        assert (failure.name, failure.target) == ("broken", "fake_broken_rules")
+        assert "broken on purpose" in failure.error
+        report = mb.report(mb.convert(model, registry=registry), registry=registry)
+        assert report.plugin_failures == (failure,)
+        assert "plugins that failed to load" in str(report) and "'broken' (fake_broken_rules)" in str(report)
+        assert "1 plugin(s) failed to load" in report.summary()
+        with pytest.raises(mb.ConversionError, match=r"(?s)plugins failed to load.*'broken'.*broken on purpose"):
+            mb.convert(model, registry=registry, strict=True)
+    with pytest.warns(mb.PluginWarning):  # failures are forgotten with the plugins, and found again on reload
+        registry.reload_plugins()
+        assert [f.name for f in registry.plugin_failures] == ["broken"]
+
+
+def test_report_of_a_registry_whose_plugins_all_loaded_names_no_failure():
+    report = mb.report(nn.Sequential(nn.Linear(2, 2)))
+    assert report.plugin_failures == () and "failed to load" not in str(report)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from manual_backprop._amp import without_autocast
+from manual_backprop.rules.dropout import scaled_mask
 
 
 def _expand_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -35,11 +36,6 @@ def _expand_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
 def _sum_heads(grad: torch.Tensor, groups: int) -> torch.Tensor:
     """The adjoint of `_expand_heads`: each key/value head gets the sum over the query heads it served."""
     return grad if groups == 1 else grad.unflatten(-3, (-1, groups)).sum(-3)
-
-
-def _keep_scale(dropout_p: float) -> float:
-    """Dropout scales what it keeps by 1 / (1 − p) (and keeps nothing at p = 1)."""
-    return 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
 
 
 def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -76,7 +72,7 @@ class Attention(torch.autograd.Function):
         P = torch.softmax(S, dim=-1)
         if safe and (mask is not None):
             P = P.masked_fill((S == float("-inf")).all(-1, keepdim=True), 0.0)
-        P_dropped = P if keep is None else P * keep * _keep_scale(dropout_p)
+        P_dropped = P if keep is None else P * scaled_mask(keep, dropout_p, P.dtype)
         return P_dropped @ v, P
 
     @staticmethod
@@ -96,7 +92,8 @@ class Attention(torch.autograd.Function):
         need_q, need_k, need_v, need_mask = ctx.needs_input_grad[:4]
         scale, groups = ctx.scale, ctx.groups
         q_shape, k_shape, v_shape, mask_shape = ctx.shapes
-        dropout = None if keep is None else keep * _keep_scale(ctx.dropout_p)
+        # m / (1 − p) in P's dtype: a bool mask times a Python float would be float32 in a float64 backward
+        dropout = None if keep is None else scaled_mask(keep, ctx.dropout_p, P.dtype)
         grad_q = grad_k = grad_v = grad_mask = None
         if need_v and delta is not None:
             P_dropped = P if dropout is None else P * dropout
