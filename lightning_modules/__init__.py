@@ -16,6 +16,8 @@ from lightning_modules.data import SKLEARN_DATASETS, CSVDataModule, SklearnDataM
 from lightning_modules.network import ACTIVATIONS, BACKENDS, build_network, state_dict_for_backend
 from lightning_modules.network import SmallCNN  # issue 8: a CNN for images (digits as 1×8×8)
 from lightning_modules.callbacks import DeltaMonitor  # issue 11: δ per layer while training
+from lightning_modules.idx import IDXDataModule, LeNet5, read_idx
+from lightning_modules.mnist1d import MNIST1DCNN, MNIST1DGRU, MNIST1DMLP, MNIST1DDataModule
 from lightning_modules.tasks import (
     BinaryClassificationTask,
     MulticlassClassificationTask,
@@ -44,6 +46,12 @@ __all__ = [
     "DeltaMonitor",
     "ConfigError",
     "DistributedTeardown",
+    "IDXDataModule",
+    "LeNet5",
+    "MNIST1DCNN",
+    "MNIST1DDataModule",
+    "MNIST1DGRU",
+    "MNIST1DMLP",
     "MulticlassClassificationTask",
     "PredictionWriter",
     "RegressionTask",
@@ -55,5 +63,6 @@ __all__ = [
     "TrainingCurves",
     "build_network",
     "config_path",
+    "read_idx",
     "state_dict_for_backend",
 ]

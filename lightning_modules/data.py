@@ -28,6 +28,17 @@ from lightning_modules.errors import ConfigError, InputFileNotFoundError
 TASKS = ("regression", "binary", "multiclass")
 
 
+def seeded_train_sampler(dataset, trainer: Optional[pl.Trainer], seed: int) -> DistributedSampler:
+    """The training rows' order: a DistributedSampler even on one process.
+
+    Its shuffle is seeded by (seed, epoch), so a run resumed from a checkpoint sees the same batches
+    as an uninterrupted one, and on N processes with batch B the global batches equal one process
+    with batch N·B.
+    """
+    replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    return DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
+
+
 class TableDataModule(pl.LightningDataModule):
     """Features X (n, d) and targets y, split and standardized; the shared part of the data modules.
 
@@ -240,15 +251,7 @@ class TableDataModule(pl.LightningDataModule):
             self._build_splits()
 
     def train_dataloader(self) -> DataLoader:
-        # A DistributedSampler even on one process: its shuffle is seeded by (seed, epoch), so a run
-        # resumed from a checkpoint sees the same batches as an uninterrupted one, and on N processes
-        # with batch B the global batches equal one process with batch N·B.
-        trainer = self.trainer
-        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = DistributedSampler(
-            self.split("train"), num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed
-        )
-        return self._loader("train", sampler=sampler)
+        return self._loader("train", sampler=seeded_train_sampler(self.split("train"), self.trainer, self.seed))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

@@ -46,6 +46,9 @@ class TaskModule(pl.LightningModule):
     `net` may also be a config, {"class_path": "pkg.Net", "init_args": {...}}: the CLI
     records a `net` given by class path this way, so its checkpoints reload on their own.
 
+    `allow_stock` (backend "manual", a `net` given): a module with parameters and no rule of ours stays
+    on stock autograd instead of raising a ConfigError that names it (the default: no silent fall-back).
+
     `learning_rule` (backend "manual"): "backprop", or any registered rule set that trains the
     network another way (`manual_backprop.learning_rule_names()`: "feedback_alignment",
     "sign_symmetry", "batchwise_random_sign_symmetry", "fixed_random_sign_symmetry",
@@ -70,6 +73,7 @@ class TaskModule(pl.LightningModule):
         dp_max_grad_norm: float = 1.0,
         dp_delta: float = 1e-5,
         learning_rule: str = "backprop",
+        allow_stock: bool = False,
     ) -> None:
         super().__init__()
         self._save_plain_hparams(inspect.currentframe().f_back, net)
@@ -97,7 +101,14 @@ class TaskModule(pl.LightningModule):
         elif not isinstance(net, torch.nn.Module):
             raise TypeError(f"net must be a torch.nn.Module; got {type(net).__name__}")
         elif backend == "manual":
-            self.net = manual_backprop.convert(net, registry=registry)
+            try:
+                self.net = manual_backprop.convert(net, registry=registry, strict=not allow_stock)
+            except manual_backprop.ConversionError as error:
+                raise ConfigError(
+                    f"backend 'manual' trains every parameter on our rules, but {error}\n"
+                    "Use backend 'autograd', register rules for these modules, or pass allow_stock=true to "
+                    "train them on stock autograd beside our rules"
+                ) from None
         else:
             self.net = net
         self.loss_fn = self.make_loss(backend)
@@ -310,6 +321,7 @@ class RegressionTask(TaskModule):
         dp_max_grad_norm: float = 1.0,
         dp_delta: float = 1e-5,
         learning_rule: str = "backprop",
+        allow_stock: bool = False,
     ) -> None:
         hidden_sizes = list(hidden_sizes)  # plain list in hparams and checkpoints
         self.out_features = out_features
@@ -319,7 +331,7 @@ class RegressionTask(TaskModule):
                 raise ConfigError(f"target_names has {len(target_names)} names for out_features={out_features}")
         self.target_names = target_names or [f"target_{j}" for j in range(out_features)]
         super().__init__(in_features, out_features, hidden_sizes, activation, backend, lr, weight_decay, net,
-                         dp_noise_multiplier, dp_max_grad_norm, dp_delta, learning_rule)
+                         dp_noise_multiplier, dp_max_grad_norm, dp_delta, learning_rule, allow_stock)
         self.register_buffer("target_mean", torch.zeros(out_features))
         self.register_buffer("target_scale", torch.ones(out_features))
 
@@ -397,10 +409,11 @@ class BinaryClassificationTask(TaskModule):
         dp_max_grad_norm: float = 1.0,
         dp_delta: float = 1e-5,
         learning_rule: str = "backprop",
+        allow_stock: bool = False,
     ) -> None:
         hidden_sizes = list(hidden_sizes)
         super().__init__(in_features, 1, hidden_sizes, activation, backend, lr, weight_decay, net,
-                         dp_noise_multiplier, dp_max_grad_norm, dp_delta, learning_rule)
+                         dp_noise_multiplier, dp_max_grad_norm, dp_delta, learning_rule, allow_stock)
 
     def make_loss(self, backend: str) -> torch.nn.Module:
         return _loss(backend, mnn.BCEWithLogitsLoss)
@@ -450,6 +463,7 @@ class MulticlassClassificationTask(TaskModule):
         dp_max_grad_norm: float = 1.0,
         dp_delta: float = 1e-5,
         learning_rule: str = "backprop",
+        allow_stock: bool = False,
     ) -> None:
         if num_classes is None:
             raise ConfigError(
@@ -463,7 +477,7 @@ class MulticlassClassificationTask(TaskModule):
         hidden_sizes = list(hidden_sizes)
         self.num_classes = num_classes
         super().__init__(in_features, num_classes, hidden_sizes, activation, backend, lr, weight_decay, net,
-                         dp_noise_multiplier, dp_max_grad_norm, dp_delta, learning_rule)
+                         dp_noise_multiplier, dp_max_grad_norm, dp_delta, learning_rule, allow_stock)
 
     def make_loss(self, backend: str) -> torch.nn.Module:
         return _loss(backend, mnn.CrossEntropyLoss)

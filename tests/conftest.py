@@ -14,3 +14,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _dataset_cache(tmp_path_factory):
+    """Generated data sets (MNIST-1D) are cached in a folder of the test session, not the user's cache."""
+    previous = os.environ.get("MANUAL_BACKPROP_CACHE")
+    os.environ["MANUAL_BACKPROP_CACHE"] = str(tmp_path_factory.mktemp("dataset_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MANUAL_BACKPROP_CACHE", None)
+    else:
+        os.environ["MANUAL_BACKPROP_CACHE"] = previous
