@@ -1,8 +1,8 @@
 """`make train`: train the example tasks on our rules and check their test metrics.
 
 For each shipped config (regression on diabetes, binary on breast_cancer, multi-class
-on digits, and digits as 1×8×8 images through a small CNN, `SmallCNN` converted to our
-rules) this runs the `manual-backprop` CLI's fit with backend manual (the network
+on digits, digits as 1×8×8 images through a small CNN, `SmallCNN` converted to our
+rules, private training on breast_cancer, and MNIST-1D's published CNN) this runs the `manual-backprop` CLI's fit with backend manual (the network
 is `manual_backprop.nn.MLP`, one fused rule; with --backend autograd the stock
 nn.Sequential), tests the final model on the held-out test split, prints one table of
 test metrics, and exits non-zero when a metric misses its floor. Logs, checkpoints and
@@ -29,6 +29,10 @@ EXAMPLES = [
     # DP-SGD on our per-sample norms (issue 10): σ = 1.5, C = 1, 20 epochs, ε ≈ 4.6 at δ = 1e-5; test accuracy
     # 0.939 with the shipped seed (noise costs ~2 points against the non-private 0.95+): floor 0.90
     ("binary_breast_cancer_dp", "accuracy", 0.90),
+    # MNIST-1D (generated, not downloaded), the authors' CNN and settings (6,000 steps of Adam 1e-2, batch 100):
+    # published 94 %, their notebook's run 92.3 %; ours 92.4 % with the shipped seed. Floor: 2 points under
+    # the notebook's figure, as docs/mnist1d.md's reproduction target.
+    ("mnist1d_cnn", "accuracy", 0.903),
 ]
 
 
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if not ok:
             failures.append(f"{config}: test {metric} = {value:.4f} < {floor}")
         others = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k not in (metric, "loss"))
-        rows.append((config, f"{metric} {value:.4f}", f">= {floor:.2f}", "ok" if ok else "FAIL",
+        rows.append((config, f"{metric} {value:.4f}", f">= {floor:g}", "ok" if ok else "FAIL",
                      f"{results['loss']:.4f}", others, f"{seconds:.0f}s", str(curves)))  # fmt: skip
 
     header = ("task", "main test metric", "floor", "", "test loss", "other test metrics", "time", "curves")
