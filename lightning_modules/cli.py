@@ -11,13 +11,22 @@ LightningDataModule works; the data module's num_features, num_targets, num_clas
 and target_names are linked into the model, so configs need not repeat them.
 
 A mistake in the user's input (a `ConfigError`: a bad CSV cell, a missing column, a
-task that does not fit the data, a missing checkpoint) is printed as one line,
+task that does not fit the data, a missing checkpoint; an unknown or misspelt option or
+config key, named with its class and the closest valid key) is printed as one line,
 `manual-backprop: error: ...`, with exit status 2, as argparse reports bad
-arguments; anything else is a bug and keeps its traceback.
+arguments; anything else is a bug and keeps its traceback. Options are never
+abbreviated: `--trainer.max_epoch` is an error, not `max_epochs`.
+
+`--config` takes a path or the name of a shipped config (`--config mnist1d_cnn`);
+`manual-backprop configs` lists those. `--threads N` (or `threads: N` in a config) sets
+torch's intra-op threads, printed at start: 1 by default, the fastest for the shipped
+configs' small networks (see `DEFAULT_THREADS`).
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import os
 import re
@@ -27,6 +36,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import pytorch_lightning as pl
+import torch
+import yaml
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
@@ -47,7 +58,167 @@ NOISE = [
     r"Starting from v1\.9\.0, `tensorboardX` has been removed",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     r"The dirpath has changed from",
+    r"LightningCLI's args parameter is intended",  # cli_main hands sys.argv on as args, resolved
 ]
+
+
+# Torch's intra-op threads when neither --threads nor a config says: the shipped configs' networks are
+# at most a few hundred wide, and one thread beats two on them (measured on a 2-core machine: the
+# digits config's fit took 49–52 s with torch's default of 2 threads, 14 s with 1).
+DEFAULT_THREADS = 1
+CLASS_KEYS = ("model", "data", "optimizer", "lr_scheduler")  # sections whose keys belong to a class_path
+
+
+class StrictParser(LightningArgumentParser):
+    """Options are never abbreviated, and an unknown or misspelt key is one line: the key, its class, the
+    closest valid key (instead of the usage text and a nested union error)."""
+
+    argv: list[str] = []  # the command line being parsed, for naming what was wrong in it
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Optional[Exception] = None):
+        if not self.exit_on_error:  # a nested parser: its parent reports
+            return super().error(message, ex)
+        print(f"{PROG}: error: {explain_parse_error(self, message, StrictParser.argv)}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _closest(key: str, valid) -> str:
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _subcommand_parser(parser: LightningArgumentParser, argv: list[str]):
+    """The parser of the subcommand in argv, and its name (the parser itself when it has no subcommands)."""
+    action = getattr(parser, "_subcommands_action", None)
+    commands = getattr(action, "_name_parser_map", {}) if action is not None else {}
+    for token in argv:
+        if token in commands:
+            return commands[token], token
+    return parser, next((t for t in argv if t in ("fit", "validate", "test", "predict")), "")
+
+
+def explain_parse_error(parser: LightningArgumentParser, message: str, argv: list[str]) -> str:
+    """One line for a parse error: an unknown key names itself, where it was given, its class and the closest key."""
+    sub, subcommand = _subcommand_parser(parser, [str(a) for a in argv])
+    dests = {a.dest for a in sub._actions if a.dest not in ("help", argparse_suppress())}
+    for token in map(str, argv):  # the command line: --section.key[=value]
+        if not token.startswith("--"):
+            continue
+        key = token[2:].split("=", 1)[0]
+        if key in dests or key.split(".")[0] in CLASS_KEYS or any(d.startswith(key + ".") for d in dests):
+            continue
+        section = key.rsplit(".", 1)[0] if "." in key else ""
+        owner = "pytorch_lightning.Trainer" if section == "trainer" else f"the {PROG} {subcommand} command"
+        return f"unknown option --{key} for {owner}{_closest(key, dests)}"
+    for path in _config_files(argv):  # the config files: every key outside a class's init_args
+        unknown = _unknown_config_key(_load_yaml(path), dests)
+        if unknown is not None:
+            section = unknown.rsplit(".", 1)[0] if "." in unknown else ""
+            owner = "pytorch_lightning.Trainer" if section == "trainer" else f"the {PROG} {subcommand} command"
+            return f"unknown key {unknown!r} in {path} for {owner}{_closest(unknown, dests)}"
+    if match := re.search(r"does not accept option '([\w.]+)'", message):
+        key = match[1]
+        valid = [f"trainer.{p}" for p in inspect.signature(pl.Trainer).parameters] if key.startswith("trainer.") else dests
+        owner = "pytorch_lightning.Trainer" if key.startswith("trainer.") else f"the {PROG} {subcommand} command"
+        files = _config_files(argv)
+        where = f" in {', '.join(map(str, files))}" if files else ""
+        return f"unknown key {key!r}{where} for {owner}{_closest(key, valid)}"
+    if (match := re.search(r"Option '(\w+)' is not accepted", message)) and (cls := re.search(r"class_path '([\w.]+)'", message)):
+        section = re.search(r'Parser key "([\w.]+)"', message)
+        where = f"{section[1]}.init_args." if section else ""
+        return f"unknown key '{where}{match[1]}' for {cls[1]}" + _closest(match[1], _init_parameters(cls[1]))
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    detail = [line for line in lines if line.startswith("- ") and "NoneType" not in line]
+    return " ".join(lines[:1] + [line[2:] for line in detail[:1]]) or message
+
+
+def argparse_suppress() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def _init_parameters(class_path: str) -> list[str]:
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(__import__(module, fromlist=[name]), name)
+        return [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+    except Exception:  # only for a suggestion: a class that cannot be inspected gets none
+        return []
+
+
+def _config_files(argv: list[str]) -> list[Path]:
+    files = []
+    for i, token in enumerate(map(str, argv)):
+        name, equals, value = token.partition("=")
+        if name in ("--config", "-c"):
+            value = value if equals else (str(argv[i + 1]) if i + 1 < len(argv) else "")
+            if Path(value).is_file():
+                files.append(Path(value))
+    return files
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _unknown_config_key(tree: dict, dests: set[str], prefix: str = "") -> Optional[str]:
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if full in dests or (not prefix and key in CLASS_KEYS) or full.startswith("trainer.callbacks") or \
+                full.startswith("trainer.logger") or full.startswith("trainer.plugins") or full.startswith("trainer.strategy"):
+            continue
+        if isinstance(value, dict) and any(d.startswith(full + ".") for d in dests):
+            found = _unknown_config_key(value, dests, full + ".")
+            if found is not None:
+                return found
+            continue
+        return full
+    return None
+
+
+def resolve_config_names(argv: list) -> list:
+    """`--config NAME` (no such file, but a shipped config of that name) becomes the shipped config's path."""
+    from lightning_modules import config_path
+
+    argv = list(argv)
+    for i, token in enumerate(argv):
+        name, equals, value = str(token).partition("=")
+        if name not in ("--config", "-c"):
+            continue
+        value = value if equals else (str(argv[i + 1]) if i + 1 < len(argv) else None)
+        if value is None or Path(value).exists() or "/" in value or os.sep in value:
+            continue
+        try:
+            path = str(config_path(value))
+        except FileNotFoundError as error:
+            raise ConfigError(f"--config {value}: no such file, and {error}") from None
+        if equals:
+            argv[i] = f"{name}={path}"
+        else:
+            argv[i + 1] = path
+    return argv
+
+
+def list_configs() -> str:
+    """The shipped configs, one a line: name and the first line of its leading comment."""
+    from lightning_modules import CONFIG_DIR
+
+    rows = []
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        rows.append((path.stem, first))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name.ljust(width)}  {about}" for name, about in rows) + \
+        f"\n\nrun one with: {PROG} fit --config NAME  (these files are in {CONFIG_DIR})"
 
 
 class ManualBackpropCLI(LightningCLI):
@@ -61,6 +232,13 @@ class ManualBackpropCLI(LightningCLI):
         # `curves.filename` and `predictions.filename`.
         parser.add_lightning_class_args(TrainingCurves, "curves")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_argument(
+            "--threads",
+            type=int,
+            default=DEFAULT_THREADS,
+            help=f"torch's intra-op threads (torch.set_num_threads), printed at start; default {DEFAULT_THREADS}: "
+            "the fastest for small networks, where threads wait on each other more than they compute",
+        )
         parser.add_argument(
             "--allow_untrained",
             type=bool,
@@ -111,6 +289,12 @@ class ManualBackpropCLI(LightningCLI):
             return
         config = self.config[self.subcommand]
         root = Path(config.get("trainer.default_root_dir") or os.getcwd())
+        threads = config.get("threads", DEFAULT_THREADS)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"threads must be a positive integer; got {threads!r}")
+        torch.set_num_threads(threads)
+        self._threads = threads
+        print(f"{PROG}: {threads} torch thread{'s' if threads > 1 else ''} (--threads)", file=sys.stderr)
         if getattr(self, "_backend", None) and config.get("model.init_args.backend") is not None:
             config["model.init_args.backend"] = self._backend
         if self.subcommand in EVALUATING and config.get("ckpt_path") is None and not config.get("allow_untrained"):
@@ -129,7 +313,7 @@ class ManualBackpropCLI(LightningCLI):
         if hasattr(self.model, "check_datamodule") and self.datamodule is not None:
             self.model.check_datamodule(self.datamodule)
         trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks += [DistributedTeardown(), _QuietWorkers()]  # no-ops on one process
+        trainer.callbacks += [DistributedTeardown(), _QuietWorkers(getattr(self, "_threads", DEFAULT_THREADS))]
         return trainer
 
     def after_fit(self) -> None:
@@ -175,13 +359,18 @@ def latest_last_checkpoint(root: Path) -> Optional[Path]:
 
 def build_cli(args: ArgsType = None, run: bool = True) -> ManualBackpropCLI:
     """The CLI object, for tests and scripts that want its trainer, model and data module."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list):
+        argv = resolve_config_names(argv)
+        StrictParser.argv = argv
     return ManualBackpropCLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=args,
+        args=argv,
         run=run,
+        parser_class=StrictParser,
         # Rerunning a config into the same log folder replaces its saved config.yaml.
         save_config_kwargs={"overwrite": True},
     )
@@ -217,10 +406,14 @@ def quiet() -> None:
 
 
 class _QuietWorkers(pl.Callback):
-    """Spawned DDP processes start a fresh interpreter: quiet them too."""
+    """Spawned DDP processes start a fresh interpreter: quiet them too, with the same number of threads."""
+
+    def __init__(self, threads: int = DEFAULT_THREADS) -> None:
+        self.threads = threads
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         quiet()
+        torch.set_num_threads(self.threads)
 
 
 class _DropTips(logging.Filter):
@@ -237,8 +430,15 @@ def cli_main(args: ArgsType = None) -> None:
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     quiet()
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["configs"]:
+        try:
+            print(list_configs())
+        except BrokenPipeError:  # `manual-backprop configs | head`
+            sys.stderr.close()
+        return
     try:
-        build_cli(args)
+        build_cli(argv)
     except Exception as error:
         cause = user_error(error)
         if cause is None:
