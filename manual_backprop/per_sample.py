@@ -252,8 +252,10 @@ class per_sample_grads:
             raise InputError(
                 f"per_sample_grads: {name} ({type(seen.call.module).__name__}) ran on an input with "
                 f"{delta.shape[0]} along the batch dimension, not the batch's {step.samples} samples: its output is "
-                "shared by every sample (broadcast, as T5's relative position bias), so its per-sample gradient is "
-                "formed outside any rule. Keep it stock (convert(..., exclude=[...])) and pass strict=False"
+                "shared by every sample (broadcast over the batch, as position embeddings of positions (1, T) or "
+                "T5's relative position bias), so δ reaches it already summed over the samples and no rule can "
+                "split it. Freeze it (requires_grad_(False)), or keep it stock (convert(..., exclude=[name])) "
+                "and pass strict=False"
             )
         if delta.is_floating_point() and delta.dtype in (torch.float16, torch.bfloat16):
             delta = delta.float()  # per-sample sums in fp32 under autocast (the parameters' dtype)
