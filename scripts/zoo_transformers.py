@@ -438,7 +438,7 @@ def worst_relative_difference(stock: dict, manual: dict, floor: float = 1e-10) -
 
 def _short(reason: str) -> str:
     """The report's reason for a stock parameter, in a table cell's words."""
-    owner = reason.split("(", 1)[1].split(")", 1)[0].rsplit(".", 1)[-1]  # "owned by 'x' (pkg.Class): ..."
+    owner = reason.split("' (", 1)[1].split(")", 1)[0].rsplit(".", 1)[-1]  # "owned by 'x' (pkg.Class): ..."
     if "custom forward uses its own parameters" in reason:
         return f"used directly by {owner}'s custom forward"
     return reason.split("): ", 1)[-1].replace("__main__.", "")
@@ -471,6 +471,17 @@ def coverage_table(names=None) -> str:
         total = report.manual_parameters + report.stock_parameters
         lines.append(f"| {name}{copy_note} | {total:,} | {100 * manual_share(report):.1f}% | {cells[0]} | {cells[1]} "
                      f"| {left or 'none'} |")
+    lines += [
+        "",
+        "Worst grad difference: the largest max|ours − stock| / max|stock| over the parameters, the same dropout "
+        "masks in both runs. Left out: gradients that are 0 in exact arithmetic (attention key biases, which "
+        "softmax cancels), rounding noise on both sides.",
+        "`manual_functions()` routes torch functions, not modules: GPT-2's Conv1D (`torch.addmm`), the RMS norms "
+        "of Llama and T5 (`pow`, `mean`, `rsqrt`) and ViT's class token and positions (`cat`, `+`) run on stock "
+        "in that door; `convert` puts them on the Hugging Face plugin's rules. Rotary position embeddings, "
+        "T5's relative position bias (added to the scores) and grouped-query attention's head repeat are "
+        "parameter-free arithmetic inside the attention's forward, on autograd in both doors.",
+    ]
     return "\n".join(lines)
 
 
