@@ -271,3 +271,21 @@ def test_vit_embeddings_with_a_mask_token_stay_stock_with_the_reason(registry):
     stock.mask_token = torch.nn.Parameter(torch.zeros(1, 1, 6, dtype=torch.float64))  # use_mask_token=True
     row = mb.report(mb.convert(stock, registry=registry), registry=registry).row("")
     assert row.status == "stock" and "mask_token" in row.reason
+
+
+@pytest.mark.parametrize("stock_cls", [LlamaRMSNorm, T5LayerNorm])
+def test_rms_norms_second_derivatives_equal_stock(registry, stock_cls):
+    """Double backward sees 1/rms as a function of x (recomputed), as stock autograd does."""
+    torch.manual_seed(0)
+    stock = stock_cls(16)
+    with torch.no_grad():
+        stock.weight.copy_(torch.randn(16) + 1)
+    ours = mb.convert(stock, registry=registry)
+    x, upstream = torch.randn(3, 16), torch.randn(3, 16)
+    second = []
+    for module in (ours, stock):
+        a = x.clone().requires_grad_(True)
+        (grad_a,) = torch.autograd.grad(module(a), a, upstream, create_graph=True)
+        second.append(torch.autograd.grad(grad_a.square().sum(), [a, module.weight]))
+    for a, b in zip(*second):
+        torch.testing.assert_close(a, b, **FLOAT32)

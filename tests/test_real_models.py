@@ -169,3 +169,10 @@ def test_per_sample_gradients_refuse_a_parameter_shared_by_every_sample(name, mo
     with pytest.raises(mb.InputError, match=rf"{module} \(Embedding\).*shared by every sample"):
         with mb.per_sample_grads(converted):
             loss_fn(converted(*inputs), target).backward()
+
+
+def test_coverage_table_names_the_versions_and_each_models_share():
+    table = zoo.coverage_table(["llama_lm", "torchvision_vit"])
+    assert f"transformers {transformers.__version__}" in table
+    assert "| llama_lm | 6,288 | 100.0% |" in table and "| none |" in table
+    assert "| torchvision_vit (copy) |" in table and "`class_token` (32): used directly by VisionTransformer's" in table

@@ -139,8 +139,10 @@ class LlamaRMSNorm(torch.autograd.Function):
         x, weight, rstd, *output = ctx.saved_tensors
         need_x, need_gamma, _ = ctx.needs_input_grad
         if ctx.call is not None:
-            ctx.call.see(norm_seen(ctx.call, delta, x, ctx.params, _per_sample_gamma(_llama_x_hat, ctx.eps, weight),
-                                   *output))
+            x_hat_of = lambda a: normalize(a.float(), [-1], ctx.eps, centered=False)[0].to(a.dtype)  # noqa: E731
+            ctx.call.see(norm_seen(ctx.call, delta, x, ctx.params, _per_sample_gamma(x_hat_of, weight), *output))
+        if torch.is_grad_enabled():  # double backward: 1/rms as a function of x
+            rstd = normalize(x.float(), [-1], ctx.eps, centered=False)[2]
         grad_x = delta_through_rms((delta * weight).float(), x.float(), rstd).to(x.dtype) if need_x else None
         grad_gamma = _sum_to(delta * (x.float() * rstd).to(x.dtype), weight) if need_gamma else None
         return grad_x, grad_gamma, None
@@ -156,8 +158,8 @@ class T5LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, eps):
-        x_hat, rstd = _t5_x_hat(x, weight, eps)
-        return weight * x_hat, rstd
+        rstd = _t5_rstd(x, eps)
+        return weight * _t5_x_hat(x, weight, rstd), rstd
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -172,10 +174,12 @@ class T5LayerNorm(torch.autograd.Function):
         x, weight, rstd, *output = ctx.saved_tensors
         need_x, need_gamma, _ = ctx.needs_input_grad
         if ctx.call is not None:
-            ctx.call.see(norm_seen(ctx.call, delta, x, ctx.params, _per_sample_gamma(_t5_x_hat, ctx.eps, weight),
-                                   *output))
+            x_hat_of = lambda a: _t5_x_hat(a, weight, _t5_rstd(a, ctx.eps))  # noqa: E731
+            ctx.call.see(norm_seen(ctx.call, delta, x, ctx.params, _per_sample_gamma(x_hat_of, weight), *output))
+        if torch.is_grad_enabled():  # double backward: 1/rms as a function of x
+            rstd = _t5_rstd(x, ctx.eps)
         grad_x = delta_through_rms(delta * weight, x, rstd).to(x.dtype) if need_x else None
-        grad_gamma = _sum_to(delta * _t5_x_hat(x, weight, ctx.eps, rstd)[0], weight) if need_gamma else None
+        grad_gamma = _sum_to(delta * _t5_x_hat(x, weight, rstd), weight) if need_gamma else None
         return grad_x, grad_gamma, None
 
 
@@ -192,16 +196,15 @@ def delta_through_rms(g, x, rstd):
     return g * rstd - x.to(rstd.dtype) * through_rms
 
 
-def _llama_x_hat(x, weight, eps):
-    return normalize(x.float(), [-1], eps, centered=False)[0].to(x.dtype)
+def _t5_rstd(x, eps):
+    """1/rms = 1/√(mean(x²) + eps) over the last dim, in float32 (T5LayerNorm's variance)."""
+    return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
 
 
-def _t5_x_hat(x, weight, eps, rstd=None):
-    """(x̂, 1/rms) as T5LayerNorm computes them."""
-    if rstd is None:
-        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+def _t5_x_hat(x, weight, rstd):
+    """x̂ = x·(1/rms) as T5LayerNorm computes it: in x's dtype promoted with float32's, then γ's if half."""
     x_hat = x * rstd
-    return (x_hat.to(weight.dtype) if weight.dtype in (torch.float16, torch.bfloat16) else x_hat), rstd
+    return x_hat.to(weight.dtype) if weight.dtype in (torch.float16, torch.bfloat16) else x_hat
 
 
 def _sum_to(grad, weight):
@@ -209,13 +212,10 @@ def _sum_to(grad, weight):
     return grad.reshape(-1, grad.shape[-1]).sum(0).to(weight.dtype)
 
 
-def _per_sample_gamma(x_hat_of, eps, weight):
+def _per_sample_gamma(x_hat_of, weight):
     """`Seen.per_sample` of an RMS norm: sample n's ∂J/∂γ = Σ_t δₙₜ x̂ₙₜ, x̂ from the sample's own a."""
     def per_sample(delta, a):
-        x_hat = x_hat_of(a, weight, eps)
-        if isinstance(x_hat, tuple):
-            x_hat = x_hat[0]
-        return per_sample_affine_grads(delta, x_hat, [delta.dim() - 1], weight, None)[:1]
+        return per_sample_affine_grads(delta, x_hat_of(a), [delta.dim() - 1], weight, None)[:1]
 
     return per_sample
 
