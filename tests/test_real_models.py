@@ -19,7 +19,7 @@ import transformers
 import manual_backprop as mb
 from manual_backprop.plugins import huggingface as hf
 from manual_backprop.registry import PluginWarning, Registry
-from manual_backprop.testing import assert_grad_parity
+from manual_backprop.testing import assert_grad_parity, rule_nodes
 from tests.cases import FLOAT64
 from tests.scripts import load_script
 
@@ -176,3 +176,23 @@ def test_coverage_table_names_the_versions_and_each_models_share():
     assert f"transformers {transformers.__version__}" in table
     assert "| llama_lm | 6,288 | 100.0% |" in table and "| none |" in table
     assert "| torchvision_vit (copy) |" in table and "`class_token` (32): used directly by VisionTransformer's" in table
+
+
+def test_lightning_transformers_training_step_on_our_rules_equals_stock():
+    """Through the door Lightning users come in by: LightningTransformer.training_step, converted whole."""
+    from pytorch_lightning.demos import LightningTransformer
+
+    torch.manual_seed(0)
+    stock = LightningTransformer(vocab_size=zoo.VOCAB).double().train()
+    ours = mb.convert(stock)
+    batch = (zoo._tokens(torch.Generator().manual_seed(1)), zoo._tokens(torch.Generator().manual_seed(2)))
+    losses = []
+    for module in (ours, stock):
+        torch.manual_seed(3)  # the same dropout masks
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], **FLOAT64)
+    assert {"AttentionBackward", "LinearBackward", "LayerNormBackward"} <= set(rule_nodes(losses[0]))
+    for (name, p), q in zip(ours.named_parameters(), stock.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, **FLOAT64, msg=name)
