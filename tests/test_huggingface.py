@@ -15,13 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import activations, pytorch_utils
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.t5.modeling_t5 import T5LayerNorm
+from transformers.models.vit.modeling_vit import ViTConfig, ViTEmbeddings
 
 import manual_backprop as mb
 from manual_backprop.plugins import huggingface as hf
 from manual_backprop.registry import Registry
 from manual_backprop.testing import rule_nodes
-from transformers import activations, pytorch_utils
-from tests.cases import DEVICES, FLOAT32, assert_parity
+from tests.cases import DEVICES, FLOAT32, FLOAT64, assert_parity, tolerance
+
 
 @pytest.fixture(scope="module")
 def registry():
@@ -150,11 +154,6 @@ def test_conv1d_runs_under_autocast_like_addmm(registry):
 
 # ------------------------------------------------------------------ LlamaRMSNorm, T5LayerNorm
 
-from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
-from transformers.models.t5.modeling_t5 import T5LayerNorm  # noqa: E402
-from transformers.models.vit.modeling_vit import ViTConfig, ViTEmbeddings  # noqa: E402
-
-from tests.cases import FLOAT64, tolerance  # noqa: E402
 
 # Width 16: the mean's 1/16 is exact, and our δ rounds exactly as autograd's does through the float32
 # statistic. Width 12: the same formula, other roundings of that float32 term (float32-accurate, as stock).
