@@ -66,6 +66,7 @@ class _Step:
         self.current: dict = {}  # parameter -> (N, *p.shape) summed over its uses so far
         self.overlapping: dict = {}  # parameter -> whether two of its uses cover one element (tied weights)
         self.sq: torch.Tensor | None = None  # (N,) squared norms so far
+        self.samples: int | None = None  # N: the model's first input along the batch dim, else the first δ's
 
     def add_sq(self, sq: torch.Tensor) -> None:
         self.sq = sq if self.sq is None else self.sq + sq
@@ -118,7 +119,8 @@ class per_sample_grads:
         if loss_reduction not in ("mean", "sum"):
             raise InputError(f'per_sample_grads: loss_reduction must be "mean" or "sum", got {loss_reduction!r}')
         self.model, self.loss_reduction, self.materialize, self.strict = model, loss_reduction, materialize, strict
-        self._watch = observe.watch(model, self, batch_dim=0 if batch_first else 1)
+        self._batch_dim = 0 if batch_first else 1
+        self._watch = observe.watch(model, self, batch_dim=self._batch_dim)
         self._names = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
         self.skipped: list[str] = []
         self._steps: list[_Step] = []
@@ -195,6 +197,9 @@ class per_sample_grads:
     def _begin(self, module, args) -> None:
         self._steps.append(_Step())
         self._ran.clear()
+        first = next((x for x in args if isinstance(x, torch.Tensor)), None)
+        if first is not None and first.dim() > self._batch_dim:
+            self._steps[-1].samples = first.shape[self._batch_dim]
 
     def _step(self) -> _Step:
         if not self._steps:
@@ -240,6 +245,18 @@ class per_sample_grads:
         if all(s is None for s in sources):
             return
         delta, a = seen.samples_first()
+        if step.samples is None:
+            step.samples = delta.shape[0]
+        elif delta.shape[0] != step.samples:  # a parameter applied to no sample: broadcast over the batch
+            name = seen.name or type(seen.call.module).__name__
+            raise InputError(
+                f"per_sample_grads: {name} ({type(seen.call.module).__name__}) ran on an input with "
+                f"{delta.shape[0]} along the batch dimension, not the batch's {step.samples} samples: its output is "
+                "shared by every sample (broadcast over the batch, as position embeddings of positions (1, T) or "
+                "T5's relative position bias), so δ reaches it already summed over the samples and no rule can "
+                "split it. Freeze it (requires_grad_(False)), or keep it stock (convert(..., exclude=[name])) "
+                "and pass strict=False"
+            )
         if delta.is_floating_point() and delta.dtype in (torch.float16, torch.bfloat16):
             delta = delta.float()  # per-sample sums in fp32 under autocast (the parameters' dtype)
         if a.is_floating_point() and a.dtype in (torch.float16, torch.bfloat16):

@@ -1,14 +1,12 @@
-"""Transformer models users convert: most parameters on our rules, gradients equal to stock.
+"""Transformer models users convert whose packages cannot be installed here: most parameters on our
+rules, gradients equal to stock.
 
-The models are faithful copies (scripts/zoo_transformers.py) of BERT, GPT-2, torchvision's
-and timm's ViT, and torch.nn.Transformer; transformers' own classes come from the stand-in
-package (tests/stand_ins), with this package's Hugging Face plugin registered.
+The models are faithful copies (scripts/zoo_transformers.py) of torchvision's and timm's ViT (torchvision's
+wheels are CUDA builds; timm needs torchvision), and torch.nn.Transformer itself. The real transformers
+and Lightning models are in tests/test_real_models.py; GPT-2's tied weight is checked here on the real one.
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 from torch import nn
@@ -16,16 +14,11 @@ from torch import nn
 import manual_backprop as mb
 from manual_backprop.plugins import huggingface
 from manual_backprop.testing import assert_grad_parity, rule_nodes
-
+from tests.cases import FLOAT64
 from tests.scripts import load_script
-
-ROOT = Path(__file__).resolve().parents[1]
-STAND_INS = ROOT / "tests" / "stand_ins"
 
 # Rules each model needs for ≥ 95% (from other rule families: LayerNorm, Dropout from norm; Conv2d from conv).
 NEEDS = {
-    "bert_classifier": [nn.LayerNorm],
-    "gpt2_lm": [nn.LayerNorm],
     "torchvision_vit": [nn.LayerNorm, nn.Conv2d],
     "timm_vit": [nn.LayerNorm, nn.Conv2d],
     "timm_vit_layerscale": [nn.LayerNorm, nn.Conv2d],
@@ -35,19 +28,13 @@ NEEDS = {
 
 @pytest.fixture(scope="module")
 def zoo():
-    """scripts/zoo_transformers.py, with the stand-in transformers importable while this module runs."""
-    len(mb.default_registry())  # the default registry loads its plugins before, never with the stand-in
-    sys.path.insert(0, str(STAND_INS))
-    yield load_script("zoo_transformers")
-    sys.path.remove(str(STAND_INS))
-    for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")]:
-        del sys.modules[name]
+    return load_script("zoo_transformers")
 
 
 @pytest.fixture(scope="module")
-def registry(zoo):
-    registry = mb.Registry(builtins=True)
-    huggingface.register(registry)
+def registry():
+    registry = mb.Registry(builtins=True, plugins=True)
+    assert not registry.plugin_failures
     return registry
 
 
@@ -55,7 +42,7 @@ def registry(zoo):
 def test_gradients_equal_stock(zoo, registry, name):
     model, inputs, target, loss_fn = zoo.MODELS[name]()
     model.train()  # dropout on: both runs draw the same masks
-    result = assert_grad_parity(model, inputs, target, loss_fn, registry=registry, rtol=1e-6, atol=1e-8)
+    result = assert_grad_parity(model, inputs, target, loss_fn, registry=registry, **FLOAT64)
     assert {"LinearBackward"} <= set(result.rule_nodes)
 
 
