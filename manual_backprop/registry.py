@@ -26,7 +26,8 @@ naming it, and leaves nothing half-registered; the failure is kept in
 `Registry.plugin_failures`, so `report()` lists it and `convert(strict=True)` refuses to run
 without it. A plugin may register one class under two names (transformers makes
 ``PytorchGELUTanh`` an alias of ``GELUTanh``): the second registration of a class the same
-plugin already registered is skipped, not an error.
+plugin already registered is skipped, not an error, as is registering a rule that is already
+there unchanged (the same stock class, counterpart and predicate).
 """
 
 from __future__ import annotations
@@ -134,8 +135,9 @@ class Registry:
         with self._lock:
             self._load_plugins_once()  # so a clash with a plugin's rule is reported the same in any order
             old = self._rules.get(stock)
-            if old is not None and not override and self._source.startswith("plugin:") and old.source == self._source:
-                return manual  # an alias of a class this plugin already registered: its first rule stands
+            same_plugin = self._source.startswith("plugin:") and old is not None and old.source == self._source
+            if old is not None and not override and (same_plugin or (old.manual is manual and old.supports is supports)):
+                return manual  # an alias of a class this plugin (or anyone, with the same rule) already registered
             self._add(Rule(stock, manual, supports, self._source), override=override)
         return manual
 

@@ -153,8 +153,9 @@ def test_top_level_register_uses_the_default_registry():
     try:
         mb.register(nn.Softsign)(ManualSoftsign)
         assert type(mb.convert(nn.Softsign())) is ManualSoftsign
+        mb.register(nn.Softsign, ManualSoftsign)  # the same rule again: nothing changes
         with pytest.raises(ValueError, match="already has a rule"):
-            mb.register(nn.Softsign, ManualSoftsign)
+            mb.register(nn.Softsign, type("OtherSoftsign", (nn.Softsign,), {}))
     finally:
         mb.default_registry().unregister(nn.Softsign)
     assert nn.Softsign not in mb.default_registry()
@@ -305,6 +306,15 @@ def test_a_plugin_registering_an_alias_of_its_own_class_loads_whole(plugin_path)
     assert registry.plugin_failures == []
     with pytest.raises(ValueError, match="already has a rule"):  # a user's clash still is one
         registry.register(nn.Softsign, type("Softsign2", (nn.Softsign,), {}))
+
+
+def test_registering_the_same_rule_again_changes_nothing():
+    registry = Registry(builtins=True)
+    rule = registry.rule_for(nn.Linear)
+    registry.register(nn.Linear, rule.manual, supports=rule.supports)  # what a plugin's register() does for an alias
+    assert registry.rule_for(nn.Linear) is rule
+    with pytest.raises(ValueError, match="already has a rule"):  # another predicate is another rule
+        registry.register(nn.Linear, rule.manual)
 
 
 def test_a_failed_plugin_is_named_by_report_and_refused_by_strict_convert(plugin_path):
