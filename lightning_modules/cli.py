@@ -222,6 +222,8 @@ def list_configs() -> str:
 
 
 class ManualBackpropCLI(LightningCLI):
+    announce = False  # the command prints its thread count; scripts that build the CLI print their own output
+
     def init_parser(self, **kwargs) -> LightningArgumentParser:
         kwargs.setdefault("prog", PROG)
         kwargs.setdefault("description", DESCRIPTION)
@@ -294,7 +296,6 @@ class ManualBackpropCLI(LightningCLI):
             raise ConfigError(f"threads must be a positive integer; got {threads!r}")
         torch.set_num_threads(threads)
         self._threads = threads
-        print(f"{PROG}: {threads} torch thread{'s' if threads > 1 else ''} (--threads)", file=sys.stderr)
         if getattr(self, "_backend", None) and config.get("model.init_args.backend") is not None:
             config["model.init_args.backend"] = self._backend
         if self.subcommand in EVALUATING and config.get("ckpt_path") is None and not config.get("allow_untrained"):
@@ -312,6 +313,9 @@ class ManualBackpropCLI(LightningCLI):
         # Model and data module exist: a task that does not fit the data fails now, before the Trainer.
         if hasattr(self.model, "check_datamodule") and self.datamodule is not None:
             self.model.check_datamodule(self.datamodule)
+        threads = getattr(self, "_threads", DEFAULT_THREADS)
+        if self.announce:  # said once model and data exist (an error in them stays the only line), on stdout
+            print(f"{PROG}: {threads} torch thread{'s' if threads > 1 else ''} (--threads)")
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks += [DistributedTeardown(), _QuietWorkers(getattr(self, "_threads", DEFAULT_THREADS))]
         return trainer
@@ -357,13 +361,15 @@ def latest_last_checkpoint(root: Path) -> Optional[Path]:
     return max(candidates, key=lambda path: path.stat().st_mtime_ns, default=None)
 
 
-def build_cli(args: ArgsType = None, run: bool = True) -> ManualBackpropCLI:
-    """The CLI object, for tests and scripts that want its trainer, model and data module."""
+def build_cli(args: ArgsType = None, run: bool = True, announce: bool = False) -> ManualBackpropCLI:
+    """The CLI object, for tests and scripts that want its trainer, model and data module.
+    announce: print what the command prints at start (the thread count)."""
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list):
         argv = resolve_config_names(argv)
         StrictParser.argv = argv
-    return ManualBackpropCLI(
+    cls = type("ManualBackpropCommand", (ManualBackpropCLI,), {"announce": True}) if announce else ManualBackpropCLI
+    return cls(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
@@ -438,7 +444,7 @@ def cli_main(args: ArgsType = None) -> None:
             sys.stderr.close()
         return
     try:
-        build_cli(argv)
+        build_cli(argv, announce=True)
     except Exception as error:
         cause = user_error(error)
         if cause is None:

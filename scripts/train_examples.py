@@ -37,7 +37,7 @@ EXAMPLES = [
 
 
 def train_and_test(
-    config: str, backend: str, root: Path, max_epochs: int | None
+    config: str, backend: str, root: Path, max_epochs: int | None, threads: int = 1
 ) -> tuple[dict[str, float], float, Path, str]:
     from lightning_modules import config_path
     from lightning_modules.cli import build_cli
@@ -49,6 +49,7 @@ def train_and_test(
         f"--trainer.default_root_dir={root / config}",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
+        f"--threads={threads}",  # as the command's --threads: make train and manual-backprop agree
     ]  # fmt: skip
     if max_epochs is not None:
         args.append(f"--trainer.max_epochs={max_epochs}")
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping {config}: DP-SGD needs backend manual", file=sys.stderr)
             continue
         print(f"training {config} (backend {options.backend}) ...", file=sys.stderr, flush=True)
-        results, seconds, curves, network = train_and_test(config, options.backend, options.root, options.max_epochs)
+        results, seconds, curves, network = train_and_test(config, options.backend, options.root, options.max_epochs, options.threads)
         networks.add(network)
         value = results[metric]
         ok = value >= floor

@@ -560,3 +560,66 @@ def test_prediction_columns_per_task():
     assert header == ["price", "rooms"] and values == [["1.5"], ["20"]]
     header, values = columns("multiclass", torch.tensor([[0.1, 0.7, 0.2]]), ["kind"], np.array([3, 5, 7]))
     assert header == ["kind", "p_3", "p_5", "p_7"] and [v[0] for v in values] == [5, "0.1", "0.7", "0.2"]
+
+
+# ------------------------------------------------------------------ strict, one-line errors; threads; configs by name
+
+DIGITS = str(config_path("multiclass_digits"))
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--model.init_args.hiden_sizes=[3]"],
+     "unknown key 'model.init_args.hiden_sizes' for lightning_modules.MulticlassClassificationTask; did you mean 'hidden_sizes'?"),
+    (["--data.init_args.batch_sise=3"],
+     "unknown key 'data.init_args.batch_sise' for lightning_modules.SklearnDataModule; did you mean 'batch_size'?"),
+    (["--trainer.max_epoch=3"],  # an abbreviation of max_epochs: refused, not expanded
+     "unknown option --trainer.max_epoch for pytorch_lightning.Trainer; did you mean 'trainer.max_epochs'?"),
+], ids=["model-key", "data-key", "abbreviation"])
+def test_a_mistyped_option_is_one_line_naming_the_key_its_class_and_the_closest_key(tmp_path, capsys, args, line):
+    code, out, err = run_cli(["fit", "--config", DIGITS, f"--trainer.default_root_dir={tmp_path}", *args], capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == f"manual-backprop: error: {line}"
+    assert "usage:" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("old, new, line", [
+    ("hidden_sizes:", "hiden_sizes:",
+     "unknown key 'model.init_args.hiden_sizes' for lightning_modules.MulticlassClassificationTask; did you mean 'hidden_sizes'?"),
+    ("max_epochs:", "max_epoch:", "unknown key 'trainer.max_epoch' in {path} for pytorch_lightning.Trainer; did you mean 'trainer.max_epochs'?"),
+], ids=["model-key", "trainer-key"])
+def test_a_mistyped_config_key_is_one_line_too(tmp_path, capsys, old, new, line):
+    path = tmp_path / "typo.yaml"
+    path.write_text(Path(DIGITS).read_text().replace(old, new))
+    code, out, err = run_cli(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path}"], capsys)
+    assert code == 2 and err.strip().splitlines() == [f"manual-backprop: error: {line.format(path=path)}"]
+
+
+def test_threads_default_to_one_are_printed_and_set(tmp_path, capsys, monkeypatch):
+    from lightning_modules.cli import DEFAULT_THREADS
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        code, out, err = run_cli(["fit", "--config", DIGITS, "--trainer.fast_dev_run=true",
+                                  f"--trainer.default_root_dir={tmp_path}", *QUIET], capsys)
+        assert code == 0 and DEFAULT_THREADS == 1
+        assert "manual-backprop: 1 torch thread (--threads)" in out and torch.get_num_threads() == 1
+        code, out, err = run_cli(["fit", "--config", DIGITS, "--threads=2", "--trainer.fast_dev_run=true",
+                                  f"--trainer.default_root_dir={tmp_path}", *QUIET], capsys)
+        assert "manual-backprop: 2 torch threads (--threads)" in out and torch.get_num_threads() == 2
+        code, out, err = run_cli(["fit", "--config", DIGITS, "--threads=0", f"--trainer.default_root_dir={tmp_path}"], capsys)
+        assert code == 2 and "threads must be a positive integer; got 0" in err
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_shipped_config_by_name_from_any_folder_and_the_list_of_them(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["fit", "--config", "multiclass_digits", "--trainer.fast_dev_run=true", *QUIET])
+    assert cli.trainer.global_step == 1 and type(cli.datamodule) is SklearnDataModule
+    code, out, err = run_cli(["configs"], capsys)
+    assert code == 0
+    names = [line.split()[0] for line in out.splitlines() if line.strip() and not line.startswith("run one")]
+    assert names == sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    code, out, err = run_cli(["fit", "--config", "nope"], capsys)
+    assert code == 2 and "--config nope: no such file, and no shipped config 'nope'" in err
