@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
@@ -78,7 +79,7 @@ class TaskModule(pl.LightningModule):
         _check_dp(backend, dp_noise_multiplier, dp_max_grad_norm, dp_delta)
         self._private = None  # the per-sample context of the running training step (DP-SGD)
         self._accountant = None
-        self._unsynced_ddp = None  # the DDP model whose gradient all-reduce DP-SGD turned off
+        self._unsynced_ddp = None  # weak reference to the DDP model whose gradient all-reduce DP-SGD turned off
         if isinstance(net, Mapping):
             net = instantiate_net(net)
         check_backend(backend)
@@ -244,14 +245,14 @@ class TaskModule(pl.LightningModule):
                 f"DP-SGD on {self.trainer.world_size} processes runs under a DDP strategy (ddp, ddp_spawn); "
                 f"this one wraps the model in {type(model).__name__}"
             )
-        if model is self._unsynced_ddp:
+        if self._unsynced_ddp is not None and self._unsynced_ddp() is model:  # a second fit on one DDP model
             return
         try:
             manual_backprop.privacy.skip_gradient_sync(model)
         except RuntimeError as error:  # a hook is already registered: DDP's all-reduce is only wasted
             rank_zero_warn(f"DP-SGD could not turn off DDP's gradient all-reduce ({error}); it recomputes the "
                            "gradients after it, so the step is right, but the all-reduce is wasted")
-        self._unsynced_ddp = model
+        self._unsynced_ddp = weakref.ref(model)  # not the module itself: it would become our submodule
 
     def on_after_backward(self) -> None:
         """DP-SGD's step on the gradients: each sample clipped to dp_max_grad_norm by its per-sample norm
