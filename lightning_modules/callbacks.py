@@ -283,9 +283,12 @@ class DeltaMonitor(pl.Callback):
         self._close()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.fast_dev_run or not self.history:
+        if trainer.fast_dev_run:
             return
-        self.path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+        log_dir = trainer.log_dir  # under DDP a broadcast from rank 0: every process asks, also those with no history
+        if not self.history:
+            return
+        self.path = Path(log_dir or trainer.default_root_dir) / self.filename
         self._plot(TrainingCurves._title(trainer, pl_module))
 
     @rank_zero_only

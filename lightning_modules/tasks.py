@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
-import weakref
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
@@ -79,7 +78,6 @@ class TaskModule(pl.LightningModule):
         _check_dp(backend, dp_noise_multiplier, dp_max_grad_norm, dp_delta)
         self._private = None  # the per-sample context of the running training step (DP-SGD)
         self._accountant = None
-        self._unsynced_ddp = None  # weak reference to the DDP model whose gradient all-reduce DP-SGD turned off
         if isinstance(net, Mapping):
             net = instantiate_net(net)
         check_backend(backend)
@@ -235,8 +233,9 @@ class TaskModule(pl.LightningModule):
 
     def _skip_ddp_gradient_sync(self) -> None:
         """Under DDP, DP-SGD sums the clipped gradients itself (`on_after_backward`): DDP's all-reduce of the
-        unclipped ones would be thrown away, so its communication hook is made a no-op. With a hook of its
-        own already set (DDPStrategy(ddp_comm_hook=...)) DDP keeps it; the result is correct either way."""
+        unclipped ones would be thrown away, so its communication hook is made a no-op (Lightning wraps the
+        model in a new DDP at every fit). With a hook of its own already set (DDPStrategy(ddp_comm_hook=...))
+        DDP keeps it; the step is right either way."""
         from torch.nn.parallel import DistributedDataParallel
 
         model = self.trainer.strategy.model
@@ -245,14 +244,11 @@ class TaskModule(pl.LightningModule):
                 f"DP-SGD on {self.trainer.world_size} processes runs under a DDP strategy (ddp, ddp_spawn); "
                 f"this one wraps the model in {type(model).__name__}"
             )
-        if self._unsynced_ddp is not None and self._unsynced_ddp() is model:  # a second fit on one DDP model
-            return
         try:
             manual_backprop.privacy.skip_gradient_sync(model)
         except RuntimeError as error:  # a hook is already registered: DDP's all-reduce is only wasted
             rank_zero_warn(f"DP-SGD could not turn off DDP's gradient all-reduce ({error}); it recomputes the "
                            "gradients after it, so the step is right, but the all-reduce is wasted")
-        self._unsynced_ddp = weakref.ref(model)  # not the module itself: it would become our submodule
 
     def on_after_backward(self) -> None:
         """DP-SGD's step on the gradients: each sample clipped to dp_max_grad_norm by its per-sample norm
@@ -278,7 +274,8 @@ class TaskModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         if self._accountant is not None and self._accountant.history:
-            self.log("train/epsilon", float(self._accountant.get_epsilon(self.hparams.dp_delta)))
+            # equal on every process (see on_after_backward): sync_dist averages equal values, without a warning
+            self.log("train/epsilon", float(self._accountant.get_epsilon(self.hparams.dp_delta)), sync_dist=True)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, self.val_metrics, "val")

@@ -120,7 +120,7 @@ def fit_recorded(devices: int, batch_size: int, root: Path, data=None, callbacks
     task_kwargs = {"hidden_sizes": [8], "lr": 0.01, **task_kwargs}
     model = MulticlassClassificationTask(data.num_features, data.num_classes, **task_kwargs).double()
     initial = copy.deepcopy(model.net.state_dict())
-    root.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
     trainer = quiet_trainer(
         root, devices=devices, strategy=strategy or ("ddp_spawn" if devices > 1 else "auto"), precision="64-true",
         max_epochs=2, limit_val_batches=0, limit_train_batches=limit_train_batches, logger=logger, callbacks=[Record(root), *callbacks, DistributedTeardown()],
@@ -178,8 +178,10 @@ class PerRankLog(Logger):
         pass
 
     def log_metrics(self, metrics, step=None) -> None:
-        with open(self.root / f"log{torch.distributed.get_rank()}.txt", "a") as f:
-            f.writelines(f"{key}\n" for key in metrics if key.startswith("delta/"))
+        keys = [key for key in metrics if key.startswith("delta/")]
+        if keys:
+            with open(self.root / f"log{torch.distributed.get_rank()}.txt", "a") as f:
+                f.writelines(f"{key}\n" for key in keys)
 
 
 LEARNING_RULES = [
@@ -206,3 +208,4 @@ def test_feedback_matrices_are_rank_zeros_on_every_process_and_delta_is_logged_o
         torch.testing.assert_close(ranks[1]["buffers"][name], ranks[0]["buffers"][name], rtol=0, atol=0)
     assert ranks[0]["delta_history"] and not ranks[1]["delta_history"]
     assert (tmp_path / "log0.txt").read_text() and not (tmp_path / "log1.txt").exists()
+    assert (tmp_path / "delta.png").is_file()  # plotted by rank 0, into the folder rank 0 broadcast
