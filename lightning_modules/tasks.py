@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
@@ -217,7 +218,8 @@ class TaskModule(pl.LightningModule):
             manual_backprop.plugins.feedback_alignment.broadcast_feedback(self.net)
         if self.hparams.get("dp_noise_multiplier") is None:
             return
-        self._accountant = manual_backprop.privacy.accountant("prv")  # Opacus: fails here if missing
+        if self.hparams.dp_noise_multiplier > 0:  # σ = 0 clips only: no privacy to count (ε = ∞)
+            self._accountant = manual_backprop.privacy.accountant("prv")  # Opacus: fails here if missing
         if self.trainer.accumulate_grad_batches != 1:
             raise ConfigError(
                 f"DP-SGD clips and noises the gradient of each batch: accumulate_grad_batches must be 1, got "
@@ -273,7 +275,9 @@ class TaskModule(pl.LightningModule):
             self._accountant.step(noise_multiplier=hp.dp_noise_multiplier, sample_rate=1.0 / max(batches, 1))
 
     def on_train_epoch_end(self) -> None:
-        if self._accountant is not None and self._accountant.history:
+        if self.hparams.get("dp_noise_multiplier") == 0:
+            self.log("train/epsilon", math.inf, sync_dist=True)
+        elif self._accountant is not None and self._accountant.history:
             # equal on every process (see on_after_backward): sync_dist averages equal values, without a warning
             self.log("train/epsilon", float(self._accountant.get_epsilon(self.hparams.dp_delta)), sync_dist=True)
 
