@@ -505,7 +505,9 @@ def test_dp_sgd_step_through_the_trainer_is_the_clipped_mean_of_per_sample_gradi
     pl.seed_everything(0)
     model = make_task(BinaryClassificationTask, data, {}, dp_noise_multiplier=0.0, dp_max_grad_norm=C).double()
     step = FirstStep()
-    quiet_trainer(tmp_path, max_steps=1, precision="64-true", limit_val_batches=0, callbacks=[step]).fit(model, datamodule=data)
+    trainer = quiet_trainer(tmp_path, max_steps=1, precision="64-true", limit_val_batches=0, callbacks=[step])
+    trainer.fit(model, datamodule=data)
+    assert trainer.callback_metrics["train/epsilon"] == math.inf  # clipping alone is no privacy
     assert torch.equal(step.batch[0].double(), x.double())
     for name, w in weights.items():
         torch.testing.assert_close(step.weights[name], w, rtol=0, atol=0)
@@ -515,6 +517,22 @@ def test_dp_sgd_step_through_the_trainer_is_the_clipped_mean_of_per_sample_gradi
     grads = state_dict_for_backend(step.grads, "autograd")
     for name, g in per_sample_gradients(weights, x, y).items():
         torch.testing.assert_close(grads[name], torch.tensordot(factors, g, dims=1) / len(x), rtol=1e-10, atol=1e-12)
+
+
+def _with_a_parameter_outside_the_network(model):
+    model.scale = torch.nn.Parameter(torch.ones(()))
+    return model
+
+
+@pytest.mark.parametrize("trainer_kwargs, change, message", [
+    ({"accumulate_grad_batches": 2}, lambda model: model, "accumulate_grad_batches must be 1, got 2"),
+    ({}, _with_a_parameter_outside_the_network, "would train without privacy: scale"),
+])
+def test_dp_sgd_refuses_what_it_cannot_privatise(tmp_path, trainer_kwargs, change, message):
+    data = SklearnDataModule("iris", batch_size=32)
+    model = change(MulticlassClassificationTask(4, 3, hidden_sizes=[4], dp_noise_multiplier=1.0))
+    with pytest.raises(ConfigError, match=message):
+        quiet_trainer(tmp_path, max_steps=1, **trainer_kwargs).fit(model, datamodule=data)
 
 
 @pytest.mark.parametrize("kwargs, message", [
