@@ -214,7 +214,7 @@ class TaskModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         distributed = self.trainer.world_size > 1
-        if distributed:  # every process trains with rank 0's feedback matrices, however its model was built
+        if distributed and torch.distributed.is_initialized():  # rank 0's feedback matrices, however each was built
             manual_backprop.plugins.feedback_alignment.broadcast_feedback(self.net)
         if self.hparams.get("dp_noise_multiplier") is None:
             return

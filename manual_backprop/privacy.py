@@ -13,7 +13,7 @@ weighted instead, as Opacus does.
 Under torch.distributed (DDP: `distributed=True`) every process clips its own samples, and the step is
 the one a single process would take on the global batch (Opacus's `DistributedDPOptimizer` does the same):
 
-    g̃ = (Σ_processes Σ_its n cₙ gₙ + 𝒩(0, σ²C² I)) / Σ_processes N_process
+    g̃ = (Σₖ Σ_{n on process k} cₙ gₙ + 𝒩(0, σ²C² I)) / Σₖ Nₖ        Nₖ: process k's samples
 
 The noise is drawn once, on rank 0, and added to rank 0's clipped sum before the sum over processes, so it
 travels with that one all-reduce and every process ends with the same gradient.
@@ -102,11 +102,12 @@ def _all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
             t.copy_(summed.view_as(t))
 
 
-def _global_count(count: int, device: torch.device) -> int:
-    """Σ over the processes of each one's sample count: the global batch (the processes' batches may differ)."""
-    total = torch.tensor([count], dtype=torch.int64, device=device)
+def _global_count(count: int, device: torch.device) -> torch.Tensor:
+    """Σ over the processes of each one's sample count: the global batch (the processes' batches may differ).
+    A tensor on `device`, so that dividing by it waits on no host sync."""
+    total = torch.tensor(count, dtype=torch.int64, device=device)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return int(total.item())
+    return total
 
 
 def skip_gradient_sync(ddp_model: torch.nn.parallel.DistributedDataParallel) -> None:
