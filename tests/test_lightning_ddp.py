@@ -114,7 +114,8 @@ def recorded(root: Path, rank: int) -> dict:
 
 def fit_recorded(devices: int, batch_size: int, root: Path, data=None, callbacks=(), strategy=None, logger=False,
                  limit_train_batches=None, **task_kwargs) -> dict:
-    """iris as in `train`, float64, any task arguments; returns the weights before fit."""
+    """`train`'s run (iris unless `data` is given, float64, 2 epochs) with any task arguments, recorded by every
+    process; returns the weights before fit."""
     pl.seed_everything(5)
     data = data or SklearnDataModule("iris", batch_size=batch_size, val_fraction=0.2, test_fraction=0.2, seed=5)
     task_kwargs = {"hidden_sizes": [8], "lr": 0.01, **task_kwargs}
@@ -123,7 +124,8 @@ def fit_recorded(devices: int, batch_size: int, root: Path, data=None, callbacks
     root.mkdir(parents=True, exist_ok=True)
     trainer = quiet_trainer(
         root, devices=devices, strategy=strategy or ("ddp_spawn" if devices > 1 else "auto"), precision="64-true",
-        max_epochs=2, limit_val_batches=0, limit_train_batches=limit_train_batches, logger=logger, callbacks=[Record(root), *callbacks, DistributedTeardown()],
+        max_epochs=2, limit_val_batches=0, limit_train_batches=limit_train_batches, logger=logger,
+        callbacks=[Record(root), *callbacks, DistributedTeardown()],
     )
     trainer.fit(model, datamodule=data)
     return initial
