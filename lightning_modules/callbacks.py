@@ -215,6 +215,9 @@ class DeltaMonitor(pl.Callback):
     (backprop, feedback alignment: δ is then the error that rule sends down). A network
     whose modules report nothing (backend "autograd": stock modules) logs nothing, with
     one warning. From the CLI: `--trainer.callbacks+=lightning_modules.callbacks.DeltaMonitor`.
+
+    Under DDP only rank 0 records, logs and plots (δ of its share of the global batch); the other
+    processes run untouched, so each statistic is logged once, not once per process.
     """
 
     def __init__(self, every_n_steps: int = 50, reduce: str = "norm", filename: str = "delta.png") -> None:
@@ -233,7 +236,7 @@ class DeltaMonitor(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps or step == self._step:
+        if not trainer.is_global_zero or step % self.every_n_steps or step == self._step:
             return
         import manual_backprop
 
@@ -280,9 +283,12 @@ class DeltaMonitor(pl.Callback):
         self._close()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.fast_dev_run or not self.history:
+        if trainer.fast_dev_run:
             return
-        self.path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+        log_dir = trainer.log_dir  # under DDP a broadcast from rank 0: every process asks, also those with no history
+        if not self.history:
+            return
+        self.path = Path(log_dir or trainer.default_root_dir) / self.filename
         self._plot(TrainingCurves._title(trainer, pl_module))
 
     @rank_zero_only

@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 import torchmetrics
 from torchmetrics import classification, regression
 from torchmetrics.wrappers.abstract import WrapperMetric
 
 import manual_backprop
 import manual_backprop.nn as mnn
+import manual_backprop.plugins.feedback_alignment  # noqa: F401  (its feedback matrices, broadcast under DDP)
 import manual_backprop.privacy  # noqa: F401  (DP-SGD; Opacus only for its accountant, imported when used)
 from lightning_modules.errors import ConfigError
 from lightning_modules.network import build_network, check_backend, check_learning_rule, state_dict_for_backend
@@ -218,28 +221,76 @@ class TaskModule(pl.LightningModule):
         with manual_backprop.per_sample_grads(self.net, loss_reduction="mean", materialize=False) as self._private:
             return self._step(batch, self.train_metrics, "train")
 
-    # ------------------------------------------------------------ DP-SGD (issue 10)
+    # ------------------------------------------------------------ DP-SGD, and DDP
 
     def on_fit_start(self) -> None:
-        if self.hparams.get("dp_noise_multiplier") is not None:
+        distributed = self.trainer.world_size > 1
+        if distributed and torch.distributed.is_initialized():  # rank 0's feedback matrices, however each was built
+            manual_backprop.plugins.feedback_alignment.broadcast_feedback(self.net)
+        if self.hparams.get("dp_noise_multiplier") is None:
+            return
+        if self.hparams.dp_noise_multiplier > 0:  # σ = 0 clips only: no privacy to count (ε = ∞)
             self._accountant = manual_backprop.privacy.accountant("prv")  # Opacus: fails here if missing
+        if self.trainer.accumulate_grad_batches != 1:
+            raise ConfigError(
+                f"DP-SGD clips and noises the gradient of each batch: accumulate_grad_batches must be 1, got "
+                f"{self.trainer.accumulate_grad_batches} (raise the data's batch_size instead)"
+            )
+        private = {id(p) for p in self.net.parameters()}
+        others = [name for name, p in self.named_parameters() if p.requires_grad and id(p) not in private]
+        if others:
+            raise ConfigError(f"DP-SGD privatises the network's parameters only; these would train without "
+                              f"privacy: {', '.join(others)}")
+        if distributed:
+            self._skip_ddp_gradient_sync()
+
+    def _skip_ddp_gradient_sync(self) -> None:
+        """Under DDP, DP-SGD sums the clipped gradients itself (`on_after_backward`): DDP's all-reduce of the
+        unclipped ones would be thrown away, so its communication hook is made a no-op (Lightning wraps the
+        model in a new DDP at every fit). With a hook of its own already set (DDPStrategy(ddp_comm_hook=...))
+        DDP keeps it; the step is right either way."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = self.trainer.strategy.model
+        if not isinstance(model, DistributedDataParallel):
+            raise ConfigError(
+                f"DP-SGD on {self.trainer.world_size} processes runs under a DDP strategy (ddp, ddp_spawn); "
+                f"this one wraps the model in {type(model).__name__}"
+            )
+        try:
+            manual_backprop.privacy.skip_gradient_sync(model)
+        except RuntimeError as error:  # a hook is already registered: DDP's all-reduce is only wasted
+            rank_zero_warn(f"DP-SGD could not turn off DDP's gradient all-reduce ({error}); it recomputes the "
+                           "gradients after it, so the step is right, but the all-reduce is wasted")
 
     def on_after_backward(self) -> None:
         """DP-SGD's step on the gradients: each sample clipped to dp_max_grad_norm by its per-sample norm
         (no per-sample gradient formed: a reweighted sum of each rule's δ and a), Gaussian noise of std
-        σ·C, the mean over the batch; then one accountant step at sample rate 1 / (batches per epoch)."""
+        σ·C, the mean over the batch; then one accountant step at sample rate 1 / (batches per epoch).
+
+        Under DDP (several processes) this is the step one process would take on the global batch: each
+        process clips its own samples, the clipped sums are summed over the processes, the noise is drawn
+        once (on rank 0) and the mean is over the global batch (`privacy.clip_and_noise_(distributed=True)`);
+        DDP's own all-reduce of the unclipped gradients is turned off (`on_fit_start`). Each process's
+        sampler deals it 1/world_size of every global batch, so its number of batches per epoch is the
+        number of global steps per epoch, and the sample rate, the global batch over the dataset's size, is
+        the one process's: every process counts the same ε as one process on the same global batches."""
         ps, self._private = self._private, None
         if ps is None:
             return
         hp = self.hparams
-        manual_backprop.privacy.clip_and_noise_(ps, hp.dp_max_grad_norm, hp.dp_noise_multiplier)
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        manual_backprop.privacy.clip_and_noise_(ps, hp.dp_max_grad_norm, hp.dp_noise_multiplier, distributed=distributed)
         if self._accountant is not None:
             batches = self.trainer.num_training_batches
             self._accountant.step(noise_multiplier=hp.dp_noise_multiplier, sample_rate=1.0 / max(batches, 1))
 
     def on_train_epoch_end(self) -> None:
-        if self._accountant is not None and self._accountant.history:
-            self.log("train/epsilon", float(self._accountant.get_epsilon(self.hparams.dp_delta)))
+        if self.hparams.get("dp_noise_multiplier") == 0:
+            self.log("train/epsilon", math.inf, sync_dist=True)
+        elif self._accountant is not None and self._accountant.history:
+            # equal on every process (see on_after_backward): sync_dist averages equal values, without a warning
+            self.log("train/epsilon", float(self._accountant.get_epsilon(self.hparams.dp_delta)), sync_dist=True)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, self.val_metrics, "val")

@@ -10,6 +10,14 @@ own summed gradient of the reweighted δ, Σₙ (cₙ δₙ) aₙᵀ (the "rewei
 `per_sample_grads.weighted_sum`). With materialize=True the (N, *p.shape) `grad_sample`s are
 weighted instead, as Opacus does.
 
+Under torch.distributed (DDP: `distributed=True`) every process clips its own samples, and the step is
+the one a single process would take on the global batch (Opacus's `DistributedDPOptimizer` does the same):
+
+    g̃ = (Σₖ Σ_{n on process k} cₙ gₙ + 𝒩(0, σ²C² I)) / Σₖ Nₖ        Nₖ: process k's samples
+
+The noise is drawn once, on rank 0, and added to rank 0's clipped sum before the sum over processes, so it
+travels with that one all-reduce and every process ends with the same gradient.
+
 The privacy spent is counted by Opacus's accountants (`accountant`), imported only when asked
 for: the package imports and trains without Opacus.
 """
@@ -17,11 +25,12 @@ for: the package imports and trains without Opacus.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from manual_backprop._checks import InputError
 from manual_backprop.per_sample import per_sample_grads
 
-__all__ = ["accountant", "clip_and_noise_", "clip_factors"]
+__all__ = ["accountant", "clip_and_noise_", "clip_factors", "skip_gradient_sync"]
 
 
 def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
@@ -30,16 +39,25 @@ def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
 
 
 def clip_and_noise_(ps: per_sample_grads, max_grad_norm: float, noise_multiplier: float,
-                    generator: torch.Generator | None = None, batch_size: int | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, batch_size: int | None = None,
+                    distributed: bool = False) -> torch.Tensor:
     """Replace each parameter's `.grad` by its DP-SGD gradient (Σₙ cₙ gₙ + 𝒩(0, (σC)²)) / B, in place.
 
     ps:               a `per_sample_grads` context after its backward (either materialize setting).
     max_grad_norm:    C, the per-sample clipping norm.
     noise_multiplier: σ; the noise's standard deviation is σC (0: clipping only).
-    generator:        for the noise (torch's global RNG if None).
-    batch_size:       B, the expected batch size under Poisson sampling (default: the samples seen).
+    generator:        for the noise (torch's global RNG if None; under `distributed`, rank 0's).
+    batch_size:       B, the expected batch size under Poisson sampling (default: the samples seen; under
+                      `distributed`, the global batch: the samples seen by all processes together).
+    distributed:      every process of the default torch.distributed group calls this in the same step
+                      (DDP): Σₙ cₙ gₙ is summed over the processes, the noise drawn once (on rank 0) and
+                      B is the global batch, so every process gets the same `.grad`. The `.grad`s found
+                      are ignored (DDP's average of unclipped gradients): skip DDP's own all-reduce with
+                      `skip_gradient_sync` rather than pay for it. Every process must privatise the same
+                      parameters (as DDP requires).
 
-    Returns the clip factors cₙ. Parameters on stock autograd (`ps.skipped`) cannot be privatised: error.
+    Returns the clip factors cₙ (this process's samples). Parameters on stock autograd (`ps.skipped`) cannot
+    be privatised: error.
     """
     if max_grad_norm <= 0 or noise_multiplier < 0:
         raise InputError(f"clip_and_noise_: need max_grad_norm > 0 and noise_multiplier >= 0, got "
@@ -47,18 +65,59 @@ def clip_and_noise_(ps: per_sample_grads, max_grad_norm: float, noise_multiplier
     if ps.skipped:
         raise InputError(f"clip_and_noise_: these parameters have no per-sample gradients, so no private update: "
                          f"{', '.join(ps.skipped)}")
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise InputError("clip_and_noise_: distributed=True needs an initialized torch.distributed process group")
     norms = ps.norms
     factors = clip_factors(norms, max_grad_norm)
     B = norms.shape[0] if batch_size is None else batch_size
     sums = ps.weighted_sum(factors)
-    for p in ps.parameters():  # the model's order, so a seeded generator draws the same noise as Opacus
+    params = ps.parameters()  # the model's order, so a seeded generator draws the same noise as Opacus
+    noisy = noise_multiplier > 0 and (not distributed or dist.get_rank() == 0)  # once per step, not per process
+    totals = []
+    for p in params:
         total = sums[p]
-        if noise_multiplier > 0:
+        if noisy:
             noise = torch.normal(0.0, noise_multiplier * max_grad_norm, p.shape, generator=generator,
                                  device=p.device, dtype=p.dtype)
             total = total + noise
+        totals.append(total)
+    if distributed:
+        _all_reduce_sum_(totals)
+        if batch_size is None:
+            B = _global_count(B, norms.device)
+    for p, total in zip(params, totals):
         p.grad = total / B
     return factors
+
+
+def _all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
+    """Sum each tensor over the processes, in place: one all-reduce per dtype (of all its tensors, flattened)."""
+    by_dtype: dict = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for t, summed in zip(group, flat.split([t.numel() for t in group])):
+            t.copy_(summed.view_as(t))
+
+
+def _global_count(count: int, device: torch.device) -> torch.Tensor:
+    """Σ over the processes of each one's sample count: the global batch (the processes' batches may differ).
+    A tensor on `device`, so that dividing by it waits on no host sync."""
+    total = torch.tensor(count, dtype=torch.int64, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def skip_gradient_sync(ddp_model: torch.nn.parallel.DistributedDataParallel) -> None:
+    """Make DDP's backward leave each process's gradients local (torch's `noop_hook` as its communication
+    hook): under DP-SGD `clip_and_noise_(..., distributed=True)` sums the clipped gradients itself, so
+    DDP's all-reduce of the unclipped ones would be thrown away. Call once, before the first backward; a
+    DDP model that already has a communication hook raises torch's RuntimeError."""
+    from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+
+    ddp_model.register_comm_hook(None, noop_hook)
 
 
 def accountant(mechanism: str = "prv"):

@@ -121,7 +121,7 @@ def test_with_dp_sgd_both_watchers_see_every_layer(tmp_path, monkeypatch):
         monkeypatch.setattr(manual_backprop.privacy, "accountant", lambda *args, **kwargs: None)
     clipped = []
     clip = manual_backprop.privacy.clip_and_noise_
-    monkeypatch.setattr(manual_backprop.privacy, "clip_and_noise_", lambda ps, *args: clipped.append(ps.norms) or clip(ps, *args))
+    monkeypatch.setattr(manual_backprop.privacy, "clip_and_noise_", lambda ps, *args, **kwargs: clipped.append(ps.norms) or clip(ps, *args, **kwargs))
     monitor, logger, trainer = fit(tmp_path, dp_noise_multiplier=1.0, dp_max_grad_norm=1.0)
     assert len(clipped) == 6 and all(norms.shape == (128,) for norms in clipped)
     assert list(monitor.history) == ["net.layers.0", "net.layers.1", "net.layers.2"]

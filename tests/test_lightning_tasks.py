@@ -463,31 +463,76 @@ def test_dp_sgd_logs_epsilon_each_epoch_and_checkpoints_load_weights_only(tmp_pa
     task_cls.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=True)
 
 
-def test_dp_sgd_step_is_the_clipped_mean_of_per_sample_gradients(tmp_path):
-    """σ = 0: after backward the gradient is Σₙ cₙ gₙ / N with cₙ from each sample's own norm (torch.func's)."""
+class FirstStep(pl.Callback):
+    """The first training step as Lightning runs it: the batch and weights it starts from, and the gradients the
+    optimizer is handed (after training_step, backward and on_after_backward)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.batch = batch
+            self.weights = {n: p.detach().clone() for n, p in pl_module.net.named_parameters()}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not hasattr(self, "grads"):
+            self.grads = {n: p.grad.clone() for n, p in pl_module.net.named_parameters()}
+
+
+def per_sample_gradients(weights: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """{stock name: (N, *p.shape)} from torch.func on the stock network (backend autograd) carrying `weights`."""
     from torch.func import functional_call, grad, vmap
 
-    pl.seed_everything(0)
+    stock = build_network(x.shape[1], [8], 1, "tanh", "autograd").double()
+    params = state_dict_for_backend(weights, "autograd")
+
+    def loss_one(params, xn, yn):
+        out = functional_call(stock, params, (xn.unsqueeze(0),))
+        return torch.nn.functional.binary_cross_entropy_with_logits(out.squeeze(-1), yn.unsqueeze(0).to(out.dtype))
+
+    return vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x.double(), y)
+
+
+def test_dp_sgd_step_through_the_trainer_is_the_clipped_mean_of_per_sample_gradients(tmp_path):
+    """σ = 0: the gradient the optimizer gets is Σₙ cₙ gₙ / N, cₙ = min(1, C / ‖gₙ‖) from each sample's own
+    gradient (torch.func on the stock network), C the median norm so some samples are clipped and some not."""
     data = SklearnDataModule("breast_cancer", batch_size=16)
     data.setup("fit")
     x, y = next(iter(data.train_dataloader()))
-    model = make_task(BinaryClassificationTask, data, {}, dp_noise_multiplier=0.0, dp_max_grad_norm=0.1)
-    model._private = None
-    params = {n: p.detach() for n, p in model.net.named_parameters()}
+    pl.seed_everything(0)
+    weights = {n: p.detach().double() for n, p in make_task(BinaryClassificationTask, data, {}).net.named_parameters()}
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in per_sample_gradients(weights, x, y).values()]).sum(0).sqrt()
+    C = float(norms.median())
 
-    def loss_one(params, xn, yn):
-        out = functional_call(model.net, params, (xn.unsqueeze(0),))
-        return torch.nn.functional.binary_cross_entropy_with_logits(out.squeeze(-1), yn.unsqueeze(0).float())
+    pl.seed_everything(0)
+    model = make_task(BinaryClassificationTask, data, {}, dp_noise_multiplier=0.0, dp_max_grad_norm=C).double()
+    step = FirstStep()
+    trainer = quiet_trainer(tmp_path, max_steps=1, precision="64-true", limit_val_batches=0, callbacks=[step])
+    trainer.fit(model, datamodule=data)
+    assert trainer.callback_metrics["train/epsilon"] == math.inf  # clipping alone is no privacy
+    assert torch.equal(step.batch[0].double(), x.double())
+    for name, w in weights.items():
+        torch.testing.assert_close(step.weights[name], w, rtol=0, atol=0)
 
-    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
-    norms = torch.stack([g.flatten(1).square().sum(1) for g in per_sample.values()]).sum(0).sqrt()
-    factors = (0.1 / (norms + 1e-6)).clamp(max=1.0)
-    assert (factors < 1).all()
-    with manual_backprop.per_sample_grads(model.net, materialize=False) as model._private:
-        model.loss_fn(*model.loss_inputs(model(x), y)).backward()
-    model.on_after_backward()
-    for name, p in model.net.named_parameters():
-        torch.testing.assert_close(p.grad, torch.tensordot(factors, per_sample[name], dims=1) / len(x))
+    factors = (C / (norms + 1e-6)).clamp(max=1.0)
+    assert (factors < 1).any() and (factors == 1).any()
+    grads = state_dict_for_backend(step.grads, "autograd")
+    for name, g in per_sample_gradients(weights, x, y).items():
+        torch.testing.assert_close(grads[name], torch.tensordot(factors, g, dims=1) / len(x), rtol=1e-10, atol=1e-12)
+
+
+def _with_a_parameter_outside_the_network(model):
+    model.scale = torch.nn.Parameter(torch.ones(()))
+    return model
+
+
+@pytest.mark.parametrize("trainer_kwargs, change, message", [
+    ({"accumulate_grad_batches": 2}, lambda model: model, "accumulate_grad_batches must be 1, got 2"),
+    ({}, _with_a_parameter_outside_the_network, "would train without privacy: scale"),
+])
+def test_dp_sgd_refuses_what_it_cannot_privatise(tmp_path, trainer_kwargs, change, message):
+    data = SklearnDataModule("iris", batch_size=32)
+    model = change(MulticlassClassificationTask(4, 3, hidden_sizes=[4], dp_noise_multiplier=1.0))
+    with pytest.raises(ConfigError, match=message):
+        quiet_trainer(tmp_path, max_steps=1, **trainer_kwargs).fit(model, datamodule=data)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +75,52 @@ def test_dp_optimizer_consumes_our_grad_sample(materialize):
     ours.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ over several processes (DDP)
+
+
+def _private_grads(x: torch.Tensor, y: torch.Tensor, distributed: bool) -> dict:
+    """DP-SGD's gradient (C = 1.35: each process has samples above and below it; σ = 0.8) of a seeded float64
+    network on (x, y); rank 0 and one process draw the same noise."""
+    torch.manual_seed(0)
+    model = manual_backprop.convert(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))).double()
+    with manual_backprop.per_sample_grads(model, materialize=False) as ps:
+        nn.functional.cross_entropy(model(x), y).backward()  # the mean over this process's samples
+    torch.manual_seed(3)
+    privacy.clip_and_noise_(ps, max_grad_norm=1.35, noise_multiplier=0.8, distributed=distributed)
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def _two_processes(rank: int, root: Path, x: torch.Tensor, y: torch.Tensor) -> None:
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{root / 'rendezvous'}", rank=rank, world_size=2)
+    try:
+        part = slice(0, 5) if rank == 0 else slice(5, None)  # 5 and 3 samples: the processes' batches differ
+        torch.save(_private_grads(x[part], y[part], distributed=True), root / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_private_step_of_one_on_the_global_batch(tmp_path):
+    """Each process clips its own samples; the clipped sums are summed, the noise added once (rank 0's draw)
+    and the mean taken over the 8 samples of both: every process gets one process's gradient on all 8."""
+    x, y = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 3
+    torch.multiprocessing.spawn(_two_processes, args=(tmp_path, x, y), nprocs=2)
+    one = _private_grads(x, y, distributed=False)
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for name, g in one.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-12, atol=1e-14)
+
+
+def test_distributed_needs_a_process_group():
+    model = manual_backprop.nn.Linear(3, 2)
+    with manual_backprop.per_sample_grads(model) as ps:
+        model(torch.randn(4, 3)).sum().backward()
+    with pytest.raises(manual_backprop.InputError, match="process group"):
+        privacy.clip_and_noise_(ps, 1.0, 1.0, distributed=True)
 
 
 def test_accountant_is_opacus():

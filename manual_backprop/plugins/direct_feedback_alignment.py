@@ -14,8 +14,8 @@ activation's σ', dropout's mask, a max-pool's routing), so the layer below rece
 B(l) is shaped (K, what the next DFA layer takes): (K, out_features of l) in a chain of Linear
 layers; below a Linear after Flatten, (K, C·H·W); below a convolution, (K, C, H, W) of that
 convolution's input (after pooling, say), drawn at its first forward from a generator whose
-seed was drawn at convert. Convolutions (Conv1d/2d/3d) are hidden layers; the output is a
-Linear or fused MLP.
+seed was drawn at convert (kept beside B as the buffer ``feedback_seed``). Convolutions
+(Conv1d/2d/3d) are hidden layers; the output is a Linear or fused MLP.
 
     model = manual_backprop.convert(model, registry="direct_feedback_alignment")
 
@@ -33,6 +33,9 @@ Each hidden layer keeps B(l) as a non-persistent buffer ``feedback`` (the fused 
 layer, ``layers.{k}.feedback``), drawn from torch's global RNG at convert, uniform in ±1/√K
 (K = the network's outputs); seed torch before `convert` to draw the same B again. The links
 are plain attributes (`_dfa`), deep-copied with the model and removed by `restore`.
+Under DDP every process must use the same B: each B and seed is a buffer, which DDP sets to rank 0's
+when it wraps the model (unless broadcast_buffers=False), and `feedback_alignment.broadcast_feedback`
+does so on demand (the Lightning tasks call it at the start of fit).
 Under torch.compile the output error cannot pass between backward nodes: run DFA eagerly.
 """
 
@@ -81,8 +84,9 @@ class OutputError:
 class Link:
     """One DFA layer's place: its name, the shared error, whether it is the output, the DFA layer below.
 
-    seed: for a convolution, whose input size is known only at its first forward, the seed of the
-    generator that draws B(below) then (itself drawn from torch's RNG at convert).
+    For a convolution, whose input size is known only at its first forward, B(below) is drawn then, by
+    a generator seeded with the holder's buffer ``feedback_seed`` (itself drawn from torch's RNG at
+    convert; a buffer, so that DDP gives every process rank 0's).
     """
 
     name: str
@@ -90,7 +94,6 @@ class Link:
     is_output: bool
     below: torch.nn.Module | None
     K: int = 0
-    seed: int | None = None
 
     def holder(self) -> torch.nn.Module:
         return self.below.layers[-1] if isinstance(self.below, mnn.MLP) else self.below
@@ -105,7 +108,8 @@ class Link:
         holder = self.holder()
         B = holder._buffers.get("feedback")
         if input_shape is not None and (B is None or tuple(B.shape[1:]) != tuple(input_shape)):
-            generator = torch.Generator(device=holder.weight.device).manual_seed(self.seed)
+            seed = int(holder._buffers["feedback_seed"])
+            generator = torch.Generator(device=holder.weight.device).manual_seed(seed)
             B = _draw_B(self.K, tuple(input_shape), holder.weight, generator)
             holder.register_buffer("feedback", B, persistent=False)
         return B
@@ -237,6 +241,7 @@ class _DirectFeedback:
         self.__dict__.pop("_dfa", None)
         for module in self._feedback_holders():
             module._buffers.pop("feedback", None)
+            module._buffers.pop("feedback_seed", None)
 
     def _feedback_holders(self) -> list[torch.nn.Module]:
         return [self]
@@ -358,7 +363,7 @@ def link_layers(model: torch.nn.Module, output: str | None = None) -> None:
         if below is not None:  # B(below): (K, what this layer takes), drawn on the layer below
             B = link.holder()._buffers.get("feedback")
             if fan_in is None:  # a convolution: its input size is known at its first forward
-                link.seed = int(torch.randint(2**62, ()))
+                link.holder().register_buffer("feedback_seed", torch.randint(2**62, ()), persistent=False)
             elif B is None or tuple(B.shape) != (K, fan_in):
                 link.holder().register_buffer("feedback", _draw_B(K, fan_in, link.holder().weight), persistent=False)
         module.__dict__["_dfa"] = link

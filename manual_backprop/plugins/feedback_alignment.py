@@ -20,7 +20,10 @@ B is made from the current W at every backward. M is drawn as torch draws the la
 weight, uniform in ±1/√fan_in (fan_in = W[0].numel(): in_features, or C_in/groups·∏kernel),
 from torch's global RNG at convert, so seeding torch before `convert` draws the same M again.
 It is a non-persistent buffer: it follows `.to()` and deep copies, is not in the state_dict
-(checkpoints keep stock keys), and `restore` removes it.
+(checkpoints keep stock keys), and `restore` removes it. Under DDP every process must send δ
+through the same B: DDP broadcasts rank 0's buffers when it wraps the model (not with
+broadcast_buffers=False), and `broadcast_feedback(model)` does so on demand (the Lightning tasks
+call it at the start of fit). brSF's M is redrawn at each backward from each process's own RNG.
 
 Each rule set runs on Linear, Conv1d/2d/3d and the fused `manual_backprop.nn.MLP` (whose
 layers keep M as ``layers.{k}.feedback``); every other module keeps its ordinary rule.
@@ -230,6 +233,18 @@ class FeedbackMLP(MLPRule):
     @staticmethod
     def backward(ctx, *grads):
         return (*_mlp_backward(ctx, *grads), None)  # autocast off: _mlp_backward is the decorated backward
+
+
+def broadcast_feedback(model: torch.nn.Module, src: int = 0) -> None:
+    """Give every process of the default torch.distributed group rank `src`'s feedback state, in place:
+    each buffer ``feedback`` (M here, B of direct feedback alignment) and ``feedback_seed`` (the seed of a B
+    that direct feedback alignment draws at a convolution's first forward). Every process calls it, with
+    the same model; a model with no such buffers broadcasts nothing."""
+    import torch.distributed as dist
+
+    for name, buffer in model.named_buffers():
+        if name.rsplit(".", 1)[-1] in ("feedback", "feedback_seed"):
+            dist.broadcast(buffer, src)
 
 
 # ------------------------------------------------------------------ modules
