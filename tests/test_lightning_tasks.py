@@ -397,7 +397,7 @@ def test_builtin_network_checkpoint_loads_weights_only_and_restores_target_scale
     assert state["hyper_parameters"] == {
         "in_features": 3, "out_features": 3, "hidden_sizes": [4], "activation": "relu",
         "backend": "manual", "lr": 1e-3, "weight_decay": 0.0, "target_names": None,
-        "dp_noise_multiplier": None, "dp_max_grad_norm": 1.0, "dp_delta": 1e-5, "learning_rule": "backprop",
+        "dp_noise_multiplier": None, "dp_max_grad_norm": 1.0, "dp_delta": 1e-5, "learning_rule": "backprop", "allow_stock": False,
     }  # fmt: skip
     restored = RegressionTask.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=True)
     torch.testing.assert_close(restored.target_mean, torch.tensor(data.target_mean, dtype=torch.float32))
