@@ -21,11 +21,62 @@ import torch
 from sklearn import datasets as sklearn_datasets
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, TensorDataset
 
 from lightning_modules.errors import ConfigError, InputFileNotFoundError
 
 TASKS = ("regression", "binary", "multiclass")
+# How training batches are drawn: "auto" is "poisson" for a model that trains privately (DP-SGD), else "shuffle".
+SAMPLINGS = ("auto", "shuffle", "poisson")
+SAMPLING_HELP = (
+    "sampling: 'shuffle' deals each epoch's shuffled rows into batches of batch_size; 'poisson' draws each "
+    "batch by taking every row independently with probability q = 1 / (batches per epoch), as DP-SGD's "
+    "privacy accounting assumes (batch sizes vary, a batch may be empty); 'auto' (default) is 'poisson' for "
+    "a task with dp_noise_multiplier set and 'shuffle' otherwise. Private training with 'shuffle' counts ε "
+    "as if it were Poisson: an approximation the accountant does not cover."
+)
+
+
+class PoissonBatches(IterableDataset):
+    """Poisson sampling: `num_batches` batches an epoch, each holding every row independently with
+    probability q = 1 / num_batches (Opacus's `DPDataLoader`; Abadi et al.'s accounting assumes it).
+
+    A batch holds len(dataset) · q rows on average (`expected_batch_size`, over every process) and may be
+    empty: its tensors then have 0 rows. On N processes each samples its own rows (r, r + N, ...), so the
+    global batch is Poisson-sampled too. The draws are seeded by (seed, epoch, rank): a run resumed from a
+    checkpoint sees the same batches. num_batches = ⌈rows / (batch_size · N)⌉, as the shuffled mode has.
+    """
+
+    def __init__(self, dataset: TensorDataset, batch_size: int, seed: int, epoch: Callable[[], int],
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        self.dataset, self.seed, self.epoch, self.rank = dataset, seed, epoch, rank
+        n = len(dataset)
+        self.num_batches = max(1, math.ceil(n / (batch_size * num_replicas)))
+        self.sample_rate = 1.0 / self.num_batches
+        self.expected_batch_size = n * self.sample_rate
+        self.rows = torch.arange(rank, n, num_replicas)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch()) * 1_009 + self.rank)
+        for _ in range(self.num_batches):
+            taken = self.rows[torch.rand(len(self.rows), generator=generator) < self.sample_rate]
+            yield tuple(t[taken] for t in self.dataset.tensors)
+
+
+def trains_privately(trainer: Optional[pl.Trainer]) -> bool:
+    """Whether the trainer's model trains with DP-SGD (a task with dp_noise_multiplier set)."""
+    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    hparams = getattr(module, "hparams", {}) if module is not None else {}
+    return hparams.get("dp_noise_multiplier") is not None
+
+
+def check_sampling(sampling: str) -> str:
+    if sampling not in SAMPLINGS:
+        raise ConfigError(f"sampling must be one of {', '.join(map(repr, SAMPLINGS))}; got {sampling!r}")
+    return sampling
 
 
 def seeded_train_sampler(dataset, trainer: Optional[pl.Trainer], seed: int) -> DistributedSampler:
@@ -42,6 +93,7 @@ def seeded_train_sampler(dataset, trainer: Optional[pl.Trainer], seed: int) -> D
 class TableDataModule(pl.LightningDataModule):
     """Features X (n, d) and targets y, split and standardized; the shared part of the data modules.
 
+    Training batches: see `SAMPLING_HELP` (the `sampling` argument).
     Targets in batches: regression float (B, u), standardized when `standardize`;
     binary float (B,) in {0, 1}; multi-class int64 (B,) in [0, K).
     Features in batches: float (B, d), or (B, *image_shape) when `image_shape` is set.
@@ -58,8 +110,10 @@ class TableDataModule(pl.LightningDataModule):
         seed: int = 42,
         standardize: bool = True,
         num_workers: int = 0,
+        sampling: str = "auto",
     ) -> None:
         super().__init__()
+        self.sampling = check_sampling(sampling)
         if task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(map(repr, TASKS))}; got {task!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
@@ -251,6 +305,12 @@ class TableDataModule(pl.LightningDataModule):
             self._build_splits()
 
     def train_dataloader(self) -> DataLoader:
+        if self.sampling == "poisson" or (self.sampling == "auto" and trains_privately(self.trainer)):
+            trainer = self.trainer
+            replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            epoch = (lambda: trainer.current_epoch) if trainer is not None else (lambda: 0)
+            batches = PoissonBatches(self.split("train"), self.batch_size, self.seed, epoch, replicas, rank)
+            return DataLoader(batches, batch_size=None)  # whole batches, in this process (the draws are cheap)
         return self._loader("train", sampler=seeded_train_sampler(self.split("train"), self.trainer, self.seed))
 
     def val_dataloader(self) -> DataLoader:
@@ -302,6 +362,10 @@ class SklearnDataModule(TableDataModule):
 
     image_shape: give each row's features as an image of this shape, e.g. [1, 8, 8] for digits
     (channels, height, width; the product must equal the number of features), for a CNN.
+
+    sampling: "auto" (default: Poisson sampling for a private task, shuffled batches otherwise), "poisson",
+        or "shuffle": fixed-size shuffled batches even for DP-SGD, whose ε then assumes Poisson sampling
+        it did not get (an approximation the accountant does not cover). See `SAMPLING_HELP`.
     """
 
     def __init__(
@@ -314,11 +378,12 @@ class SklearnDataModule(TableDataModule):
         standardize: bool = True,
         num_workers: int = 0,
         image_shape: Optional[list[int]] = None,
+        sampling: str = "auto",
     ) -> None:
         if dataset not in SKLEARN_DATASETS:
             raise ConfigError(f"unknown dataset {dataset!r}; choose one of: {', '.join(SKLEARN_DATASETS)}")
         task, load = SKLEARN_DATASETS[dataset]
-        super().__init__(task, batch_size, val_fraction, test_fraction, seed, standardize, num_workers)
+        super().__init__(task, batch_size, val_fraction, test_fraction, seed, standardize, num_workers, sampling)
         self.save_hyperparameters()
         self.dataset = dataset
         bunch = load()
@@ -352,6 +417,10 @@ class CSVDataModule(TableDataModule):
 
     predict_path: a CSV to predict on instead of the test split (`manual-backprop predict`);
     it needs the feature columns, not the targets, and is scaled with the training scalers.
+
+    sampling: "auto" (default: Poisson sampling for a private task, shuffled batches otherwise), "poisson",
+        or "shuffle": fixed-size shuffled batches even for DP-SGD, whose ε then assumes Poisson sampling
+        it did not get (an approximation the accountant does not cover). See `SAMPLING_HELP`.
     """
 
     def __init__(
@@ -367,8 +436,9 @@ class CSVDataModule(TableDataModule):
         standardize: bool = True,
         num_workers: int = 0,
         predict_path: Optional[Union[str, os.PathLike]] = None,
+        sampling: str = "auto",
     ) -> None:
-        super().__init__(task, batch_size, val_fraction, test_fraction, seed, standardize, num_workers)
+        super().__init__(task, batch_size, val_fraction, test_fraction, seed, standardize, num_workers, sampling)
         # Plain values, so hparams and checkpoints hold no Path or tuple.
         path = str(path)
         predict_path = None if predict_path is None else str(predict_path)

@@ -80,6 +80,9 @@ class MNIST1DDataModule(TableDataModule):
     standardize: off by default: the generator already centres the data and scales it to std 1
         as a whole, and the published figures use it so.
     cache_dir: where the generated arrays are kept (default: `default_cache_dir()`).
+    sampling: "auto" (default: Poisson sampling for a private task, shuffled batches otherwise), "poisson",
+        or "shuffle": fixed-size shuffled batches even for DP-SGD, whose ε then assumes Poisson sampling
+        it did not get (an approximation the accountant does not cover).
     """
 
     def __init__(
@@ -91,11 +94,13 @@ class MNIST1DDataModule(TableDataModule):
         standardize: bool = False,
         num_workers: int = 0,
         cache_dir: Optional[str] = None,
+        sampling: str = "auto",
     ) -> None:
         if not 0 <= val_fraction < 1:
             raise ConfigError(f"val_fraction must lie in [0, 1) (a share of the 4000 training rows); got {val_fraction!r}")
         # the base class checks fractions of a table it splits itself; `setup` uses the published split instead
-        super().__init__("multiclass", batch_size, 0.1, TEST_ROWS / (TRAIN_ROWS + TEST_ROWS), seed, standardize, num_workers)
+        super().__init__("multiclass", batch_size, 0.1, TEST_ROWS / (TRAIN_ROWS + TEST_ROWS), seed, standardize, num_workers,
+                         sampling)
         self.save_hyperparameters()
         self.val_fraction = val_fraction
         shape = [LENGTH] if shape is None else list(shape)

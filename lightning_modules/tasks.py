@@ -34,6 +34,7 @@ from lightning_modules.errors import ConfigError
 from lightning_modules.network import build_network, check_backend, check_learning_rule, state_dict_for_backend
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+EMPTY_BATCH = object()  # DP-SGD's marker for a Poisson-sampled batch with no rows
 
 
 class TaskModule(pl.LightningModule):
@@ -218,6 +219,9 @@ class TaskModule(pl.LightningModule):
             return self._step(batch, self.train_metrics, "train")
         # DP-SGD: the forward runs watched, so that backward hands each rule's δ and a to the context;
         # `on_after_backward` then clips each sample's gradient by its norm and adds noise.
+        if len(batch[0]) == 0:  # Poisson sampling drew no row: the step is the noise alone (on_after_backward)
+            self._private = EMPTY_BATCH
+            return torch.stack([p.sum() for p in self.net.parameters()]).sum() * 0.0  # .grad for every parameter
         with manual_backprop.per_sample_grads(self.net, loss_reduction="mean", materialize=False) as self._private:
             return self._step(batch, self.train_metrics, "train")
 
@@ -280,10 +284,23 @@ class TaskModule(pl.LightningModule):
             return
         hp = self.hparams
         distributed = self._trainer is not None and self.trainer.world_size > 1
-        manual_backprop.privacy.clip_and_noise_(ps, hp.dp_max_grad_norm, hp.dp_noise_multiplier, distributed=distributed)
+        expected = self._expected_batch_size()  # Poisson sampling: the mean is over the expected batch
+        if ps is EMPTY_BATCH:
+            params = [p for p in self.net.parameters() if p.requires_grad]
+            manual_backprop.privacy.noise_only_(params, hp.dp_max_grad_norm, hp.dp_noise_multiplier, expected,
+                                                distributed=distributed)
+        else:
+            manual_backprop.privacy.clip_and_noise_(ps, hp.dp_max_grad_norm, hp.dp_noise_multiplier,
+                                                    batch_size=expected, distributed=distributed)
         if self._accountant is not None:
             batches = self.trainer.num_training_batches
             self._accountant.step(noise_multiplier=hp.dp_noise_multiplier, sample_rate=1.0 / max(batches, 1))
+
+    def _expected_batch_size(self) -> Optional[float]:
+        """The global expected batch of Poisson-sampled training batches (`PoissonBatches`); None for
+        fixed-size batches, whose mean is over the samples seen."""
+        loader = self.trainer.train_dataloader if self._trainer is not None else None
+        return getattr(getattr(loader, "dataset", None), "expected_batch_size", None)
 
     def on_train_epoch_end(self) -> None:
         if self.hparams.get("dp_noise_multiplier") == 0:

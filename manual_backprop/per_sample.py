@@ -19,6 +19,8 @@ Each rule's backward hands δ and a to `observe`; this module is one observer. T
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from manual_backprop import observe
@@ -264,7 +266,11 @@ class per_sample_grads:
         N = delta.shape[0]
         scale = N if self.loss_reduction == "mean" else 1  # δ carries the mean's 1/N: undo it
         if not self.materialize:  # kept for a reweighted sum Σₙ cₙ gₙ once the norms are known
-            self._kept.append((step, seen, sources, delta, a, scale))
+            # detached: a kept `a` with a grad_fn would hold the graph, whose nodes hold their call and so
+            # this context, a cycle through autograd's C++ nodes that Python's collector cannot free
+            delta, a = delta.detach(), a.detach()
+            kept = replace(seen, delta=seen.delta.detach(), input=seen.input.detach(), output=None)
+            self._kept.append((step, kept, sources, delta, a, scale))
         try:
             if self.materialize or any(s is not None and step.overlaps(s[1]) for s in sources):
                 # every rule's gradient is linear in δ: undo the 1/N on δ, not on the larger gradients

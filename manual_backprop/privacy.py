@@ -30,7 +30,7 @@ import torch.distributed as dist
 from manual_backprop._checks import InputError
 from manual_backprop.per_sample import per_sample_grads
 
-__all__ = ["accountant", "clip_and_noise_", "clip_factors", "skip_gradient_sync"]
+__all__ = ["accountant", "clip_and_noise_", "clip_factors", "noise_only_", "skip_gradient_sync"]
 
 
 def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
@@ -69,13 +69,37 @@ def clip_and_noise_(ps: per_sample_grads, max_grad_norm: float, noise_multiplier
         raise InputError("clip_and_noise_: distributed=True needs an initialized torch.distributed process group")
     norms = ps.norms
     factors = clip_factors(norms, max_grad_norm)
-    B = norms.shape[0] if batch_size is None else batch_size
     sums = ps.weighted_sum(factors)
     params = ps.parameters()  # the model's order, so a seeded generator draws the same noise as Opacus
+    _noisy_mean_(params, [sums[p] for p in params], max_grad_norm, noise_multiplier, generator,
+                 norms.shape[0] if batch_size is None else batch_size, batch_size is None, distributed, norms.device)
+    return factors
+
+
+def noise_only_(params: list[torch.Tensor], max_grad_norm: float, noise_multiplier: float, batch_size: float,
+                generator: torch.Generator | None = None, distributed: bool = False) -> None:
+    """The DP-SGD step of an empty batch, which Poisson sampling may draw: `.grad` = 𝒩(0, (σC)²) / B.
+
+    The step is still taken (as Opacus takes it): skipping it would tell which batches were empty. Under
+    `distributed` this process's clipped sum is zero and it joins the other processes' all-reduce (a process
+    whose batch is not empty calls `clip_and_noise_` in the same step, with the same `batch_size`)."""
+    if max_grad_norm <= 0 or noise_multiplier < 0 or batch_size <= 0:
+        raise InputError(f"noise_only_: need max_grad_norm > 0, noise_multiplier >= 0 and batch_size > 0, got "
+                         f"{max_grad_norm}, {noise_multiplier} and {batch_size}")
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise InputError("noise_only_: distributed=True needs an initialized torch.distributed process group")
+    params = list(params)
+    device = params[0].device if params else torch.device("cpu")
+    _noisy_mean_(params, [torch.zeros_like(p) for p in params], max_grad_norm, noise_multiplier, generator,
+                 batch_size, False, distributed, device)
+
+
+def _noisy_mean_(params, sums, max_grad_norm, noise_multiplier, generator, B, count_globally, distributed, device):
+    """p.grad = (Σₙ cₙ gₙ + 𝒩(0, (σC)²)) / B for each p; under `distributed` the sums (and, with
+    `count_globally`, B) are summed over the processes and the noise is drawn on rank 0 only."""
     noisy = noise_multiplier > 0 and (not distributed or dist.get_rank() == 0)  # once per step, not per process
     totals = []
-    for p in params:
-        total = sums[p]
+    for p, total in zip(params, sums):
         if noisy:
             noise = torch.normal(0.0, noise_multiplier * max_grad_norm, p.shape, generator=generator,
                                  device=p.device, dtype=p.dtype)
@@ -83,11 +107,10 @@ def clip_and_noise_(ps: per_sample_grads, max_grad_norm: float, noise_multiplier
         totals.append(total)
     if distributed:
         _all_reduce_sum_(totals)
-        if batch_size is None:
-            B = _global_count(B, norms.device)
+        if count_globally:
+            B = _global_count(B, device)
     for p, total in zip(params, totals):
         p.grad = total / B
-    return factors
 
 
 def _all_reduce_sum_(tensors: list[torch.Tensor]) -> None:

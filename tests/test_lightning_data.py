@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules import CSVDataModule, SklearnDataModule
+from lightning_modules import ConfigError, CSVDataModule, SklearnDataModule
 
 # dataset, task, rows, num_features, num_targets, num_classes
 DATASETS = [
@@ -192,3 +192,56 @@ def test_blank_lines_are_skipped_and_line_numbers_stay_true(tmp_path):
     path = write(tmp_path, "a,b,y\n1,2,3\n\n4,x,6\n")
     with pytest.raises(ValueError, match=r"row 2 \(line 4\), column 'b'"):
         CSVDataModule(path, "y")
+
+
+# ------------------------------------------------------------------ Poisson sampling (DP-SGD)
+
+
+def test_poisson_batches_take_each_row_with_probability_q_and_may_be_empty():
+    from lightning_modules.data import PoissonBatches
+
+    dataset = torch.utils.data.TensorDataset(torch.arange(200.0).unsqueeze(1), torch.arange(200))
+    epoch = [0]
+    batches = PoissonBatches(dataset, batch_size=20, seed=3, epoch=lambda: epoch[0])
+    assert (len(batches), batches.sample_rate, batches.expected_batch_size) == (10, 0.1, 20.0)
+    sizes, counts = [], torch.zeros(200)
+    for epoch[0] in range(300):
+        for x, y in batches:
+            assert torch.equal(x[:, 0].long(), y)  # rows stay whole
+            sizes.append(len(y))
+            counts[y] += 1
+    sizes = torch.tensor(sizes, dtype=torch.float64)
+    # Binomial(200, 0.1): mean 20, variance 18
+    assert abs(sizes.mean() - 20) < 0.3 and abs(sizes.var() - 18) < 2.5
+    assert abs(counts.mean() / 300 - 1.0) < 0.02  # each row about once an epoch, independently
+    again = [y.tolist() for y in (b[1] for b in batches)]
+    assert again == [y.tolist() for y in (b[1] for b in batches)]  # seeded by (seed, epoch)
+    tiny = PoissonBatches(torch.utils.data.TensorDataset(torch.zeros(3, 2), torch.zeros(3)), 1, 0, lambda: 0)
+    empty = [x for epoch[0] in range(20) for x, _ in tiny if len(x) == 0]
+    assert empty and empty[0].shape == (0, 2)  # an empty batch keeps the feature shape
+
+
+def test_poisson_batches_on_two_processes_split_the_rows():
+    from lightning_modules.data import PoissonBatches
+
+    dataset = torch.utils.data.TensorDataset(torch.arange(10), torch.arange(10))
+    shares = [PoissonBatches(dataset, 2, 0, lambda: 0, num_replicas=2, rank=r) for r in (0, 1)]
+    assert shares[0].rows.tolist() == [0, 2, 4, 6, 8] and shares[1].rows.tolist() == [1, 3, 5, 7, 9]
+    assert len(shares[0]) == 3 and shares[0].expected_batch_size == pytest.approx(10 / 3)  # ⌈10 / (2 · 2)⌉ steps, q = 1/3
+
+
+@pytest.mark.parametrize("sampling, private, poisson", [
+    ("auto", True, True), ("auto", False, False), ("shuffle", True, False), ("poisson", False, True),
+])
+def test_sampling_auto_is_poisson_for_a_private_task(tmp_path, sampling, private, poisson):
+    from lightning_modules import BinaryClassificationTask
+    from lightning_modules.data import PoissonBatches
+    from tests.trainers import quiet_trainer
+
+    data = SklearnDataModule("breast_cancer", batch_size=64, sampling=sampling)
+    model = BinaryClassificationTask(30, dp_noise_multiplier=1.0 if private else None)
+    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=data)
+    assert isinstance(trainer.train_dataloader.dataset, PoissonBatches) == poisson
+    with pytest.raises(ConfigError, match="sampling must be one of 'auto', 'shuffle', 'poisson'; got 'random'"):
+        SklearnDataModule("breast_cancer", sampling="random")

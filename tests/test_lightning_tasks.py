@@ -543,3 +543,49 @@ def test_dp_sgd_refuses_what_it_cannot_privatise(tmp_path, trainer_kwargs, chang
 def test_bad_dp_settings(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         BinaryClassificationTask(in_features=3, **kwargs)
+
+
+# ------------------------------------------------------------------ DP-SGD with Poisson sampling
+
+
+def test_an_empty_poisson_batch_steps_with_the_noise_alone_over_the_expected_batch(monkeypatch):
+    task = BinaryClassificationTask(30, dp_noise_multiplier=1.5, dp_max_grad_norm=0.5)
+    monkeypatch.setattr(task, "_expected_batch_size", lambda: 20.0)
+    params = [p for p in task.net.parameters()]
+    task.training_step((torch.zeros(0, 30), torch.zeros(0)), 0).backward()
+    torch.manual_seed(5)
+    task.on_after_backward()
+    torch.manual_seed(5)
+    for p in params:
+        torch.testing.assert_close(p.grad, torch.normal(0.0, 1.5 * 0.5, p.shape) / 20.0)
+
+
+def test_a_poisson_batch_is_averaged_over_the_expected_batch_not_the_rows_drawn(monkeypatch):
+    x, y = torch.randn(7, 30), torch.randint(0, 2, (7,)).float()
+    grads = {}
+    for expected in (None, 20.0):
+        torch.manual_seed(0)
+        task = BinaryClassificationTask(30, dp_noise_multiplier=0.0, dp_max_grad_norm=0.5)
+        monkeypatch.setattr(task, "_expected_batch_size", lambda expected=expected: expected)
+        task.training_step((x, y), 0).backward()
+        task.on_after_backward()
+        grads[expected] = [p.grad.clone() for p in task.net.parameters()]
+    for mean_over_rows, mean_over_expected in zip(grads[None], grads[20.0]):
+        torch.testing.assert_close(mean_over_expected, mean_over_rows * 7 / 20)
+
+
+@pytest.mark.slow
+def test_private_fit_with_poisson_sampling_logs_opacus_epsilon_for_its_sample_rate_and_steps(tmp_path):
+    from opacus.accountants import PRVAccountant
+
+    from lightning_modules.data import PoissonBatches
+
+    data = SklearnDataModule("breast_cancer", batch_size=64)  # sampling "auto": Poisson for a private task
+    model = BinaryClassificationTask(30, dp_noise_multiplier=1.2, dp_max_grad_norm=1.0, dp_delta=1e-5)
+    trainer = quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=0)
+    trainer.fit(model, datamodule=data)
+    batches = trainer.train_dataloader.dataset
+    assert isinstance(batches, PoissonBatches)
+    reference = PRVAccountant()
+    reference.history = [(1.2, batches.sample_rate, 2 * len(batches))]
+    assert float(trainer.callback_metrics["train/epsilon"]) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-6)

@@ -151,3 +151,21 @@ def test_stock_parameters_cannot_be_privatised():
         model(torch.randn(4, 3)).sum().backward()
     with pytest.raises(manual_backprop.InputError, match="1.weight"):
         privacy.clip_and_noise_(ps, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("materialize", [False, True])
+def test_a_finished_private_step_leaves_nothing_behind(materialize):
+    """The context keeps δ and a for the reweighted sum: kept with their graph, they would tie the context
+    to autograd's nodes in a cycle Python's collector cannot free, leaking every step's tensors."""
+    import gc
+    import weakref
+
+    model = manual_backprop.convert(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)))
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    with manual_backprop.per_sample_grads(model, loss_reduction="sum", materialize=materialize) as ps:
+        nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+    privacy.clip_and_noise_(ps, 1.0, 1.0)
+    gone = weakref.ref(ps)
+    del ps
+    gc.collect()
+    assert gone() is None
