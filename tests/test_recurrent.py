@@ -1,0 +1,342 @@
+"""Recurrent layers: RNN, LSTM, GRU and their cells against stock autograd, every option, float64 to 1e-12."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import manual_backprop as mb
+import manual_backprop.functional as MF
+import manual_backprop.nn as mnn
+from manual_backprop._checks import InputError
+from tests.cases import DEVICES
+
+OUR_NODES = {"RNNLayerBackward", "LSTMLayerBackward", "GRULayerBackward"}
+I, H, T, N = 3, 5, 6, 4
+LENGTHS = [6, 2, 5, 3]  # unequal, unsorted: packing sorts them and must unsort the states
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    stock: type
+    kwargs: dict = field(default_factory=dict)
+    input: str = "padded"  # padded | batch_first | unbatched | packed
+    hx: bool = True  # pass initial states that require grad
+    train: bool = False  # dropout between layers is active only in training
+
+    def __repr__(self) -> str:
+        return self.name
+
+    @property
+    def cell(self) -> bool:
+        return self.stock in (torch.nn.RNNCell, torch.nn.LSTMCell, torch.nn.GRUCell)
+
+    @property
+    def nodes(self) -> int:
+        """Our rule nodes one forward must create: one per layer and direction."""
+        return self.kwargs.get("num_layers", 1) * (1 + self.kwargs.get("bidirectional", False))
+
+
+nn = torch.nn
+CASES = []
+for stock, extra in ((nn.RNN, {}), (nn.RNN, dict(nonlinearity="relu")), (nn.LSTM, {}), (nn.LSTM, dict(proj_size=2)), (nn.GRU, {})):
+    tag = stock.__name__.lower() + ("_relu" if extra.get("nonlinearity") else "") + ("_proj" if "proj_size" in extra else "")
+    CASES += [
+        Case(f"{tag}", stock, dict(extra)),
+        Case(f"{tag}_no_hx", stock, dict(extra), hx=False),
+        Case(f"{tag}_2layers_bidirectional", stock, dict(extra, num_layers=2, bidirectional=True)),
+        Case(f"{tag}_3layers_no_bias", stock, dict(extra, num_layers=3, bias=False)),
+        Case(f"{tag}_batch_first", stock, dict(extra, batch_first=True, num_layers=2), input="batch_first"),
+        Case(f"{tag}_unbatched", stock, dict(extra, bidirectional=True), input="unbatched"),
+        Case(f"{tag}_packed", stock, dict(extra), input="packed"),
+        Case(f"{tag}_packed_2layers_bidirectional", stock, dict(extra, num_layers=2, bidirectional=True), input="packed"),
+        Case(f"{tag}_dropout", stock, dict(extra, num_layers=3, dropout=0.4, bidirectional=True), train=True),
+        Case(f"{tag}_packed_dropout", stock, dict(extra, num_layers=2, dropout=0.3), input="packed", train=True),
+    ]
+for stock, extra in ((nn.RNNCell, {}), (nn.RNNCell, dict(nonlinearity="relu")), (nn.LSTMCell, {}), (nn.GRUCell, {})):
+    tag = stock.__name__.lower() + ("_relu" if extra else "")
+    CASES += [
+        Case(tag, stock, dict(extra)),
+        Case(f"{tag}_no_hx", stock, dict(extra), hx=False),
+        Case(f"{tag}_no_bias", stock, dict(extra, bias=False)),
+        Case(f"{tag}_unbatched", stock, dict(extra), input="unbatched"),
+    ]
+
+
+def ours_of(stock: type) -> type:
+    return getattr(mnn, stock.__name__)
+
+
+def _make(case: Case, module: torch.nn.Module, dtype, device, seed: int = 0):
+    """(input as the module takes it, initial states or None, leaves that require grad)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype).to(device).requires_grad_()  # noqa: E731
+    batched = case.input != "unbatched"
+    if case.cell:
+        x = rand(N, I) if batched else rand(I)
+        state = lambda: rand(N, H) if batched else rand(H)  # noqa: E731
+        hx = None if not case.hx else (state(), state()) if case.stock is nn.LSTMCell else state()
+    else:
+        x = {"padded": lambda: rand(T, N, I), "batch_first": lambda: rand(N, T, I), "unbatched": lambda: rand(T, I),
+             "packed": lambda: rand(T, N, I)}[case.input]()
+        D = module.num_layers * (1 + module.bidirectional)
+        h_size = module.proj_size if getattr(module, "proj_size", 0) else H
+        shape = (D, N) if batched else (D,)
+        hx = None
+        if case.hx:
+            hx = (rand(*shape, h_size), rand(*shape, H)) if case.stock is nn.LSTM else rand(*shape, h_size)
+    leaves = [x] + ([] if hx is None else list(hx) if isinstance(hx, tuple) else [hx])
+    if case.input == "packed":
+        x = pack_padded_sequence(x, LENGTHS, enforce_sorted=False)
+    return x, hx, leaves
+
+
+def _outputs(result) -> list[torch.Tensor]:
+    """Every tensor a recurrent module returns: output (a PackedSequence's data), h_n, c_n."""
+    if isinstance(result, torch.Tensor):
+        return [result]
+    out, states = result if not isinstance(result[0], torch.Tensor) or len(result) == 2 and isinstance(result[1], (tuple, torch.Tensor)) else (result, ())
+    if isinstance(out, tuple):  # LSTMCell: (h, c)
+        return list(out)
+    out = out.data if isinstance(out, PackedSequence) else out
+    return [out, *(states if isinstance(states, tuple) else [states])]
+
+
+def run(case: Case, module: torch.nn.Module, dtype=torch.float64, device="cpu"):
+    """Forward with the case's inputs (seeded, so dropout draws alike), then a non-degenerate loss:
+    Σ of every output against a fixed random upstream. Returns (result, loss, grads of leaves and parameters)."""
+    module.train(case.train)
+    x, hx, leaves = _make(case, module, dtype, device)
+    torch.manual_seed(7)
+    result = module(x) if hx is None else module(x, hx)
+    outs = _outputs(result)
+    g = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=dtype).to(device)).sum() for o in outs)
+    grads = torch.autograd.grad(loss, leaves + list(module.parameters()))
+    return result, outs, loss, grads
+
+
+def pair(case: Case, dtype=torch.float64, device="cpu"):
+    torch.manual_seed(0)
+    stock = case.stock(I, H, **case.kwargs).to(device, dtype)
+    ours = ours_of(case.stock)(I, H, **case.kwargs).to(device, dtype)
+    ours.load_state_dict(stock.state_dict())
+    return stock, ours
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item() if b.numel() else 0.0
+
+
+def graph_nodes(t: torch.Tensor) -> list[str]:
+    seen, stack, names = set(), [t.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_float64_parity_with_stock(case, device):
+    """Outputs, loss and every gradient (input, h0/c0, each weight) within 1e-12 relative of stock autograd."""
+    stock, ours = pair(case, device=device)
+    r_stock, o_stock, l_stock, g_stock = run(case, stock, device=device)
+    r_ours, o_ours, l_ours, g_ours = run(case, ours, device=device)
+    assert [o.shape for o in o_ours] == [o.shape for o in o_stock]
+    for a, b in zip(o_ours, o_stock):
+        assert relative(a, b) <= 1e-12
+    assert relative(l_ours, l_stock) <= 1e-12
+    names = ["input", "h0", "c0"][: len(g_ours) - len(list(stock.parameters()))] + [n for n, _ in stock.named_parameters()]
+    for name, a, b in zip(names, g_ours, g_stock):
+        assert relative(a, b) <= 1e-12, f"gradient of {name}: {relative(a, b):.2e}"
+    nodes = [n for n in graph_nodes(l_ours) if n in OUR_NODES]
+    assert len(nodes) == case.nodes, f"expected {case.nodes} of our rule nodes, got {nodes}"
+    if case.input == "packed":  # the packing is torch's: sizes and both permutations
+        for a, b in zip(r_ours[0][1:], r_stock[0][1:]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in (
+    "rnn_2layers_bidirectional", "rnn_relu_packed", "lstm_2layers_bidirectional", "lstm_proj_packed_2layers_bidirectional",
+    "gru_2layers_bidirectional", "gru_packed", "lstmcell", "grucell", "rnncell")], ids=repr)
+def test_float32_no_further_from_the_float64_truth_than_stock(case):
+    stock, ours = pair(case)
+    _, _, l_true, g_true = run(case, ours)
+    err = {}
+    for who, module in (("stock", stock), ("ours", ours)):
+        module.float()
+        _, _, loss, grads = run(case, module, dtype=torch.float32)
+        err[who] = max(relative(a.double(), b) for a, b in zip((loss, *grads), (l_true, *g_true)))
+    # float32 rounding differs by the order of operations: within a factor of the stock error, never worse by more
+    assert err["ours"] <= 4 * err["stock"] + 1e-7, err
+
+
+# ------------------------------------------------------------------ drop-in
+
+
+@pytest.mark.parametrize("stock", [nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell], ids=lambda c: c.__name__)
+def test_drop_in_module(stock):
+    kwargs = dict(num_layers=2, bidirectional=True) if stock in (nn.RNN, nn.LSTM, nn.GRU) else {}
+    torch.manual_seed(0)
+    theirs = stock(I, H, **kwargs)
+    ours = ours_of(stock)(I, H, **kwargs)
+    assert isinstance(ours, stock) and repr(ours) == repr(theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.flatten_parameters() is None
+    converted = mb.convert(torch.nn.Sequential(stock(I, H, **kwargs)))
+    assert type(converted[0]) is ours_of(stock)
+
+
+def test_convert_and_report_every_recurrent_module():
+    model = torch.nn.ModuleDict(dict(rnn=nn.RNN(I, H), lstm=nn.LSTM(I, H, proj_size=2), gru=nn.GRU(I, H),
+                                     cells=torch.nn.ModuleList([nn.RNNCell(I, H), nn.LSTMCell(I, H), nn.GRUCell(I, H)])))
+    assert mb.report(model).manual_parameters == 0
+    model = mb.convert(model)
+    assert all(type(m).__module__ == "manual_backprop.nn.recurrent" for m in
+               (model["rnn"], model["lstm"], model["gru"], *model["cells"]))
+    report = mb.report(model)
+    assert report.stock_parameters == 0 and report.manual_parameters == sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------- functional
+
+
+def _lstm_args(dtype=torch.float64, layers=2, bidirectional=True, proj=0, bias=True, seed=0):
+    torch.manual_seed(seed)
+    m = nn.LSTM(I, H, num_layers=layers, bidirectional=bidirectional, proj_size=proj, bias=bias).to(dtype)
+    D, Hr = layers * (1 + bidirectional), proj or H
+    x = torch.randn(T, N, I, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(D, N, Hr, dtype=dtype, requires_grad=True)
+    c0 = torch.randn(D, N, H, dtype=dtype, requires_grad=True)
+    return m, x, h0, c0
+
+
+def test_manual_functions_routes_a_stock_lstm_and_gru():
+    m, x, h0, c0 = _lstm_args()
+    gru = nn.GRU(I, H).double()
+    with mb.manual_functions() as calls:
+        out, (h, c) = m(x, (h0, c0))
+        out2, _ = gru(x)
+    assert calls.routed["lstm"] == 1 and calls.routed["gru"] == 1
+    assert {"LSTMLayerBackward"} <= set(graph_nodes(out.sum() + h.sum() + c.sum()))
+    stock_out, (stock_h, stock_c) = m(x, (h0, c0))
+    for a, b in zip((out, h, c), (stock_out, stock_h, stock_c)):
+        assert relative(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("op", ["lstm", "lstm_proj", "gru", "rnn_tanh", "rnn_relu"])
+def test_gradcheck_and_gradgradcheck(op, packed):
+    """Finite differences, first and second order, through every input of the functional form."""
+    torch.manual_seed(0)
+    kind = op.removesuffix("_proj")
+    module = {"lstm": lambda: nn.LSTM(2, 3, num_layers=2, bidirectional=True, proj_size=2 if op == "lstm_proj" else 0),
+              "gru": lambda: nn.GRU(2, 3, bidirectional=True), "rnn_tanh": lambda: nn.RNN(2, 3, num_layers=2),
+              "rnn_relu": lambda: nn.RNN(2, 3, nonlinearity="relu", bidirectional=True)}[kind]().double()
+    weights = [p.detach().clone().requires_grad_() for p in module._flat_weights]
+    D, Hr = module.num_layers * (1 + module.bidirectional), getattr(module, "proj_size", 0) or 3
+    x = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(D, 2, Hr, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(D, 2, 3, dtype=torch.float64, requires_grad=True)
+    states = (h0, c0) if kind == "lstm" else (h0,)
+
+    def f(x, *rest):
+        hx = rest[:2] if kind == "lstm" else rest[0]
+        params = list(rest[len(states):])
+        fn = getattr(MF, kind)
+        if packed:
+            return fn(x.reshape(6, 2)[:5], torch.tensor([2, 2, 1]), hx, params, True, module.num_layers, 0.0, False,
+                      module.bidirectional)
+        return fn(x, hx, params, True, module.num_layers, 0.0, False, module.bidirectional, False)
+
+    inputs = (x, *states, *weights)
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("op", ["lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"])
+def test_cell_functionals_match_torch(op):
+    torch.manual_seed(0)
+    G = {"lstm_cell": 4, "gru_cell": 3}.get(op, 1) * H
+    args = [torch.randn(N, I), torch.randn(N, H), torch.randn(G, I), torch.randn(G, H), torch.randn(G), torch.randn(G)]
+    args = [a.double().requires_grad_() for a in args]
+    hx = (args[1], torch.randn(N, H, dtype=torch.float64, requires_grad=True)) if op == "lstm_cell" else args[1]
+    ours, stock = getattr(MF, op)(args[0], hx, *args[2:]), getattr(torch, op)(args[0], hx, *args[2:])
+    ours, stock = (ours, stock) if op == "lstm_cell" else ((ours,), (stock,))
+    leaves = args + ([hx[1]] if op == "lstm_cell" else [])
+    g = [torch.autograd.grad(sum((o * o.new_tensor(range(o.numel())).view(o.shape)).sum() for o in out), leaves)
+         for out in (ours, stock)]
+    for a, b in zip(g[0], g[1]):
+        assert relative(a, b) <= 1e-12
+    assert type(ours[0].grad_fn).__name__ in OUR_NODES
+
+
+def test_func_vmap_grad_per_sample_gradients():
+    """torch.func.grad inside vmap runs our rules per sample; compared with stock autograd sample by sample."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    stock = nn.LSTM(I, H, num_layers=2, bidirectional=True, batch_first=True).double()
+    ours = mnn.LSTM(I, H, num_layers=2, bidirectional=True, batch_first=True).double()
+    ours.load_state_dict(stock.state_dict())
+    x = torch.randn(N, T, I, dtype=torch.float64)
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+
+    def loss(params, sample):
+        out, (h, c) = functional_call(ours, params, (sample.unsqueeze(0),))
+        return out.square().sum() + h.sum() * c.sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for n in range(N):
+        out, (h, c) = stock(x[n : n + 1])
+        expected = torch.autograd.grad(out.square().sum() + h.sum() * c.sum(), list(stock.parameters()))
+        for (name, got), want in zip(per_sample.items(), expected):
+            assert relative(got[n], want) <= 1e-12, name
+
+
+def test_saved_bytes_never_above_stock():
+    """What our rules keep for backward, against what stock autograd keeps, for each kind of layer."""
+
+    def saved_bytes(module, x, hx):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x, hx)
+        return sum(storages.values())
+
+    for stock_cls, kwargs in ((nn.LSTM, dict(num_layers=2)), (nn.LSTM, dict(proj_size=3)), (nn.GRU, dict(bidirectional=True)),
+                              (nn.RNN, {}), (nn.RNN, dict(nonlinearity="relu"))):
+        torch.manual_seed(0)
+        stock = stock_cls(8, 16, **kwargs).double()
+        ours = ours_of(stock_cls)(8, 16, **kwargs).double()
+        x = torch.randn(20, 8, 8, dtype=torch.float64, requires_grad=True)
+        assert saved_bytes(ours, x, None) <= saved_bytes(stock, x, None), stock_cls
+
+
+def test_bad_input_is_named():
+    m, x, h0, c0 = _lstm_args()
+    with pytest.raises(InputError, match="input_size=3"):
+        MF.lstm(torch.randn(T, N, 7, dtype=torch.float64), (h0, c0), m._flat_weights, True, 2, 0.0, False, True, False)
+    with pytest.raises(InputError, match=r"expected 16 parameter tensors"):
+        MF.lstm(x, (h0, c0), m._flat_weights[:-1], True, 2, 0.0, False, True, False)
+    with pytest.raises(InputError, match=r"batch size 4"):
+        MF.lstm(x, (h0[:, :2], c0[:, :2]), m._flat_weights, True, 2, 0.0, False, True, False)
+    with pytest.raises(InputError, match=r"input \(3, 7\)"):
+        MF.gru_cell(torch.randn(3, 7), torch.randn(3, H), torch.randn(3 * H, I), torch.randn(3 * H, H))
+    ours = mnn.GRU(I, H)
+    with pytest.raises(RuntimeError, match="input.size\\(-1\\) must be equal to input_size"):
+        ours(torch.randn(T, N, 7))  # torch's own module check runs first, as in the stock module
