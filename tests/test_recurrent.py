@@ -396,3 +396,21 @@ def test_torch_module_info_samples(name, training):
         assert OUR_NODES & set(nodes), f"{name} {c.kwargs}: our rule did not run"
         for a, b in zip(o_ours + list(g_ours), o_stock + list(g_stock)):
             assert (a is None) == (b is None) and (a is None or relative(a, b) <= 1e-12), f"{name} {c.kwargs}"
+
+
+@pytest.mark.parametrize("stock_cls", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda c: c.__name__)
+def test_compile_aot_eager_same_gradients(stock_cls):
+    """torch.compile traces our forward and backward into one graph (dynamo traces recurrent modules only
+    with its allow_rnn switch; without it, it runs them eagerly, on our rules all the same)."""
+    torch.manual_seed(0)
+    stock = stock_cls(I, H, num_layers=2, bidirectional=True).double()
+    ours = ours_of(stock_cls)(I, H, num_layers=2, bidirectional=True).double()
+    ours.load_state_dict(stock.state_dict())
+    x = torch.randn(T, N, I, dtype=torch.float64)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(allow_rnn=True):
+        results = [torch.compile(ours, backend="aot_eager", fullgraph=True)(x), stock(x)]
+    for out, h in results:
+        (out.square().sum() + (h[0] if isinstance(h, tuple) else h).sum()).backward()
+    for (name, a), b in zip(ours.named_parameters(), stock.parameters()):
+        assert relative(a.grad, b.grad) <= 1e-12, name
