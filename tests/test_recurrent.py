@@ -414,3 +414,111 @@ def test_compile_aot_eager_same_gradients(stock_cls):
         (out.square().sum() + (h[0] if isinstance(h, tuple) else h).sum()).backward()
     for (name, a), b in zip(ours.named_parameters(), stock.parameters()):
         assert relative(a.grad, b.grad) <= 1e-12, name
+
+
+# ------------------------------------------------- per-sample gradients, DP-SGD, the tape
+
+
+class Sequence(torch.nn.Module):
+    """A recurrent layer (or a cell run over time) read out by a Linear at the last step: samples on dim 0."""
+
+    def __init__(self, stock: type, **kwargs):
+        super().__init__()
+        self.cell = stock in (nn.RNNCell, nn.LSTMCell, nn.GRUCell)
+        self.rnn = stock(I, H, **kwargs) if self.cell else stock(I, H, batch_first=True, **kwargs)
+        width = (kwargs.get("proj_size") or H) * (1 + kwargs.get("bidirectional", False))
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x):
+        if not self.cell:
+            return self.head(self.rnn(x)[0][:, -1])
+        state = None
+        for t in range(x.shape[1]):  # one module called T times: its per-sample gradient sums the calls
+            state = self.rnn(x[:, t], state)
+        return self.head(state[0] if isinstance(state, tuple) else state)
+
+
+PER_SAMPLE = [
+    ("rnn_tanh_2layers_bidirectional", nn.RNN, dict(num_layers=2, bidirectional=True)),
+    ("rnn_relu", nn.RNN, dict(nonlinearity="relu")),
+    ("lstm_2layers_bidirectional", nn.LSTM, dict(num_layers=2, bidirectional=True)),
+    ("lstm_proj", nn.LSTM, dict(proj_size=3)),
+    ("gru_2layers_bidirectional", nn.GRU, dict(num_layers=2, bidirectional=True)),
+    ("gru_no_bias", nn.GRU, dict(bias=False)),
+    ("rnncell", nn.RNNCell, {}),
+    ("lstmcell", nn.LSTMCell, {}),
+    ("grucell", nn.GRUCell, {}),
+]
+
+
+def _per_sample_reference(stock: torch.nn.Module, x, y) -> dict:
+    """{name: (N, *p.shape)}: each sample's own gradient, by stock autograd one sample at a time."""
+    grads = [torch.autograd.grad(torch.nn.functional.cross_entropy(stock(x[n : n + 1]), y[n : n + 1]),
+                                 list(stock.parameters())) for n in range(x.shape[0])]
+    return {name: torch.stack([g[i] for g in grads]) for i, (name, _) in enumerate(stock.named_parameters())}
+
+
+@pytest.mark.parametrize("materialize", [True, False], ids=["materialize", "norms_only"])
+@pytest.mark.parametrize("name,stock_cls,kwargs", PER_SAMPLE, ids=[c[0] for c in PER_SAMPLE])
+def test_per_sample_grads_match_stock_sample_by_sample(name, stock_cls, kwargs, materialize):
+    """Each sample's gradient is its outer products summed over its time steps; norms by the Gram identity."""
+    torch.manual_seed(0)
+    stock = Sequence(stock_cls, **kwargs).double()
+    model = mb.convert(stock)
+    x, y = torch.randn(N, T, I, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    expected = _per_sample_reference(stock, x, y)
+    with mb.per_sample_grads(model, materialize=materialize) as ps:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in expected.values()]).sum(0).sqrt()
+    assert relative(ps.norms, norms) <= 1e-12
+    for pname, p in model.named_parameters():
+        if materialize:
+            assert relative(p.grad_sample, expected[pname]) <= 1e-12, pname
+        assert relative(p.grad, expected[pname].mean(0)) <= 1e-12, pname
+
+
+def test_per_sample_grads_refuse_packed_sequences_of_unequal_lengths():
+    model = mb.convert(torch.nn.Sequential(nn.GRU(I, H)))
+    x = pack_padded_sequence(torch.randn(T, N, I), LENGTHS, enforce_sorted=False)
+    with mb.per_sample_grads(model) as ps:
+        with pytest.raises(InputError, match="PackedSequence of unequal lengths"):
+            model(x)[0].data.sum().backward()
+    del ps
+
+
+def test_dp_sgd_step_on_an_lstm_clips_each_sample():
+    """DP-SGD without noise: the update is Σₙ cₙ gₙ / N with cₙ from each sample's norm, computed without
+    forming any per-sample gradient, equal to clipping stock's sample-by-sample gradients."""
+    from manual_backprop import privacy
+
+    torch.manual_seed(0)
+    stock = Sequence(nn.LSTM, num_layers=2).double()
+    model = mb.convert(stock)
+    x, y = torch.randn(N, T, I, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    expected = _per_sample_reference(stock, x, y)
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in expected.values()]).sum(0).sqrt()
+    C = norms.median().item()
+    with mb.per_sample_grads(model, materialize=False) as ps:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    factors = privacy.clip_and_noise_(ps, max_grad_norm=C, noise_multiplier=0.0)
+    assert relative(factors, privacy.clip_factors(norms, C)) <= 1e-12
+    for pname, p in model.named_parameters():
+        want = torch.tensordot(privacy.clip_factors(norms, C), expected[pname], dims=1) / N
+        assert relative(p.grad, want) <= 1e-12, pname
+
+
+def test_tape_records_each_layer_and_direction_over_time():
+    """Keys name the weight, layer and direction ("rnn.ih_l1_reverse"); δ is (T, N, gates) over time, and
+    Σ_t Σ_n δz_t h_{t−1}ᵀ from the tape is the weight's gradient."""
+    torch.manual_seed(0)
+    model = mb.convert(Sequence(nn.LSTM, num_layers=2, bidirectional=True)).double()
+    x, y = torch.randn(N, T, I, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    with mb.tape(model) as tape:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    layers = [f"rnn.{w}_l{l}{d}" for l in (0, 1) for d in ("", "_reverse") for w in ("ih", "hh")]
+    assert set(layers) <= set(tape.names)
+    for key in layers:
+        assert tape.delta[key].shape == (T, N, 4 * H)
+        weight = dict(model.named_parameters())[key.replace("rnn.", "rnn.weight_")]
+        a = tape.input[key]
+        torch.testing.assert_close(torch.einsum("tng,tni->gi", tape.delta[key], a), weight.grad, rtol=1e-12, atol=1e-14)
