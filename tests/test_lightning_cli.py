@@ -48,7 +48,8 @@ def _no_pytest_argv(monkeypatch):
 
 
 def test_every_shipped_config_is_tested_here():
-    others = ["csv_example", "multiclass_digits_cnn"]  # the CNN config: tests/test_lightning_cnn.py
+    others = ["csv_example", "multiclass_digits_cnn",  # the CNN config: tests/test_lightning_cnn.py
+              "multiclass_digits_lstm_dp"]  # the LSTM config: tests/test_lightning_recurrent.py
     assert sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) == sorted([s[0] for s in SHIPPED] + others)
     with pytest.raises(FileNotFoundError, match="no shipped config 'nope'; the shipped configs are: binary_breast"):
         config_path("nope")
