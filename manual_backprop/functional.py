@@ -1207,9 +1207,10 @@ def _recurrent_checks(op: str, x: torch.Tensor, h0: torch.Tensor, params: list, 
 
 
 def _recurrent(op: str, input, batch_sizes, hx, params, has_biases, num_layers, dropout_p, train, bidirectional,
-               batch_first):
+               batch_first, feedback=None):
     """Every layer and direction of torch's `_VF.<op>` on our rules (`rules.recurrent`): layer l + 1 reads
-    layer l's output (both directions side by side), with dropout between layers drawn as torch draws it."""
+    layer l's output (both directions side by side), with dropout between layers drawn as torch draws it.
+    feedback: None (backprop), or a learning rule's B for each weight in `params` (None for biases)."""
     lstm = op == "lstm"
     h0, c0 = hx if lstm else (hx, None)
     proj = lstm and h0.shape[-1] != c0.shape[-1]
@@ -1233,16 +1234,17 @@ def _recurrent(op: str, input, batch_sizes, hx, params, has_biases, num_layers, 
             k = layer * D + direction
             W_ih, W_hh, *rest = params[k * stride : (k + 1) * stride]
             b_ih, b_hh = rest[:2] if has_biases else (None, None)
+            Bs = None if feedback is None else tuple(B for B in feedback[k * stride : (k + 1) * stride] if B is not None)
             name, reverse = f"_l{layer}" + ("_reverse" if direction else ""), direction == 1
             if lstm:
                 out, h, c, _, _ = apply_rule(rules.LSTMLayer, x, h0[k], c0[k], W_ih, W_hh, b_ih, b_hh,
-                                             rest[-1] if proj else None, sizes, reverse, name)
+                                             rest[-1] if proj else None, sizes, reverse, name, Bs)
                 c_n.append(c)
             elif op == "gru":
-                out, h, _ = apply_rule(rules.GRULayer, x, h0[k], W_ih, W_hh, b_ih, b_hh, sizes, reverse, name)
+                out, h, _ = apply_rule(rules.GRULayer, x, h0[k], W_ih, W_hh, b_ih, b_hh, sizes, reverse, name, Bs)
             else:
                 out, h = apply_rule(rules.RNNLayer, x, h0[k], W_ih, W_hh, b_ih, b_hh, op == "rnn_relu", sizes,
-                                    reverse, name)
+                                    reverse, name, Bs)
             outputs.append(out)
             h_n.append(h)
         x = outputs[0] if D == 1 else torch.cat(outputs, 1)
@@ -1285,24 +1287,27 @@ def _cell_checks(op: str, input: torch.Tensor, h: torch.Tensor, w_ih: torch.Tens
                          f"got input {shape(input)} and hx {shape(h)}")
 
 
-def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
-    """One LSTM step (`rules.LSTMLayer` with T = 1). input: (N, in); hx = (h, c), each (N, H). Returns (h', c')."""
+def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, feedback=None):
+    """One LSTM step (`rules.LSTMLayer` with T = 1). input: (N, in); hx = (h, c), each (N, H). Returns (h', c').
+    feedback: None (backprop) or a learning rule's (B_ih, B_hh)."""
     _cell_checks("lstm_cell", input, hx[0], w_ih)
     _, h, c, _, _ = apply_rule(rules.LSTMLayer, input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh, None,
-                               (input.shape[0],), False, "")
+                               (input.shape[0],), False, "", feedback)
     return h, c
 
 
-def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
-    """One GRU step (`rules.GRULayer` with T = 1). input: (N, in); hx: (N, H). Returns h'."""
+def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, feedback=None):
+    """One GRU step (`rules.GRULayer` with T = 1). input: (N, in); hx: (N, H). Returns h'.
+    feedback: None (backprop) or a learning rule's (B_ih, B_hh)."""
     _cell_checks("gru_cell", input, hx, w_ih)
-    return apply_rule(rules.GRULayer, input, hx, w_ih, w_hh, b_ih, b_hh, (input.shape[0],), False, "")[1]
+    return apply_rule(rules.GRULayer, input, hx, w_ih, w_hh, b_ih, b_hh, (input.shape[0],), False, "", feedback)[1]
 
 
 def _rnn_cell(op: str, relu: bool):
-    def cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    def cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, feedback=None):
         _cell_checks(op, input, hx, w_ih)
-        return apply_rule(rules.RNNLayer, input, hx, w_ih, w_hh, b_ih, b_hh, relu, (input.shape[0],), False, "")[1]
+        return apply_rule(rules.RNNLayer, input, hx, w_ih, w_hh, b_ih, b_hh, relu, (input.shape[0],), False, "",
+                          feedback)[1]
 
     cell.__name__ = cell.__qualname__ = op
     cell.__doc__ = f"One RNN step, h' = {'relu' if relu else 'tanh'}(x W_ihᵀ + b_ih + h W_hhᵀ + b_hh) (`rules.RNNLayer`, T = 1)."

@@ -522,3 +522,52 @@ def test_tape_records_each_layer_and_direction_over_time():
         weight = dict(model.named_parameters())[key.replace("rnn.", "rnn.weight_")]
         a = tape.input[key]
         torch.testing.assert_close(torch.einsum("tng,tni->gi", tape.delta[key], a), weight.grad, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------ learning rules
+
+
+def _unrolled(module: torch.nn.Module, x: torch.Tensor, Bs: dict) -> torch.Tensor:
+    """One-layer, one-direction reference: the cell written out step by step with autograd for the gates and
+    the feedback family's Linear rule (δ through B, `feedback_linear`) for each of x W_ihᵀ and h W_hhᵀ."""
+    from manual_backprop.plugins.feedback_alignment import feedback_linear
+
+    Hs = module.hidden_size
+    h = c = x.new_zeros(x.shape[1], Hs)
+    outs = []
+    for x_t in x:
+        zx = feedback_linear(x_t, module.weight_ih_l0, module.bias_ih_l0, Bs["ih_l0"])
+        zh = feedback_linear(h, module.weight_hh_l0, module.bias_hh_l0, Bs["hh_l0"])
+        if isinstance(module, nn.LSTM):
+            i, f, g, o = (zx + zh).chunk(4, 1)
+            c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+            h = o.sigmoid() * c.tanh()
+        elif isinstance(module, nn.GRU):
+            r, u = (zx[:, : 2 * Hs] + zh[:, : 2 * Hs]).sigmoid().chunk(2, 1)
+            n = (zx[:, 2 * Hs :] + r * zh[:, 2 * Hs :]).tanh()
+            h = (1 - u) * n + u * h
+        else:
+            h = (zx + zh).tanh()
+        outs.append(h)
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("rule_set", ["feedback_alignment", "sign_symmetry", "fixed_random_sign_symmetry"])
+@pytest.mark.parametrize("stock_cls", [nn.RNN, nn.LSTM, nn.GRU], ids=lambda c: c.__name__)
+def test_feedback_rules_send_delta_through_B_in_time_and_to_the_input(stock_cls, rule_set):
+    torch.manual_seed(0)
+    model = mb.convert(torch.nn.Sequential(stock_cls(I, H)).double(), registry=rule_set)
+    layer = model[0]
+    Bs = {name.removeprefix("weight_"): B for name, _, B in layer.feedback_pairs()}
+    assert set(Bs) == {"ih_l0", "hh_l0"}
+    if rule_set == "sign_symmetry":
+        assert torch.equal(Bs["hh_l0"], layer.weight_hh_l0.detach().sign())
+    x = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(T, N, H, dtype=torch.float64)
+    ours = torch.autograd.grad((layer(x)[0] * upstream).sum(), [x, *layer.parameters()])
+    ref = torch.autograd.grad((_unrolled(layer, x, Bs) * upstream).sum(), [x, *layer.parameters()])
+    for name, a, b in zip(["input"] + [n for n, _ in layer.named_parameters()], ours, ref):
+        assert relative(a, b) <= 1e-12, name
+    backprop = torch.autograd.grad((mb.restore(model)[0](x)[0] * upstream).sum(), [x])[0]
+    assert relative(ours[0], backprop) > 1e-3  # δ really went through B
+    assert list(layer.state_dict()) == list(stock_cls(I, H).state_dict())  # B is no part of the checkpoint

@@ -28,17 +28,25 @@ RECURRENT_CALLS = {
 
 
 class _OnOurRules(TorchFunctionMode):
-    """While torch's forward runs: its recurrent call goes to ours, every other call to torch."""
+    """While torch's forward runs: its recurrent call goes to ours (`calls`), every other call to torch."""
+
+    def __init__(self, calls: dict) -> None:
+        super().__init__()
+        self.calls = calls
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        return RECURRENT_CALLS.get(func, func)(*args, **(kwargs or {}))
+        return self.calls.get(func, func)(*args, **(kwargs or {}))
 
 
 class _Recurrent:
     """forward = torch's forward on our rules; flatten_parameters does nothing (no cuDNN buffer)."""
 
+    def recurrent_calls(self) -> dict:
+        """torch's recurrent call → ours (a learning rule's module sends its B along here)."""
+        return RECURRENT_CALLS
+
     def forward(self, input, hx=None):
-        with _OnOurRules():
+        with _OnOurRules(self.recurrent_calls()):
             return super().forward(input, hx)
 
     def flatten_parameters(self) -> None:

@@ -34,6 +34,10 @@ changing after its last step, and δ past its end is zero, so its final state an
 right. `reverse` runs t = T … 1, each sequence starting from h0 at its own last step. x W_ihᵀ
 and the weight sums run once over all steps; only δh_{t−1} = δz_t W_hh stays in the loop.
 
+A learning rule (`plugins.feedback_alignment`) passes `feedback`, a B for each of W_ih, W_hh (W_hr):
+δ then travels through B where backprop has W (δx_t = Bᵀ_ih δz_t, δh_{t−1} = Bᵀ_hh δz_t), the weight
+sums unchanged. None: backprop.
+
 Saved: x, h0 (c0), the weights, and the outputs h_t with what σ' needs (LSTM: gates i, f, g, o
 and c_t; GRU: r, u, n and z^h_n). The gates and cells are returned as extra outputs (the
 caller keeps the first two or three) so that double backward reaches W through σ' (see rules.mlp).
@@ -96,7 +100,7 @@ class RNNLayer(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, h0, W_ih, W_hh, b_ih, b_hh, relu, batch_sizes, reverse, name):
+    def forward(x, h0, W_ih, W_hh, b_ih, b_hh, relu, batch_sizes, reverse, name, feedback):
         zx, h, out = F.linear(x, W_ih, b_ih), h0, [None] * len(batch_sizes)
         for t, start, B in steps(batch_sizes, reverse):
             z = zx[start : start + B] + F.linear(h[:B], W_hh, b_hh)
@@ -106,7 +110,7 @@ class RNNLayer(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        x, h0, W_ih, W_hh, b_ih, b_hh, ctx.relu, ctx.batch_sizes, ctx.reverse, ctx.suffix = inputs
+        x, h0, W_ih, W_hh, b_ih, b_hh, ctx.relu, ctx.batch_sizes, ctx.reverse, ctx.suffix, ctx.feedback = inputs
         ctx.set_materialize_grads(False)
         ctx.call = observe.keep(ctx, W_ih, b_ih, W_hh, b_hh)
         ctx.save_for_backward(x, h0, W_ih, W_hh, outputs[0])
@@ -115,6 +119,7 @@ class RNNLayer(torch.autograd.Function):
     @without_autocast
     def backward(ctx, delta_out, delta_hn):
         x, h0, W_ih, W_hh, a = ctx.saved_tensors
+        W_ih, W_hh = transport(ctx, W_ih, W_hh)
         sigma_prime = (a > 0).to(a.dtype) if ctx.relu else 1 - a * a
         delta_h, delta_z = _plus(delta_hn, h0.new_zeros(h0.shape)), [None] * len(ctx.batch_sizes)
         for t, start, B in reversed(steps(ctx.batch_sizes, ctx.reverse)):
@@ -123,7 +128,15 @@ class RNNLayer(torch.autograd.Function):
             delta_h = _carry(delta_z[t] @ W_hh, delta_h)  # δh_{t−1} = W_hhᵀ δz_t
         delta_z = torch.cat(delta_z)
         h_prev = previous(a, h0, ctx.batch_sizes, ctx.reverse)
-        return _input_and_weight_grads(ctx, ctx.needs_input_grad[:6], delta_z, delta_z, x, h_prev, W_ih, delta_h) + (None, None, None, None)
+        return _input_and_weight_grads(ctx, ctx.needs_input_grad[:6], delta_z, delta_z, x, h_prev, W_ih, delta_h) + (None,) * 5
+
+
+def transport(ctx, *Ws) -> tuple:
+    """The matrices δ travels back through: the weights themselves (backprop), or the B a learning rule put
+    in their place, one per weight (`feedback`: feedback alignment's fixed B, sign symmetry's sign(W), …)."""
+    if ctx.feedback is None:
+        return Ws
+    return tuple(ctx.feedback) + (None,) * (len(Ws) - len(ctx.feedback))  # no W_hr: no B_hr
 
 
 def _input_and_weight_grads(ctx, needs, delta_zx, delta_zh, x, h_prev, W_ih, delta_h0) -> tuple:
@@ -165,7 +178,7 @@ class LSTMLayer(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, batch_sizes, reverse, name):
+    def forward(x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, batch_sizes, reverse, name, feedback):
         H = c0.shape[1]
         zx, h, c, T = F.linear(x, W_ih, b_ih), h0, c0, len(batch_sizes)
         out, gates, cells = [None] * T, [None] * T, [None] * T
@@ -182,7 +195,7 @@ class LSTMLayer(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, ctx.batch_sizes, ctx.reverse, ctx.suffix = inputs
+        x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, ctx.batch_sizes, ctx.reverse, ctx.suffix, ctx.feedback = inputs
         ctx.set_materialize_grads(False)
         ctx.call = observe.keep(ctx, W_ih, b_ih, W_hh, b_hh, W_hr)
         out, _, _, gates, cells = outputs
@@ -192,6 +205,7 @@ class LSTMLayer(torch.autograd.Function):
     @without_autocast
     def backward(ctx, delta_out, delta_hn, delta_cn, grad_gates, grad_cells):
         x, h0, c0, W_ih, W_hh, W_hr, out, a, cells = ctx.saved_tensors
+        B_ih, B_hh, B_hr = transport(ctx, W_ih, W_hh, W_hr)
         i, f, g, o = a.chunk(4, 1)
         tanh_c, c_prev = cells.tanh(), previous(cells, c0, ctx.batch_sizes, ctx.reverse)
         sigma_prime = torch.cat((i * (1 - i), f * (1 - f), 1 - g * g, o * (1 - o)), 1)
@@ -203,16 +217,16 @@ class LSTMLayer(torch.autograd.Function):
         delta_z, delta_hs = [None] * len(ctx.batch_sizes), [None] * len(ctx.batch_sizes)
         for t, start, B in reversed(steps(ctx.batch_sizes, ctx.reverse)):
             delta_hs[t] = _plus(_rows(delta_out, start, B), delta_h[:B])
-            delta_m = delta_hs[t] if W_hr is None else delta_hs[t] @ W_hr
+            delta_m = delta_hs[t] if W_hr is None else delta_hs[t] @ B_hr
             dc = _plus(delta_c[:B] + delta_m * dc_dm[start : start + B], _rows(grad_cells, start, B))
             delta_gate = torch.cat((dc, dc, dc, delta_m), 1) * partner[start : start + B]
             delta_z[t] = _plus(delta_gate, _rows(grad_gates, start, B)) * sigma_prime[start : start + B]
             delta_c = _carry(dc * f[start : start + B], delta_c)  # δc_{t−1} = δc_t ⊙ f
-            delta_h = _carry(delta_z[t] @ W_hh, delta_h)  # δh_{t−1} = W_hhᵀ δz_t
+            delta_h = _carry(delta_z[t] @ B_hh, delta_h)  # δh_{t−1} = W_hhᵀ δz_t
         delta_z = torch.cat(delta_z)
         h_prev = previous(out, h0, ctx.batch_sizes, ctx.reverse)
         needs = ctx.needs_input_grad
-        grads = _input_and_weight_grads(ctx, needs[:2] + needs[3:7], delta_z, delta_z, x, h_prev, W_ih, delta_h)
+        grads = _input_and_weight_grads(ctx, needs[:2] + needs[3:7], delta_z, delta_z, x, h_prev, B_ih, delta_h)
         grad_W_hr = None
         if W_hr is not None and (ctx.needs_input_grad[7] or ctx.call is not None):
             delta_hs, m = torch.cat(delta_hs), o * tanh_c
@@ -221,7 +235,7 @@ class LSTMLayer(torch.autograd.Function):
             grad_W_hr = delta_hs.T @ m  # ∂J/∂W_hr = Σ_t Σ_n δh_t m_tᵀ
         grad_x, grad_h0, grad_W_ih, grad_W_hh, grad_b_ih, grad_b_hh = grads
         grad_c0 = delta_c if ctx.needs_input_grad[2] else None
-        return grad_x, grad_h0, grad_c0, grad_W_ih, grad_W_hh, grad_b_ih, grad_b_hh, grad_W_hr, None, None, None
+        return grad_x, grad_h0, grad_c0, grad_W_ih, grad_W_hh, grad_b_ih, grad_b_hh, grad_W_hr, None, None, None, None
 
 
 class GRULayer(torch.autograd.Function):
@@ -232,7 +246,7 @@ class GRULayer(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, h0, W_ih, W_hh, b_ih, b_hh, batch_sizes, reverse, name):
+    def forward(x, h0, W_ih, W_hh, b_ih, b_hh, batch_sizes, reverse, name, feedback):
         H = h0.shape[1]
         zx, h, T = F.linear(x, W_ih, b_ih), h0, len(batch_sizes)
         out, kept = [None] * T, [None] * T
@@ -248,7 +262,7 @@ class GRULayer(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        x, h0, W_ih, W_hh, b_ih, b_hh, ctx.batch_sizes, ctx.reverse, ctx.suffix = inputs
+        x, h0, W_ih, W_hh, b_ih, b_hh, ctx.batch_sizes, ctx.reverse, ctx.suffix, ctx.feedback = inputs
         ctx.set_materialize_grads(False)
         ctx.call = observe.keep(ctx, W_ih, b_ih, W_hh, b_hh)
         ctx.save_for_backward(x, h0, W_ih, W_hh, outputs[0], outputs[2])
@@ -257,6 +271,7 @@ class GRULayer(torch.autograd.Function):
     @without_autocast
     def backward(ctx, delta_out, delta_hn, grad_kept):
         x, h0, W_ih, W_hh, out, kept = ctx.saved_tensors
+        W_ih, W_hh = transport(ctx, W_ih, W_hh)
         r, u, n, zh_n = kept.chunk(4, 1)
         h_prev = previous(out, h0, ctx.batch_sizes, ctx.reverse)
         d_n = (1 - u) * (1 - n * n)  # ∂h_t/∂(n's pre-activation)
@@ -283,4 +298,4 @@ class GRULayer(torch.autograd.Function):
             delta_zh[t] = torch.cat((delta_r, delta_u, delta_zh_n), 1)
             delta_h = _carry(delta_h_t * u[rows] + delta_zh[t] @ W_hh, delta_h)  # δh_{t−1} = u ⊙ δh_t + W_hhᵀ δz^h_t
         grads = _input_and_weight_grads(ctx, ctx.needs_input_grad[:6], torch.cat(delta_zx), torch.cat(delta_zh), x, h_prev, W_ih, delta_h)
-        return grads + (None, None, None)
+        return grads + (None,) * 4
