@@ -74,7 +74,8 @@ def ours_of(stock: type) -> type:
 def _make(case: Case, module: torch.nn.Module, dtype, device, seed: int = 0):
     """(input as the module takes it, initial states or None, leaves that require grad)."""
     g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype).to(device).requires_grad_()  # noqa: E731
+    # drawn in float64 and rounded, so a float32 run sees the float64 run's values
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_()  # noqa: E731
     batched = case.input != "unbatched"
     if case.cell:
         x = rand(N, I) if batched else rand(I)
@@ -115,7 +116,7 @@ def run(case: Case, module: torch.nn.Module, dtype=torch.float64, device="cpu"):
     result = module(x) if hx is None else module(x, hx)
     outs = _outputs(result)
     g = torch.Generator().manual_seed(1)
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=dtype).to(device)).sum() for o in outs)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(device, dtype)).sum() for o in outs)
     grads = torch.autograd.grad(loss, leaves + list(module.parameters()))
     return result, outs, loss, grads
 
@@ -176,8 +177,8 @@ def test_float32_no_further_from_the_float64_truth_than_stock(case):
         module.float()
         _, _, loss, grads = run(case, module, dtype=torch.float32)
         err[who] = max(relative(a.double(), b) for a, b in zip((loss, *grads), (l_true, *g_true)))
-    # float32 rounding differs by the order of operations: within a factor of the stock error, never worse by more
-    assert err["ours"] <= 4 * err["stock"] + 1e-7, err
+    # the same float32 operations in another order: rounding differs case by case, never by more than 2×
+    assert err["ours"] <= 2 * err["stock"], err
 
 
 # ------------------------------------------------------------------ drop-in
