@@ -86,6 +86,12 @@ def _carry(new: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
     return new if new.shape[0] == state.shape[0] else torch.cat((new, state[new.shape[0] :]))
 
 
+def _input_part(x, W_ih, b_ih, b_hh):
+    """x_t W_ihᵀ + b_ih + b_hh for every step at once: what of z_t does not wait for h_{t−1}."""
+    zx = F.linear(x, W_ih, b_ih)
+    return zx if b_hh is None else zx + b_hh
+
+
 def _plus(x, y):
     return y if x is None else x if y is None else x + y
 
@@ -101,9 +107,9 @@ class RNNLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(x, h0, W_ih, W_hh, b_ih, b_hh, relu, batch_sizes, reverse, name, feedback):
-        zx, h, out = F.linear(x, W_ih, b_ih), h0, [None] * len(batch_sizes)
+        zx, h, out = _input_part(x, W_ih, b_ih, b_hh), h0, [None] * len(batch_sizes)
         for t, start, B in steps(batch_sizes, reverse):
-            z = zx[start : start + B] + F.linear(h[:B], W_hh, b_hh)
+            z = torch.addmm(zx[start : start + B], h[:B], W_hh.T)
             out[t] = z.relu() if relu else z.tanh()
             h = _carry(out[t], h)
         return torch.cat(out), h
@@ -180,10 +186,10 @@ class LSTMLayer(torch.autograd.Function):
     @staticmethod
     def forward(x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, batch_sizes, reverse, name, feedback):
         H = c0.shape[1]
-        zx, h, c, T = F.linear(x, W_ih, b_ih), h0, c0, len(batch_sizes)
+        zx, h, c, T = _input_part(x, W_ih, b_ih, b_hh), h0, c0, len(batch_sizes)
         out, gates, cells = [None] * T, [None] * T, [None] * T
         for t, start, B in steps(batch_sizes, reverse):
-            z = zx[start : start + B] + F.linear(h[:B], W_hh, b_hh)
+            z = torch.addmm(zx[start : start + B], h[:B], W_hh.T)
             a = z.sigmoid()
             a[:, 2 * H : 3 * H] = z[:, 2 * H : 3 * H].tanh()
             i, f, g, o = a.chunk(4, 1)
@@ -206,9 +212,11 @@ class LSTMLayer(torch.autograd.Function):
     def backward(ctx, delta_out, delta_hn, delta_cn, grad_gates, grad_cells):
         x, h0, c0, W_ih, W_hh, W_hr, out, a, cells = ctx.saved_tensors
         B_ih, B_hh, B_hr = transport(ctx, W_ih, W_hh, W_hr)
+        H = cells.shape[1]
         i, f, g, o = a.chunk(4, 1)
         tanh_c, c_prev = cells.tanh(), previous(cells, c0, ctx.batch_sizes, ctx.reverse)
-        sigma_prime = torch.cat((i * (1 - i), f * (1 - f), 1 - g * g, o * (1 - o)), 1)
+        sigma_prime = a * (1 - a)  # sigmoid' for i, f, o; tanh' for g:
+        sigma_prime[:, 2 * H : 3 * H] = 1 - g * g
         partner = torch.cat((g, c_prev, i, tanh_c), 1)  # ∂z-gate's product partner: δgate = δc ⊙ partner
         dc_dm = o * (1 - tanh_c * tanh_c)  # ∂c_t/∂m_t through m = o ⊙ tanh(c)
         N = h0.shape[0]
