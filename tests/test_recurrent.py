@@ -572,3 +572,45 @@ def test_feedback_rules_send_delta_through_B_in_time_and_to_the_input(stock_cls,
     backprop = torch.autograd.grad((mb.restore(model)[0](x)[0] * upstream).sum(), [x])[0]
     assert relative(ours[0], backprop) > 1e-3  # δ really went through B
     assert list(layer.state_dict()) == list(stock_cls(I, H).state_dict())  # B is no part of the checkpoint
+
+
+class Stacked(torch.nn.Module):
+    """Linear → recurrent layer → Linear: read out at the last step, or at every step."""
+
+    def __init__(self, stock: type, every_step: bool, **kwargs):
+        super().__init__()
+        self.every_step = every_step
+        self.inp = nn.Linear(4, I)
+        self.rnn = stock(I, H, batch_first=True, **kwargs)
+        self.head = nn.Linear((kwargs.get("proj_size") or H) * (1 + kwargs.get("bidirectional", False)), 3)
+
+    def forward(self, x):
+        out = self.rnn(self.inp(x))[0]
+        return self.head(out if self.every_step else out[:, -1])
+
+
+@pytest.mark.parametrize("every_step", [False, True], ids=["last_step", "every_step"])
+@pytest.mark.parametrize("stock_cls,kwargs", [(nn.LSTM, dict(num_layers=2, bidirectional=True)), (nn.GRU, {}),
+                                              (nn.RNN, dict(nonlinearity="relu"))], ids=["lstm", "gru", "rnn"])
+def test_direct_feedback_alignment_sends_e_B_to_every_step(stock_cls, kwargs, every_step):
+    """The recurrent layer's output gets δ = e B at every step, its input e B(below); inside the layer
+    δ runs back in time through W_hh. Expected gradients from stock autograd fed exactly those δs."""
+    torch.manual_seed(0)
+    stock = Stacked(stock_cls, every_step, **kwargs).double()
+    model = mb.convert(stock, registry="direct_feedback_alignment")
+    assert type(model.rnn).__module__.endswith("direct_feedback_alignment")
+    B_rnn, B_inp = model.rnn.feedback, model.inp.feedback
+    x = torch.randn(N, T, 4, dtype=torch.float64)
+    out = model(x)
+    e = torch.randn_like(out)  # the output layer's δ
+    out.backward(e)
+    a = stock.inp(x)
+    h = stock.rnn(a)[0]
+    eB = (e @ B_rnn).expand_as(h) if every_step else (e @ B_rnn).unsqueeze(1).expand_as(h)
+    want_rnn = torch.autograd.grad(h, list(stock.rnn.parameters()), eB)  # the notes' recursion in time
+    for (name, p), want in zip(model.rnn.named_parameters(), want_rnn):
+        assert relative(p.grad, want) <= 1e-12, name
+    delta_inp = (e @ B_inp).expand_as(a) if every_step else (e @ B_inp).unsqueeze(1).expand_as(a)
+    assert relative(model.inp.weight.grad, delta_inp.reshape(-1, I).T @ x.reshape(-1, 4)) <= 1e-12
+    last = h if every_step else h[:, -1]
+    assert relative(model.head.weight.grad, e.reshape(-1, 3).T @ last.reshape(-1, last.shape[-1])) <= 1e-12
