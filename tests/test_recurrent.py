@@ -614,3 +614,11 @@ def test_direct_feedback_alignment_sends_e_B_to_every_step(stock_cls, kwargs, ev
     assert relative(model.inp.weight.grad, delta_inp.reshape(-1, I).T @ x.reshape(-1, 4)) <= 1e-12
     last = h if every_step else h[:, -1]
     assert relative(model.head.weight.grad, e.reshape(-1, 3).T @ last.reshape(-1, last.shape[-1])) <= 1e-12
+
+
+def test_direct_feedback_alignment_refuses_a_recurrent_output_layer():
+    from manual_backprop.convert import ConversionError
+    from manual_backprop.plugins import direct_feedback_alignment as dfa
+
+    with pytest.raises(ConversionError, match="the output '1' is a recurrent layer"):
+        mb.convert(torch.nn.Sequential(nn.Linear(2, I), nn.GRU(I, H)), registry=dfa.registry(output="1"))

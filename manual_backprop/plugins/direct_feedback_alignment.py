@@ -425,8 +425,9 @@ def link_layers(model: torch.nn.Module, output: str | None = None) -> None:
     out_module = found[0]
     if out_module.hidden_only:
         raise ConversionError(
-            f"direct_feedback_alignment: the output {output!r} is a {type(out_module).__name__}; the output layer "
-            "must be a Linear or fused MLP (mark one with registry(output=NAME))"
+            f"direct_feedback_alignment: the output {output!r} is a "
+            f"{'convolution' if isinstance(out_module, _DirectFeedbackConvNd) else 'recurrent layer'}; the output "
+            "layer must be a Linear or fused MLP (mark one with registry(output=NAME))"
         )
     K = out_module._fans()[1]
     error = OutputError(output)
