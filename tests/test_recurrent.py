@@ -346,10 +346,14 @@ def test_bad_input_is_named():
 # ------------------------------------------------- torch's own ModuleInfo samples
 
 def _module_infos():
+    frozen = torch.backends.flags_frozen()
     try:
         from torch.testing._internal.common_modules import module_db
     except ImportError as missing:  # torch's test internals are not part of every install
         pytest.skip(f"torch.testing._internal.common_modules unavailable: {missing}")
+    finally:  # importing torch's test utilities freezes the backend flags for the whole process: thaw them
+        if not frozen:
+            torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
     stock = (nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell)
     return [info for info in module_db if info.module_cls in stock]
 
@@ -622,3 +626,61 @@ def test_direct_feedback_alignment_refuses_a_recurrent_output_layer():
 
     with pytest.raises(ConversionError, match="the output '1' is a recurrent layer"):
         mb.convert(torch.nn.Sequential(nn.Linear(2, I), nn.GRU(I, H)), registry=dfa.registry(output="1"))
+
+
+# ------------------------------------------------------------------ the native loops
+
+
+def _native_or_skip():
+    from manual_backprop.rules import _native_recurrent
+
+    if _native_recurrent.load() is None:
+        pytest.skip("the native recurrent loops could not be built here (no compiler): the Python rule runs")
+
+
+NATIVE = [c for c in CASES if c.stock in (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)]
+
+
+@pytest.mark.parametrize("case", NATIVE, ids=repr)
+def test_native_loops_equal_the_python_loops(case):
+    """The C++ loops over time (csrc/recurrent.cpp) give what the Python loops give, to 1e-12; the Python
+    loops are switched off while the native run goes, so the native ones ran."""
+    from manual_backprop.rules import _native, recurrent
+
+    _native_or_skip()
+    _, ours = pair(case)
+    with _native.python_rule():
+        _, o_python, l_python, g_python = run(case, ours)
+    saved = {name: getattr(recurrent.PythonLoops, name) for name in ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward")}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Python loop ran where the native one should")
+
+    try:
+        for name in saved:
+            setattr(recurrent.PythonLoops, name, staticmethod(refuse))
+        _, o_native, l_native, g_native = run(case, ours)
+    finally:
+        for name, fn in saved.items():
+            setattr(recurrent.PythonLoops, name, fn)
+    for a, b in zip([*o_native, l_native, *g_native], [*o_python, l_python, *g_python]):
+        assert relative(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize("stock_cls", [nn.LSTM, nn.GRU], ids=lambda c: c.__name__)
+def test_native_loops_carry_feedback_and_float32(stock_cls):
+    """A learning rule's B goes through the native loop too; float32 runs natively as well."""
+    from manual_backprop.rules import _native
+
+    _native_or_skip()
+    torch.manual_seed(0)
+    kwargs = dict(proj_size=2) if stock_cls is nn.LSTM else {}
+    model = mb.convert(torch.nn.Sequential(stock_cls(I, H, num_layers=2, **kwargs)), registry="sign_symmetry")
+    x = torch.randn(T, N, I, requires_grad=True)
+    grads = []
+    for python in (True, False):
+        with _native.python_rule() if python else torch.enable_grad():
+            out = model(x)[0]
+            grads.append(torch.autograd.grad(out.square().sum(), [x, *model.parameters()]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

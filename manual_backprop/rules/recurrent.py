@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from manual_backprop import observe
 from manual_backprop._amp import without_autocast
+from manual_backprop.rules import _native_recurrent
 from manual_backprop.rules.linear import linear_seen, weight_and_bias_grads
 
 
@@ -185,19 +186,8 @@ class LSTMLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, batch_sizes, reverse, name, feedback):
-        H = c0.shape[1]
-        zx, h, c, T = _input_part(x, W_ih, b_ih, b_hh), h0, c0, len(batch_sizes)
-        out, gates, cells = [None] * T, [None] * T, [None] * T
-        for t, start, B in steps(batch_sizes, reverse):
-            z = torch.addmm(zx[start : start + B], h[:B], W_hh.T)
-            a = z.sigmoid()
-            a[:, 2 * H : 3 * H] = z[:, 2 * H : 3 * H].tanh()
-            i, f, g, o = a.chunk(4, 1)
-            cells[t] = f * c[:B] + i * g
-            m = o * cells[t].tanh()
-            out[t], gates[t] = (m if W_hr is None else F.linear(m, W_hr)), a
-            h, c = _carry(out[t], h), _carry(cells[t], c)
-        return torch.cat(out), h, c, torch.cat(gates), torch.cat(cells)
+        zx = _input_part(x, W_ih, b_ih, b_hh)
+        return loops(zx).lstm_forward(zx, h0, c0, W_hh, W_hr, batch_sizes, reverse)
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
@@ -212,32 +202,17 @@ class LSTMLayer(torch.autograd.Function):
     def backward(ctx, delta_out, delta_hn, delta_cn, grad_gates, grad_cells):
         x, h0, c0, W_ih, W_hh, W_hr, out, a, cells = ctx.saved_tensors
         B_ih, B_hh, B_hr = transport(ctx, W_ih, W_hh, W_hr)
-        H = cells.shape[1]
-        i, f, g, o = a.chunk(4, 1)
-        tanh_c, c_prev = cells.tanh(), previous(cells, c0, ctx.batch_sizes, ctx.reverse)
-        sigma_prime = a * (1 - a)  # sigmoid' for i, f, o; tanh' for g:
-        sigma_prime[:, 2 * H : 3 * H] = 1 - g * g
-        partner = torch.cat((g, c_prev, i, tanh_c), 1)  # ∂z-gate's product partner: δgate = δc ⊙ partner
-        dc_dm = o * (1 - tanh_c * tanh_c)  # ∂c_t/∂m_t through m = o ⊙ tanh(c)
-        N = h0.shape[0]
-        delta_h, delta_c = h0.new_zeros(N, h0.shape[1]), c0.new_zeros(c0.shape)
-        delta_h, delta_c = _plus(delta_hn, delta_h), _plus(delta_cn, delta_c)
-        delta_z, delta_hs = [None] * len(ctx.batch_sizes), [None] * len(ctx.batch_sizes)
-        for t, start, B in reversed(steps(ctx.batch_sizes, ctx.reverse)):
-            delta_hs[t] = _plus(_rows(delta_out, start, B), delta_h[:B])
-            delta_m = delta_hs[t] if W_hr is None else delta_hs[t] @ B_hr
-            dc = _plus(delta_c[:B] + delta_m * dc_dm[start : start + B], _rows(grad_cells, start, B))
-            delta_gate = torch.cat((dc, dc, dc, delta_m), 1) * partner[start : start + B]
-            delta_z[t] = _plus(delta_gate, _rows(grad_gates, start, B)) * sigma_prime[start : start + B]
-            delta_c = _carry(dc * f[start : start + B], delta_c)  # δc_{t−1} = δc_t ⊙ f
-            delta_h = _carry(delta_z[t] @ B_hh, delta_h)  # δh_{t−1} = W_hhᵀ δz_t
-        delta_z = torch.cat(delta_z)
+        c_prev = previous(cells, c0, ctx.batch_sizes, ctx.reverse)
+        delta_hn, delta_cn = _plus(delta_hn, h0.new_zeros(h0.shape)), _plus(delta_cn, c0.new_zeros(c0.shape))
+        extra = () if grad_gates is None and grad_cells is None else (grad_gates, grad_cells)
+        delta_z, delta_hs, delta_h, delta_c = loops(a, double=bool(extra)).lstm_backward(
+            delta_out, delta_hn, delta_cn, a, cells, c_prev, B_hh, B_hr, ctx.batch_sizes, ctx.reverse, *extra)
         h_prev = previous(out, h0, ctx.batch_sizes, ctx.reverse)
         needs = ctx.needs_input_grad
         grads = _input_and_weight_grads(ctx, needs[:2] + needs[3:7], delta_z, delta_z, x, h_prev, B_ih, delta_h)
         grad_W_hr = None
         if W_hr is not None and (ctx.needs_input_grad[7] or ctx.call is not None):
-            delta_hs, m = torch.cat(delta_hs), o * tanh_c
+            m = a[:, 3 * c0.shape[1] :] * cells.tanh()  # m_t = o ⊙ tanh(c_t)
             if ctx.call is not None:
                 see(ctx, delta_hs, m, W_hr, None, "hr")
             grad_W_hr = delta_hs.T @ m  # ∂J/∂W_hr = Σ_t Σ_n δh_t m_tᵀ
@@ -255,18 +230,8 @@ class GRULayer(torch.autograd.Function):
 
     @staticmethod
     def forward(x, h0, W_ih, W_hh, b_ih, b_hh, batch_sizes, reverse, name, feedback):
-        H = h0.shape[1]
-        zx, h, T = F.linear(x, W_ih, b_ih), h0, len(batch_sizes)
-        out, kept = [None] * T, [None] * T
-        for t, start, B in steps(batch_sizes, reverse):
-            zh = F.linear(h[:B], W_hh, b_hh)
-            ru = (zx[start : start + B, : 2 * H] + zh[:, : 2 * H]).sigmoid()
-            zh_n = zh[:, 2 * H :]
-            n = (zx[start : start + B, 2 * H :] + ru[:, :H] * zh_n).tanh()
-            out[t] = n + ru[:, H:] * (h[:B] - n)
-            kept[t] = torch.cat((ru, n, zh_n), 1)
-            h = _carry(out[t], h)
-        return torch.cat(out), h, torch.cat(kept)
+        zx = F.linear(x, W_ih, b_ih)
+        return loops(zx).gru_forward(zx, h0, W_hh, b_hh, batch_sizes, reverse)
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
@@ -279,17 +244,96 @@ class GRULayer(torch.autograd.Function):
     @without_autocast
     def backward(ctx, delta_out, delta_hn, grad_kept):
         x, h0, W_ih, W_hh, out, kept = ctx.saved_tensors
-        W_ih, W_hh = transport(ctx, W_ih, W_hh)
-        r, u, n, zh_n = kept.chunk(4, 1)
+        B_ih, B_hh = transport(ctx, W_ih, W_hh)
         h_prev = previous(out, h0, ctx.batch_sizes, ctx.reverse)
+        extra = () if grad_kept is None else (grad_kept,)
+        delta_zx, delta_zh, delta_h = loops(kept, double=bool(extra)).gru_backward(
+            delta_out, _plus(delta_hn, h0.new_zeros(h0.shape)), kept, h_prev, B_hh, ctx.batch_sizes, ctx.reverse, *extra)
+        grads = _input_and_weight_grads(ctx, ctx.needs_input_grad[:6], delta_zx, delta_zh, x, h_prev, B_ih, delta_h)
+        return grads + (None,) * 4
+
+
+# ------------------------------------------------------------------ the loops over time
+#
+# One pass of the recursion, forward or backward, over every step: Python here (the reference, and what
+# double backward and torch.func differentiate), C++ in csrc/recurrent.cpp with the same signatures.
+
+
+def loops(*tensors, double: bool = False):
+    """Where the loops over time run: the native ones (`_native_recurrent`) where they may (CPU, float32/64,
+    no transform or tracing, and not a backward that double backward differentiates), else these."""
+    if double or torch.is_grad_enabled():
+        return PythonLoops
+    return _native_recurrent.loops_now(*tensors) or PythonLoops
+
+
+class PythonLoops:
+    @staticmethod
+    def lstm_forward(zx, h0, c0, W_hh, W_hr, batch_sizes, reverse):
+        """(h packed, h_n, c_n, gates packed, c packed) from zx = x W_ihᵀ + b_ih + b_hh of every step."""
+        H, h, c, T = c0.shape[1], h0, c0, len(batch_sizes)
+        out, gates, cells = [None] * T, [None] * T, [None] * T
+        for t, start, B in steps(batch_sizes, reverse):
+            z = torch.addmm(zx[start : start + B], h[:B], W_hh.T)
+            a = z.sigmoid()
+            a[:, 2 * H : 3 * H] = z[:, 2 * H : 3 * H].tanh()
+            i, f, g, o = a.chunk(4, 1)
+            cells[t] = f * c[:B] + i * g
+            m = o * cells[t].tanh()
+            out[t], gates[t] = (m if W_hr is None else F.linear(m, W_hr)), a
+            h, c = _carry(out[t], h), _carry(cells[t], c)
+        return torch.cat(out), h, c, torch.cat(gates), torch.cat(cells)
+
+    @staticmethod
+    def lstm_backward(delta_out, delta_hn, delta_cn, a, cells, c_prev, B_hh, B_hr, batch_sizes, reverse,
+                      grad_gates=None, grad_cells=None):
+        """(δz packed, δh packed, δh0, δc0); grad_gates, grad_cells: what reached the gates and cells directly."""
+        H = cells.shape[1]
+        i, f, g, o = a.chunk(4, 1)
+        tanh_c = cells.tanh()
+        sigma_prime = a * (1 - a)  # sigmoid' for i, f, o; tanh' for g:
+        sigma_prime[:, 2 * H : 3 * H] = 1 - g * g
+        partner = torch.cat((g, c_prev, i, tanh_c), 1)  # ∂z-gate's product partner: δgate = δc ⊙ partner
+        dc_dm = o * (1 - tanh_c * tanh_c)  # ∂c_t/∂m_t through m = o ⊙ tanh(c)
+        delta_h, delta_c = delta_hn, delta_cn
+        delta_z, delta_hs = [None] * len(batch_sizes), [None] * len(batch_sizes)
+        for t, start, B in reversed(steps(batch_sizes, reverse)):
+            delta_hs[t] = _plus(_rows(delta_out, start, B), delta_h[:B])
+            delta_m = delta_hs[t] if B_hr is None else delta_hs[t] @ B_hr
+            dc = _plus(delta_c[:B] + delta_m * dc_dm[start : start + B], _rows(grad_cells, start, B))
+            delta_gate = torch.cat((dc, dc, dc, delta_m), 1) * partner[start : start + B]
+            delta_z[t] = _plus(delta_gate, _rows(grad_gates, start, B)) * sigma_prime[start : start + B]
+            delta_c = _carry(dc * f[start : start + B], delta_c)  # δc_{t−1} = δc_t ⊙ f
+            delta_h = _carry(delta_z[t] @ B_hh, delta_h)  # δh_{t−1} = W_hhᵀ δz_t
+        return torch.cat(delta_z), torch.cat(delta_hs), delta_h, delta_c
+
+    @staticmethod
+    def gru_forward(zx, h0, W_hh, b_hh, batch_sizes, reverse):
+        """(h packed, h_n, r|u|n|z^h_n packed) from zx = x W_ihᵀ + b_ih of every step."""
+        H, h, T = h0.shape[1], h0, len(batch_sizes)
+        out, kept = [None] * T, [None] * T
+        for t, start, B in steps(batch_sizes, reverse):
+            zh = F.linear(h[:B], W_hh, b_hh)
+            ru = (zx[start : start + B, : 2 * H] + zh[:, : 2 * H]).sigmoid()
+            zh_n = zh[:, 2 * H :]
+            n = (zx[start : start + B, 2 * H :] + ru[:, :H] * zh_n).tanh()
+            out[t] = n + ru[:, H:] * (h[:B] - n)
+            kept[t] = torch.cat((ru, n, zh_n), 1)
+            h = _carry(out[t], h)
+        return torch.cat(out), h, torch.cat(kept)
+
+    @staticmethod
+    def gru_backward(delta_out, delta_hn, kept, h_prev, B_hh, batch_sizes, reverse, grad_kept=None):
+        """(δz^x packed, δz^h packed, δh0); grad_kept: what reached r, u, n or z^h_n directly."""
+        r, u, n, zh_n = kept.chunk(4, 1)
         d_n = (1 - u) * (1 - n * n)  # ∂h_t/∂(n's pre-activation)
         d_u = (h_prev - n) * u * (1 - u)  # ∂h_t/∂(u's pre-activation)
         sigma_prime_r, sigma_prime_n = r * (1 - r), 1 - n * n
         if grad_kept is not None:  # double backward: gradients that reached r, u, n or z^h_n directly
             g_r, g_u, g_n, g_zh_n = grad_kept.chunk(4, 1)
-        delta_h = _plus(delta_hn, h0.new_zeros(h0.shape))
-        delta_zx, delta_zh = [None] * len(ctx.batch_sizes), [None] * len(ctx.batch_sizes)
-        for t, start, B in reversed(steps(ctx.batch_sizes, ctx.reverse)):
+        delta_h = delta_hn
+        delta_zx, delta_zh = [None] * len(batch_sizes), [None] * len(batch_sizes)
+        for t, start, B in reversed(steps(batch_sizes, reverse)):
             rows = slice(start, start + B)
             delta_h_t = _plus(_rows(delta_out, start, B), delta_h[:B])
             delta_n = delta_h_t * d_n[rows]
@@ -304,6 +348,5 @@ class GRULayer(torch.autograd.Function):
             delta_zh_n = delta_n * r[rows] if grad_kept is None else delta_n * r[rows] + g_zh_n[rows]
             delta_zx[t] = torch.cat((delta_r, delta_u, delta_n), 1)
             delta_zh[t] = torch.cat((delta_r, delta_u, delta_zh_n), 1)
-            delta_h = _carry(delta_h_t * u[rows] + delta_zh[t] @ W_hh, delta_h)  # δh_{t−1} = u ⊙ δh_t + W_hhᵀ δz^h_t
-        grads = _input_and_weight_grads(ctx, ctx.needs_input_grad[:6], torch.cat(delta_zx), torch.cat(delta_zh), x, h_prev, W_ih, delta_h)
-        return grads + (None,) * 4
+            delta_h = _carry(delta_h_t * u[rows] + delta_zh[t] @ B_hh, delta_h)  # δh_{t−1} = u ⊙ δh_t + W_hhᵀ δz^h_t
+        return torch.cat(delta_zx), torch.cat(delta_zh), delta_h
