@@ -1,5 +1,5 @@
 // The loops over time of rules/recurrent.py (the readable reference), in C++: one step's gate arithmetic
-// as one pass over its rows, the products by ATen. The Python rules call these for their forward and
+// as plain passes over its rows, the products and the vectorised σ and tanh by ATen. The Python rules call these for their forward and
 // backward loops (CPU, float32/float64, no double backward); everything else (the products over all
 // steps for the weight gradients, observe, feedback) stays in the Python rule.
 //
@@ -33,11 +33,6 @@ std::vector<Step> steps(at::IntArrayRef sizes, bool reverse) {
   return order;
 }
 
-template <typename T>
-inline T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
-}
-
 Tensor rows(const Tensor& t, const Step& s) { return t.narrow(0, s.start, s.B); }
 Tensor first(const Tensor& t, int64_t B) { return t.narrow(0, 0, B); }
 
@@ -52,28 +47,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Tensor& zx
   Tensor h = h0.contiguous().clone(), c = c0.contiguous().clone();
   Tensor m = proj ? at::empty({h0.size(0), H}, zx.options()) : Tensor();
   const Tensor Wt = W_hh.t();
+  Tensor tanh_c = at::empty({h0.size(0), H}, zx.options());
   for (const Step& s : steps(batch_sizes, reverse)) {
     Tensor z = rows(gates, s);
     at::addmm_out(z, rows(zx, s), first(h, s.B), Wt);  // z_t = x_t W_ihᵀ + b + h_{t−1} W_hhᵀ
-    AT_DISPATCH_FLOATING_TYPES(zx.scalar_type(), "lstm_forward", [&] {
-      scalar_t* a = z.data_ptr<scalar_t>();
+    z.narrow(1, 0, 2 * H).sigmoid_();                   // i, f  (ATen's vectorised σ and tanh)
+    z.narrow(1, 2 * H, H).tanh_();                      // g
+    z.narrow(1, 3 * H, H).sigmoid_();                   // o
+    AT_DISPATCH_FLOATING_TYPES(zx.scalar_type(), "lstm_cell", [&] {
+      const scalar_t* a = z.data_ptr<scalar_t>();
       scalar_t* cell = c.data_ptr<scalar_t>();
       scalar_t* kept = cells.data_ptr<scalar_t>() + s.start * H;
-      scalar_t* mo = proj ? m.data_ptr<scalar_t>() : out.data_ptr<scalar_t>() + s.start * H;
       for (int64_t n = 0; n < s.B; ++n) {
-        scalar_t* an = a + n * 4 * H;
+        const scalar_t* an = a + n * 4 * H;
         for (int64_t j = 0; j < H; ++j) {
-          const scalar_t i = sigmoid(an[j]), f = sigmoid(an[H + j]), g = std::tanh(an[2 * H + j]),
-                         o = sigmoid(an[3 * H + j]);
-          an[j] = i, an[H + j] = f, an[2 * H + j] = g, an[3 * H + j] = o;
-          const scalar_t c_t = f * cell[n * H + j] + i * g;  // c_t = f ⊙ c_{t−1} + i ⊙ g
+          const scalar_t c_t = an[H + j] * cell[n * H + j] + an[j] * an[2 * H + j];  // c_t = f ⊙ c_{t−1} + i ⊙ g
           cell[n * H + j] = kept[n * H + j] = c_t;
-          mo[n * H + j] = o * std::tanh(c_t);  // m_t = o ⊙ tanh(c_t)
         }
       }
     });
+    Tensor tc = first(tanh_c, s.B);
+    at::tanh_out(tc, rows(cells, s));
     Tensor o = rows(out, s);
-    if (proj) at::mm_out(o, first(m, s.B), W_hr->t());  // h_t = W_hr m_t
+    if (proj) {
+      Tensor m_t = first(m, s.B);
+      at::mul_out(m_t, z.narrow(1, 3 * H, H), tc);  // m_t = o ⊙ tanh(c_t)
+      at::mm_out(o, m_t, W_hr->t());                // h_t = W_hr m_t
+    } else {
+      at::mul_out(o, z.narrow(1, 3 * H, H), tc);
+    }
     first(h, s.B).copy_(o);
   }
   return {out, h, c, gates, cells};
@@ -91,6 +93,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(const c10::optional<Ten
   Tensor delta_z = at::empty({total, 4 * H}, gates.options());
   Tensor delta_hs = proj ? at::empty({total, delta_h.size(1)}, gates.options()) : at::empty({0}, gates.options());
   Tensor dm_buffer = proj ? at::empty({delta_h.size(0), H}, gates.options()) : Tensor();
+  const Tensor tanh_cells = cells.tanh();  // once, vectorised, for every row
   std::vector<Step> order = steps(batch_sizes, reverse);
   for (auto s = order.rbegin(); s != order.rend(); ++s) {
     Tensor dh = first(delta_h, s->B);
@@ -103,7 +106,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(const c10::optional<Ten
     }
     AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_backward", [&] {
       const scalar_t* a = gates.data_ptr<scalar_t>() + s->start * 4 * H;
-      const scalar_t* c = cells.data_ptr<scalar_t>() + s->start * H;
+      const scalar_t* c = tanh_cells.data_ptr<scalar_t>() + s->start * H;
       const scalar_t* cp = c_prev.data_ptr<scalar_t>() + s->start * H;
       const scalar_t* dmp = dm.data_ptr<scalar_t>();
       scalar_t* dc = delta_c.data_ptr<scalar_t>();
@@ -113,7 +116,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(const c10::optional<Ten
         scalar_t* dzn = dz + n * 4 * H;
         for (int64_t j = 0; j < H; ++j) {
           const scalar_t i = an[j], f = an[H + j], g = an[2 * H + j], o = an[3 * H + j];
-          const scalar_t tc = std::tanh(c[n * H + j]), d_m = dmp[n * H + j];
+          const scalar_t tc = c[n * H + j], d_m = dmp[n * H + j];
           const scalar_t d_c = dc[n * H + j] + d_m * o * (1 - tc * tc);  // δc_t
           dzn[j] = d_c * g * i * (1 - i);
           dzn[H + j] = d_c * cp[n * H + j] * f * (1 - f);
@@ -141,24 +144,36 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& zx, const Tensor& h
     Tensor zh_t = first(zh, s.B);
     if (bias) at::addmm_out(zh_t, *b_hh, first(h, s.B), Wt);
     else at::mm_out(zh_t, first(h, s.B), Wt);
-    AT_DISPATCH_FLOATING_TYPES(zx.scalar_type(), "gru_forward", [&] {
+    Tensor k = rows(kept, s);  // r | u | n | z^h_n, built in place: pre-activations, then ATen's σ and tanh
+    AT_DISPATCH_FLOATING_TYPES(zx.scalar_type(), "gru_gates", [&] {
       const scalar_t* x = zx.data_ptr<scalar_t>() + s.start * 3 * H;
       const scalar_t* zhp = zh_t.data_ptr<scalar_t>();
+      scalar_t* kp = k.data_ptr<scalar_t>();
+      for (int64_t n = 0; n < s.B; ++n)
+        for (int64_t j = 0; j < 2 * H; ++j) kp[n * 4 * H + j] = x[n * 3 * H + j] + zhp[n * 3 * H + j];
+    });
+    k.narrow(1, 0, 2 * H).sigmoid_();  // r, u
+    AT_DISPATCH_FLOATING_TYPES(zx.scalar_type(), "gru_candidate", [&] {
+      const scalar_t* x = zx.data_ptr<scalar_t>() + s.start * 3 * H;
+      const scalar_t* zhp = zh_t.data_ptr<scalar_t>();
+      scalar_t* kp = k.data_ptr<scalar_t>();
+      for (int64_t n = 0; n < s.B; ++n)
+        for (int64_t j = 0; j < H; ++j) {
+          const scalar_t zh_n = zhp[n * 3 * H + 2 * H + j];
+          kp[n * 4 * H + 2 * H + j] = x[n * 3 * H + 2 * H + j] + kp[n * 4 * H + j] * zh_n;
+          kp[n * 4 * H + 3 * H + j] = zh_n;
+        }
+    });
+    k.narrow(1, 2 * H, H).tanh_();  // n = tanh(z^x_n + r ⊙ z^h_n)
+    AT_DISPATCH_FLOATING_TYPES(zx.scalar_type(), "gru_state", [&] {
+      const scalar_t* kp = k.data_ptr<scalar_t>();
       scalar_t* hp = h.data_ptr<scalar_t>();
       scalar_t* o = out.data_ptr<scalar_t>() + s.start * H;
-      scalar_t* k = kept.data_ptr<scalar_t>() + s.start * 4 * H;
-      for (int64_t n = 0; n < s.B; ++n) {
-        const scalar_t* xn = x + n * 3 * H;
-        const scalar_t* zn = zhp + n * 3 * H;
-        scalar_t* kn = k + n * 4 * H;
+      for (int64_t n = 0; n < s.B; ++n)
         for (int64_t j = 0; j < H; ++j) {
-          const scalar_t r = sigmoid(xn[j] + zn[j]), u = sigmoid(xn[H + j] + zn[H + j]);
-          const scalar_t nn = std::tanh(xn[2 * H + j] + r * zn[2 * H + j]);
-          const scalar_t h_t = nn + u * (hp[n * H + j] - nn);  // (1 − u) ⊙ n + u ⊙ h_{t−1}
-          hp[n * H + j] = o[n * H + j] = h_t;
-          kn[j] = r, kn[H + j] = u, kn[2 * H + j] = nn, kn[3 * H + j] = zn[2 * H + j];
+          const scalar_t u = kp[n * 4 * H + H + j], nn = kp[n * 4 * H + 2 * H + j];
+          hp[n * H + j] = o[n * H + j] = nn + u * (hp[n * H + j] - nn);  // (1 − u) ⊙ n + u ⊙ h_{t−1}
         }
-      }
     });
   }
   return {out, h, kept};
