@@ -33,6 +33,12 @@ Layout. Each rule runs one layer in one direction over packed rows: step t owns 
 changing after its last step, and δ past its end is zero, so its final state and δh0 come out
 right. `reverse` runs t = T … 1, each sequence starting from h0 at its own last step. x W_ihᵀ
 and the weight sums run once over all steps; only δh_{t−1} = δz_t W_hh stays in the loop.
+Every rule takes, after its tensors: batch_sizes (B_t per step), reverse, name (the parameters'
+suffix, "_l0", "_l1_reverse"; "" for a cell: how `observe` names what it sees) and feedback.
+
+The loop over time itself is `PythonLoops` below (the readable reference, and what double backward,
+torch.func and torch.compile differentiate or trace); on CPU in float32/64 the LSTM's and GRU's run
+natively (`csrc/recurrent.cpp`, same signatures; `loops` decides).
 
 A learning rule (`plugins.feedback_alignment`) passes `feedback`, a B for each of W_ih, W_hh (W_hr):
 δ then travels through B where backprop has W (δx_t = Bᵀ_ih δz_t, δh_{t−1} = Bᵀ_hh δz_t), the weight
@@ -268,6 +274,8 @@ def loops(*tensors, double: bool = False):
 
 
 class PythonLoops:
+    """The loops over time in Python: the reference the native ones (csrc/recurrent.cpp) are tested against."""
+
     @staticmethod
     def lstm_forward(zx, h0, c0, W_hh, W_hr, batch_sizes, reverse):
         """(h packed, h_n, c_n, gates packed, c packed) from zx = x W_ihᵀ + b_ih + b_hh of every step."""
