@@ -137,6 +137,36 @@ class SmallCNN(torch.nn.Sequential):
         super().__init__(*layers)
 
 
+# ------------------------------------------------------------ a recurrent classifier for sequences
+
+
+class SequenceClassifier(torch.nn.Module):
+    """A recurrent layer over a sequence, read out by a Linear at its last step.
+
+    Input: (N, T, input_size), e.g. sklearn's digits as 8 rows of 8 pixels
+    (`SklearnDataModule(image_shape=[8, 8])`); output: (N, num_classes) logits. `cell`: "lstm",
+    "gru", "rnn_tanh" or "rnn_relu". Stock torch layers: pass it to a task as `net`, and backend
+    "manual" converts it to our rules (the recurrent layer's backward runs through time).
+    """
+
+    CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+    def __init__(self, input_size: int = 8, hidden_size: int = 32, num_classes: int = 10, cell: str = "lstm",
+                 num_layers: int = 1, bidirectional: bool = False) -> None:
+        super().__init__()
+        if cell not in self.CELLS:
+            raise ConfigError(f"unknown cell {cell!r}; choose one of: {', '.join(self.CELLS)}")
+        kwargs = dict(num_layers=num_layers, bidirectional=bidirectional, batch_first=True)
+        if cell.startswith("rnn_"):
+            self.rnn = torch.nn.RNN(input_size, hidden_size, nonlinearity=cell[4:], **kwargs)
+        else:
+            self.rnn = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(input_size, hidden_size, **kwargs)
+        self.head = torch.nn.Linear(hidden_size * (1 + bidirectional), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
 # ------------------------------------------------------------ learning rules (issue 12)
 
 

@@ -139,6 +139,9 @@ def _routes() -> dict[Callable, tuple[str, Callable]]:
         ("embedding", _embedding, [F.embedding]),
         ("scaled_dot_product_attention", MF.scaled_dot_product_attention, [F.scaled_dot_product_attention]),
         ("multi_head_attention_forward", MF.multi_head_attention_forward, [F.multi_head_attention_forward]),
+        # recurrent: what torch.nn.RNN, LSTM, GRU and the cells end in (torch._VF.lstm is torch.lstm)
+        *[(name, getattr(MF, name), [getattr(torch, name)]) for name in (
+            "lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell")],
     ]
     return {torch_fn: (name, ours) for name, ours, torch_fns in table for torch_fn in torch_fns}
 
@@ -150,6 +153,8 @@ def _tensors(args, kwargs):
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
             yield value
+        elif isinstance(value, (list, tuple)):  # torch.lstm's hx = (h0, c0) and list of weights
+            yield from (v for v in value if isinstance(v, torch.Tensor))
 
 
 class ManualFunctions(TorchFunctionMode):

@@ -346,6 +346,13 @@ def _builtin_rules() -> list[Rule]:
         (nn.AdaptiveMaxPool1d, mnn.AdaptiveMaxPool1d),
         (nn.AdaptiveMaxPool2d, mnn.AdaptiveMaxPool2d),
         (nn.AdaptiveMaxPool3d, mnn.AdaptiveMaxPool3d),
+        # recurrent
+        (nn.RNN, mnn.RNN),
+        (nn.LSTM, mnn.LSTM),
+        (nn.GRU, mnn.GRU),
+        (nn.RNNCell, mnn.RNNCell),
+        (nn.LSTMCell, mnn.LSTMCell),
+        (nn.GRUCell, mnn.GRUCell),
     ]
     rules = [Rule(stock, manual, supports_real_parameters, "builtin") for stock, manual in pairs]
     # embedding and attention

@@ -3,6 +3,7 @@
     python scripts/bench.py                     # full grid, CPU (+ CUDA where available)
     python scripts/bench.py --quick --out /tmp  # tiny grid, few repeats: a smoke test
     python scripts/bench.py --only transformer  # the transformer block alone (converted vs stock)
+    python scripts/bench.py --only recurrent    # LSTM and GRU layers: stock, our native loops, our Python rule
 
 Contenders, all started from the same parameters and fed the same batch:
     stock      torch.nn.Sequential(Linear, act, …): stock autograd
@@ -681,6 +682,71 @@ def transformer_block(device: str, dims: tuple, backend: str, samples: int) -> t
     return lines, errors
 
 
+# (T, N, H) and layer settings of the recurrent grid: every shape with 1 and 2 layers, bidirectional once
+RECURRENT_SHAPES = [(40, 100, 64), (100, 32, 128), (20, 256, 256)]
+RECURRENT_QUICK = [(4, 3, 8)]
+RECURRENT_SETTINGS = [dict(num_layers=1), dict(num_layers=2), dict(num_layers=1, bidirectional=True)]
+RECURRENT_CONTENDERS = ["stock", "native", "python"]
+
+
+def recurrent_layers(device: str, quick: bool, samples: int) -> tuple[list[str], list[str]]:
+    """One training step (forward, Σ output², backward) of nn.LSTM and nn.GRU: stock against ours, with the
+    native loops over time (csrc/recurrent.cpp) and with the Python rule's loops (`_native.python_rule()`).
+    Input size = hidden size H, sequence-first (T, N, H). Returns the report lines and any gradient errors."""
+    from manual_backprop.rules import _native_recurrent
+
+    shapes = RECURRENT_QUICK if quick else RECURRENT_SHAPES
+    settings = RECURRENT_SETTINGS[:1] if quick else RECURRENT_SETTINGS
+    built = _native_recurrent.load() is not None
+    lines = [f"Recurrent layers on {device}" + ("" if built else " (native loops not built: both run the Python rule)"), "",
+             "| layer | T, N, H | layers | stock ms | native ms | python ms | native × stock | python × stock "
+             "| saved KiB stock | saved KiB ours |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    errors, ratios, saved_ok = [], {"native": [], "python": []}, True
+    for kind in ("LSTM", "GRU"):
+        for T, N, H in shapes:
+            for setting in settings:
+                torch.manual_seed(0)
+                stock = getattr(nn, kind)(H, H, **setting).to(device)
+                ours = getattr(mnn, kind)(H, H, **setting).to(device)
+                ours.load_state_dict(stock.state_dict())
+                x = torch.randn(T, N, H, device=device, requires_grad=True)
+
+                def python(m=ours):
+                    with _native.python_rule():
+                        return m(x)[0].square().sum()
+
+                forwards = {"stock": lambda: stock(x)[0].square().sum(), "native": lambda: ours(x)[0].square().sum(),
+                            "python": python}
+                models = {"stock": stock, "native": ours, "python": ours}
+                grads = {name: torch.autograd.grad(forward(), [x, *models[name].parameters()])
+                         for name, forward in forwards.items()}
+                for name in ("native", "python"):
+                    if not all(torch.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in zip(grads[name], grads["stock"])):
+                        errors.append(f"{device} {kind} {(T, N, H)} {setting} {name}: gradients differ from stock")
+                steps = {name: make_step(forwards[name], [x, *models[name].parameters()]) for name in forwards}
+                rounds = time_all(steps, device, samples)
+                times = {name: statistics.median(ts) for name, ts in rounds.items()}
+                ratio = {name: statistics.median(t / u for t, u in zip(rounds[name], rounds["stock"]))
+                         for name in ("native", "python")}
+                for name in ratios:
+                    ratios[name].append(ratio[name])
+                saved = {name: count_saved_bytes(forwards[name], list(models[name].parameters()))
+                         for name in ("stock", "native")}
+                saved_ok &= saved["native"] <= saved["stock"]
+                layers = f"{setting['num_layers']}" + (" bidirectional" if setting.get("bidirectional") else "")
+                lines.append(f"| {kind} | {T}, {N}, {H} | {layers} | {times['stock'] * 1e3:.2f} | "
+                             f"{times['native'] * 1e3:.2f} | {times['python'] * 1e3:.2f} | {ratio['native']:.2f} | "
+                             f"{ratio['python']:.2f} | {saved['stock'] / 1024:.0f} | {saved['native'] / 1024:.0f} |")
+                print(lines[-1], flush=True)
+    worst, mean = max(ratios["native"]), geomean(ratios["native"])
+    lines += ["",
+              f"- native {'met' if worst <= 1.2 else 'MISSED'}: every case ≤ 1.2× stock: worst {worst:.2f}×",
+              f"- native {'met' if mean <= 1.0 else 'MISSED'}: geomean ≤ 1.0× stock: {mean:.2f}×",
+              f"- python rule (measured): geomean {geomean(ratios['python']):.2f}× stock, worst {max(ratios['python']):.2f}×",
+              f"- saved bytes {'met' if saved_ok else 'MISSED'}: ours never saves more than stock"]
+    return lines, errors
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny grid, few samples: checks correctness, not speed")
@@ -692,8 +758,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor, quick aot_eager)")
     parser.add_argument("--our-loss", action="store_true",
                         help="per-layer, fused and compiled use manual_backprop's loss (default: torch's, for all)")
-    parser.add_argument("--only", choices=["all", "mlp", "transformer"], default="all",
-                        help="which benchmark: the MLP grid, the transformer block, or both (default)")
+    parser.add_argument("--only", choices=["all", "mlp", "transformer", "recurrent"], default="all",
+                        help="which benchmark: the MLP grid, the transformer block, or both (default); "
+                             "recurrent: LSTM and GRU layers alone (not part of all)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice, one per core)")
     parser.add_argument("--cnn", choices=["include", "skip", "only"], default="include",
@@ -750,6 +817,10 @@ def main(argv=None) -> int:
         block_lines += ["", *lines]
         errors += block_errors
         print("\n".join(lines), flush=True)
+    for device in devices if args.only == "recurrent" and args.cnn != "only" else []:
+        lines, recurrent_errors = recurrent_layers(device, args.quick, samples)
+        block_lines += ["", *lines]
+        errors += recurrent_errors
     report = [f"Benchmark ({environment}); wall time {time.perf_counter() - start:.0f} s"]
     if cases:
         report += ["", "Step time ÷ stock autograd, geometric mean over the activations:", "", summary(cases), "",

@@ -113,3 +113,20 @@ def test_transformer_block_checks_gradients_and_reports_the_target(bench):
     assert "of parameters on manual rules" in lines[0]
     targets = [line for line in lines if line.startswith("- transformer block")]
     assert len(targets) == 2 and all(("met" in t or "MISSED" in t) and "1.2×" in t for t in targets)
+
+
+def test_recurrent_quick_run_reports_each_layer_and_the_targets(bench, tmp_path, monkeypatch):
+    argv = ["--only", "recurrent", "--quick", "--device", "cpu", "--samples", "1", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    markdown = (tmp_path / "bench.md").read_text()
+    rows = [line for line in markdown.splitlines() if line.startswith("| LSTM |") or line.startswith("| GRU |")]
+    assert [row.split("|")[1].strip() for row in rows] == ["LSTM", "GRU"]
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert all(float(c) > 0 for c in cells[3:8])  # three step times, two ratios
+    assert markdown.count("- native ") == 2 and "- python rule (measured): geomean" in markdown
+    assert "- saved bytes met" in markdown
+    import manual_backprop.rules.recurrent as recurrent
+
+    monkeypatch.setattr(recurrent, "transport", lambda ctx, *Ws: tuple(2 * W if W is not None else None for W in Ws))
+    assert bench.main(argv) == 1  # δ through 2W instead of W: the gradient check fails the run

@@ -48,7 +48,8 @@ def _no_pytest_argv(monkeypatch):
 
 
 def test_every_shipped_config_is_tested_here():
-    others = ["csv_example", "multiclass_digits_cnn"]  # the CNN config: tests/test_lightning_cnn.py
+    others = ["csv_example", "multiclass_digits_cnn",  # the CNN config: tests/test_lightning_cnn.py
+              "multiclass_digits_lstm_dp"]  # the LSTM config: tests/test_lightning_recurrent.py
     others += [f"mnist1d_{m}" for m in ("logistic", "mlp", "cnn", "gru")]  # tests/test_mnist1d.py
     others += [f"mnist_lenet_{r}" for r in ("backprop", "fa", "dfa", "usf", "brsf", "frsf")]  # tests/test_idx.py
     assert sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) == sorted([s[0] for s in SHIPPED] + others)

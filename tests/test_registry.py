@@ -62,6 +62,8 @@ BUILTIN_PAIRS.update({getattr(nn, name): getattr(mnn, name) for name in [
     "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d",
     "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d",
 ]})
+# recurrent
+BUILTIN_PAIRS.update({getattr(nn, name): getattr(mnn, name) for name in ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]})
 
 
 class ManualSoftsign(nn.Softsign):

@@ -11,6 +11,7 @@ from manual_backprop.nn.loss import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss
 from manual_backprop.nn.mlp import MLP
 from manual_backprop.nn.embedding import Embedding
 from manual_backprop.nn.attention import MultiheadAttention, TransformerDecoderLayer, TransformerEncoderLayer
+from manual_backprop.nn.recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 # norm branch: normalisation, dropout, the activations CNNs use
 from manual_backprop.nn.activation import Hardsigmoid, Hardswish, Hardtanh, Mish, PReLU, ReLU6
@@ -91,4 +92,11 @@ __all__ = [
     "MultiheadAttention",
     "TransformerDecoderLayer",
     "TransformerEncoderLayer",
+    # recurrent
+    "GRU",
+    "GRUCell",
+    "LSTM",
+    "LSTMCell",
+    "RNN",
+    "RNNCell",
 ]

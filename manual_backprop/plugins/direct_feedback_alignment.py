@@ -37,6 +37,9 @@ Under DDP every process must use the same B: each B and seed is a buffer, which 
 when it wraps the model (unless broadcast_buffers=False), and `feedback_alignment.broadcast_feedback`
 does so on demand (the Lightning tasks call it at the start of fit).
 Under torch.compile the output error cannot pass between backward nodes: run DFA eagerly.
+
+Recurrent layers (RNN, LSTM, GRU; hidden layers only) get e B at their output at every step,
+e B(below) at their input, and run the notes' recursion in time through W_hh inside the layer.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence
 
 import manual_backprop.functional as MF
 import manual_backprop.nn as mnn
@@ -109,8 +113,8 @@ class Link:
         B = holder._buffers.get("feedback")
         if input_shape is not None and (B is None or tuple(B.shape[1:]) != tuple(input_shape)):
             seed = int(holder._buffers["feedback_seed"])
-            generator = torch.Generator(device=holder.weight.device).manual_seed(seed)
-            B = _draw_B(self.K, tuple(input_shape), holder.weight, generator)
+            generator = torch.Generator(device=_like(holder).device).manual_seed(seed)
+            B = _draw_B(self.K, tuple(input_shape), _like(holder), generator)
             holder.register_buffer("feedback", B, persistent=False)
         return B
 
@@ -228,6 +232,8 @@ class DirectFeedbackConvolution(torch.autograd.Function):
 class _DirectFeedback:
     """What the DFA modules share: their link, and B drawn for each hidden layer."""
 
+    hidden_only = False  # convolutions and recurrent layers are never the output layer
+
     def _dfa_link(self) -> Link:
         link = self.__dict__.get("_dfa")
         if link is None:
@@ -269,6 +275,7 @@ class _DirectFeedbackConvNd(_DirectFeedback):
     """A convolution trained by DFA: a hidden layer (never the output), B(below) drawn at its first forward."""
 
     _d = 0
+    hidden_only = True
 
     def _fans(self) -> tuple[int | None, int | None]:
         return None, None  # sizes known only from the input: checked at the first forward
@@ -317,11 +324,98 @@ class MLP(_DirectFeedback, mnn.MLP):
         return apply_rule(FeedbackMLP, input, self._rule_layers, *weights_and_biases, carry)[0]
 
 
+def _like(holder: torch.nn.Module) -> torch.Tensor:
+    """A weight of the module that holds a B: the device and dtype B is drawn in."""
+    weight = getattr(holder, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else next(holder.parameters())
+
+
+# ------------------------------------------------------------------ recurrent layers
+
+
+def project_error(e: torch.Tensor, B: torch.Tensor, shape: tuple, time_dim: int) -> torch.Tensor:
+    """e B shaped like a recurrent layer's output or input (`shape`): row for row where e has a row per step
+    and sample (an output layer applied at every step), else one row per sample sent to every step."""
+    eB = e.reshape(-1, B.shape[0]) @ B.to(e.dtype)
+    if eB.numel() == math.prod(shape):
+        return eB.reshape(shape)
+    per_sample = list(shape)
+    per_sample[time_dim] = 1
+    if eB.numel() != math.prod(per_sample):
+        raise RuntimeError(
+            f"direct_feedback_alignment: the output error e of shape {tuple(e.shape)} has neither a row per step "
+            f"and sample nor one per sample of the recurrent layer's {tuple(shape)}"
+        )
+    return eB.reshape(per_sample).expand(shape)
+
+
+class DirectFeedbackError(torch.autograd.Function):
+    """a → a;  backward: e B in place of the gradient that arrived (`project_error`): a recurrent layer's
+    δ at its output at every step, and what it sends to its input when a DFA layer lies below."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, B, link, time_dim):
+        return a.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, B, ctx.link, ctx.time_dim = inputs
+        ctx.shape = tuple(a.shape)
+        ctx.save_for_backward(B)
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, grad):
+        (B,) = ctx.saved_tensors
+        e = ctx.link.error.get(ctx.link.name)
+        return project_error(e, B, ctx.shape, ctx.time_dim), None, None, None
+
+
+class _DirectFeedbackRecurrent(_DirectFeedback):
+    """RNN, LSTM or GRU trained by DFA, a hidden layer: its output's δ at every step t is e B (B: (K, output
+    width), drawn when a DFA layer lies above), its input gets e B(below) when a DFA layer lies below (the
+    lowest DFA layer sends backprop's δ W_ih), and inside the layer δ runs back in time through W_hh, the
+    notes' recursion. Padded batches only (a PackedSequence raises)."""
+
+    hidden_only = True
+
+    def _fans(self) -> tuple[int, int]:
+        return self.input_size, (self.proj_size or self.hidden_size) * (1 + self.bidirectional)
+
+    def forward(self, input, hx=None):
+        link = self._dfa_link()
+        if isinstance(input, PackedSequence):
+            raise RuntimeError("direct_feedback_alignment: a recurrent layer takes a padded batch, not a PackedSequence")
+        time_dim = 1 if self.batch_first and input.dim() == 3 else 0
+        B_below = link.B_below()
+        if B_below is not None:
+            input = apply_rule(DirectFeedbackError, input, B_below.detach(), link, time_dim)
+        output, state = super().forward(input, hx)
+        B = self._buffers.get("feedback")
+        if B is not None:
+            output = apply_rule(DirectFeedbackError, output, B.detach(), link, time_dim)
+        return output, state
+
+
+class RNN(_DirectFeedbackRecurrent, mnn.RNN):
+    """torch.nn.RNN trained by DFA. Buffer ``feedback`` (K, output width) when a DFA layer lies above."""
+
+
+class LSTM(_DirectFeedbackRecurrent, mnn.LSTM):
+    """torch.nn.LSTM trained by DFA. Buffer ``feedback`` (K, output width) when a DFA layer lies above."""
+
+
+class GRU(_DirectFeedbackRecurrent, mnn.GRU):
+    """torch.nn.GRU trained by DFA. Buffer ``feedback`` (K, output width) when a DFA layer lies above."""
+
+
 def link_layers(model: torch.nn.Module, output: str | None = None) -> None:
     """After convert: find the output layer, chain the DFA layers in registration order, draw each hidden B."""
     units = [(name, m) for name, m in model.named_modules() if isinstance(m, _DirectFeedback)]
     if output is None:
-        outputs = [name for name, m in units if not isinstance(m, _DirectFeedbackConvNd)]
+        outputs = [name for name, m in units if not m.hidden_only]
         if not outputs:
             raise ConversionError(
                 "direct_feedback_alignment: the model has no Linear or fused MLP to produce the output error e"
@@ -334,10 +428,11 @@ def link_layers(model: torch.nn.Module, output: str | None = None) -> None:
             f"model (those are: {[name for name, _ in units]})"
         )
     out_module = found[0]
-    if isinstance(out_module, _DirectFeedbackConvNd):
+    if out_module.hidden_only:
         raise ConversionError(
-            f"direct_feedback_alignment: the output {output!r} is a convolution; the output layer must be a "
-            "Linear or fused MLP (mark one with registry(output=NAME))"
+            f"direct_feedback_alignment: the output {output!r} is a "
+            f"{'convolution' if isinstance(out_module, _DirectFeedbackConvNd) else 'recurrent layer'}; the output "
+            "layer must be a Linear or fused MLP (mark one with registry(output=NAME))"
         )
     K = out_module._fans()[1]
     error = OutputError(output)
@@ -365,7 +460,7 @@ def link_layers(model: torch.nn.Module, output: str | None = None) -> None:
             if fan_in is None:  # a convolution: its input size is known at its first forward
                 link.holder().register_buffer("feedback_seed", torch.randint(2**62, ()), persistent=False)
             elif B is None or tuple(B.shape) != (K, fan_in):
-                link.holder().register_buffer("feedback", _draw_B(K, fan_in, link.holder().weight), persistent=False)
+                link.holder().register_buffer("feedback", _draw_B(K, fan_in, _like(link.holder())), persistent=False)
         module.__dict__["_dfa"] = link
         below = (name, module)
 
@@ -376,7 +471,8 @@ def registry(output: str | None = None) -> Registry:
     rules = Registry(builtins=True)
     rules.register(torch.nn.Linear, Linear, supports=supports_real_parameters, override=True)
     rules.register(mnn.MLP, MLP, supports=supports_real_parameters, override=True)
-    for stock, manual in ((torch.nn.Conv1d, Conv1d), (torch.nn.Conv2d, Conv2d), (torch.nn.Conv3d, Conv3d)):
+    for stock, manual in ((torch.nn.Conv1d, Conv1d), (torch.nn.Conv2d, Conv2d), (torch.nn.Conv3d, Conv3d),
+                          (torch.nn.RNN, RNN), (torch.nn.LSTM, LSTM), (torch.nn.GRU, GRU)):
         rules.register(stock, manual, supports=supports_real_parameters, override=True)
     rules.model_hooks.append(lambda model: link_layers(model, output))
     return rules

@@ -25,8 +25,11 @@ through the same B: DDP broadcasts rank 0's buffers when it wraps the model (not
 broadcast_buffers=False), and `broadcast_feedback(model)` does so on demand (the Lightning tasks
 call it at the start of fit). brSF's M is redrawn at each backward from each process's own RNG.
 
-Each rule set runs on Linear, Conv1d/2d/3d and the fused `manual_backprop.nn.MLP` (whose
-layers keep M as ``layers.{k}.feedback``); every other module keeps its ordinary rule.
+Each rule set runs on Linear, Conv1d/2d/3d, the fused `manual_backprop.nn.MLP` (whose
+layers keep M as ``layers.{k}.feedback``) and the recurrent layers RNN, LSTM, GRU and their
+cells (a B for W_ih, which carries δ to the input, and one for W_hh, which carries it back in
+time: δh_{t−1} = B_hhᵀ δz_t; buffers ``feedback_ih_l0``, ``feedback_hh_l0``, …); every other
+module keeps its ordinary rule.
 
     model = manual_backprop.convert(model, registry="sign_symmetry")
     # or: convert(model, registry=manual_backprop.plugins.feedback_alignment.registry("sign_symmetry"))
@@ -34,6 +37,7 @@ layers keep M as ``layers.{k}.feedback``); every other module keeps its ordinary
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -47,6 +51,7 @@ from manual_backprop import observe
 from manual_backprop._amp import autocast_inputs, without_autocast
 from manual_backprop._checks import InputError
 from manual_backprop.nn.conv import _conv_forward
+from manual_backprop.nn.recurrent import RECURRENT_CALLS
 from manual_backprop.registry import Registry, supports_real_parameters
 from manual_backprop.rules._apply import apply_rule
 from manual_backprop.rules.conv import Convolution, bias_grad, conv_weight_grad, see_convolution, transposed_convolution
@@ -350,10 +355,88 @@ class MLP(FeedbackModule, mnn.MLP):
         return apply_rule(FeedbackMLP, input, self._rule_layers, *weights_and_biases, carry)[0]
 
 
+class _FeedbackRecurrent(FeedbackModule):
+    """RNN, LSTM, GRU and their cells: δ goes down to the input through B_ih and back in time through B_hh
+    (an LSTM's projection: through B_hr), one B per weight; each weight's gradient stays Σ_t Σ_n δz_t aᵀ.
+
+    Buffers ``feedback_ih_l0``, ``feedback_hh_l0``, … (cells: ``feedback_ih``, ``feedback_hh``): M for the
+    weight of the same suffix, not in state_dict.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.after_convert()
+
+    def _weights(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n.removeprefix("weight_"), p) for n, p in self.named_parameters(recurse=False) if n.startswith("weight_")]
+
+    def after_convert(self) -> None:
+        if self.feedback_rule.keeps_M:
+            for suffix, W in self._weights():
+                if f"feedback_{suffix}" not in self._buffers:
+                    self.register_buffer(f"feedback_{suffix}", draw_M(W.detach()), persistent=False)
+
+    def before_restore(self) -> None:
+        for suffix, _ in self._weights():
+            self._buffers.pop(f"feedback_{suffix}", None)
+
+    def _B(self, suffix: str, W: torch.Tensor) -> torch.Tensor:
+        return self.feedback_rule.B(W.detach(), self._buffers.get(f"feedback_{suffix}")).detach()
+
+    def feedback_pairs(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        return [(f"weight_{suffix}", W.detach(), self._B(suffix, W)) for suffix, W in self._weights()]
+
+    def recurrent_calls(self) -> dict:
+        """torch's recurrent calls → ours with a B for each weight (made from the current W at each forward)."""
+        if isinstance(self, torch.nn.RNNCellBase):
+            feedback = (self._B("ih", self.weight_ih), self._B("hh", self.weight_hh))
+        else:
+            feedback = [self._B(n.removeprefix("weight_"), W) if n.startswith("weight_") else None
+                        for n, W in zip(self._flat_weights_names, self._flat_weights)]
+        return {stock: functools.partial(ours, feedback=feedback) for stock, ours in RECURRENT_CALLS.items()}
+
+
+class RNN(_FeedbackRecurrent, mnn.RNN):
+    """torch.nn.RNN trained by a feedback rule."""
+
+    feedback_rule = RULE_SETS["feedback_alignment"]
+
+
+class LSTM(_FeedbackRecurrent, mnn.LSTM):
+    """torch.nn.LSTM trained by a feedback rule (proj_size: W_hr's B too)."""
+
+    feedback_rule = RULE_SETS["feedback_alignment"]
+
+
+class GRU(_FeedbackRecurrent, mnn.GRU):
+    """torch.nn.GRU trained by a feedback rule."""
+
+    feedback_rule = RULE_SETS["feedback_alignment"]
+
+
+class RNNCell(_FeedbackRecurrent, mnn.RNNCell):
+    """torch.nn.RNNCell trained by a feedback rule."""
+
+    feedback_rule = RULE_SETS["feedback_alignment"]
+
+
+class LSTMCell(_FeedbackRecurrent, mnn.LSTMCell):
+    """torch.nn.LSTMCell trained by a feedback rule."""
+
+    feedback_rule = RULE_SETS["feedback_alignment"]
+
+
+class GRUCell(_FeedbackRecurrent, mnn.GRUCell):
+    """torch.nn.GRUCell trained by a feedback rule."""
+
+    feedback_rule = RULE_SETS["feedback_alignment"]
+
+
 # One class per (rule set, module type): the same code, another `feedback_rule`. Named
 # <Prefix><Type> at module level (so models pickle); repr shows the torch type's name.
 _BASES = {torch.nn.Linear: Linear, torch.nn.Conv1d: Conv1d, torch.nn.Conv2d: Conv2d, torch.nn.Conv3d: Conv3d,
-          mnn.MLP: MLP}
+          mnn.MLP: MLP, torch.nn.RNN: RNN, torch.nn.LSTM: LSTM, torch.nn.GRU: GRU, torch.nn.RNNCell: RNNCell,
+          torch.nn.LSTMCell: LSTMCell, torch.nn.GRUCell: GRUCell}
 CLASSES: dict[str, dict[type, type]] = {}
 for _rule in RULE_SETS.values():
     CLASSES[_rule.name] = {}
@@ -371,7 +454,7 @@ del _rule, _stock, _base
 
 
 def registry(name: str = NAME) -> Registry:
-    """The built-in rules, with Linear, Conv1d/2d/3d and the fused MLP trained by rule set `name`."""
+    """The built-in rules, with Linear, Conv1d/2d/3d, the fused MLP and the recurrent layers trained by rule set `name`."""
     if name not in CLASSES:
         raise KeyError(f"no feedback rule set named {name!r}; available: {sorted(CLASSES)}")
     rules = Registry(builtins=True)

@@ -36,6 +36,7 @@ from manual_backprop.rules.dropout import Dropout
 from manual_backprop.rules.norm import BatchNorm, BatchNormEval, GroupNorm, LayerNorm, RMSNorm
 from manual_backprop.rules.embedding import Embedding
 from manual_backprop.rules.attention import Attention
+from manual_backprop.rules.recurrent import GRULayer, LSTMLayer, RNNLayer
 from manual_backprop.rules.losses import (
     BinaryCrossEntropy,
     BinaryCrossEntropyWithLogits,
@@ -89,4 +90,8 @@ __all__ = [
     # embedding and attention
     "Attention",
     "Embedding",
+    # recurrent
+    "GRULayer",
+    "LSTMLayer",
+    "RNNLayer",
 ]

@@ -1,0 +1,238 @@
+// The loops over time of rules/recurrent.py (the readable reference), in C++: one step's gate arithmetic
+// as plain passes over its rows, the products and the vectorised σ and tanh by ATen. The Python rules call these for their forward and
+// backward loops (CPU, float32/float64, no double backward); everything else (the products over all
+// steps for the weight gradients, observe, feedback) stays in the Python rule.
+//
+// Layout as there: step t owns rows [start_t, start_t + B_t) of the packed tensors, the B_t sequences
+// still running first; a full (N, ·) state whose first B_t rows the step updates.
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+using at::Tensor;
+
+namespace {
+
+struct Step {
+  int64_t start, B;
+};
+
+// The steps in the order the forward recursion runs (reverse: t = T-1 ... 0).
+std::vector<Step> steps(at::IntArrayRef sizes, bool reverse) {
+  std::vector<int64_t> offset(sizes.size() + 1, 0);
+  for (size_t t = 0; t < sizes.size(); ++t) offset[t + 1] = offset[t] + sizes[t];
+  std::vector<Step> order;
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    const size_t t = reverse ? sizes.size() - 1 - k : k;
+    order.push_back({offset[t], sizes[t]});
+  }
+  return order;
+}
+
+Tensor rows(const Tensor& t, const Step& s) { return t.narrow(0, s.start, s.B); }
+Tensor first(const Tensor& t, int64_t B) { return t.narrow(0, 0, B); }
+
+// zx: x W_ihᵀ + b_ih + b_hh, every row. Returns (h packed, h_n, c_n, gates i|f|g|o packed, c packed).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Tensor& zx, const Tensor& h0, const Tensor& c0,
+                                                                const Tensor& W_hh, const c10::optional<Tensor>& W_hr,
+                                                                at::IntArrayRef batch_sizes, bool reverse) {
+  const int64_t total = zx.size(0), H = c0.size(1), Hr = h0.size(1);
+  const bool proj = W_hr.has_value() && W_hr->defined();
+  Tensor gates = at::empty({total, 4 * H}, zx.options()), cells = at::empty({total, H}, zx.options());
+  Tensor out = at::empty({total, Hr}, zx.options());
+  Tensor h = h0.contiguous().clone(), c = c0.contiguous().clone();
+  Tensor m = proj ? at::empty({h0.size(0), H}, zx.options()) : Tensor();
+  const Tensor Wt = W_hh.t();
+  Tensor tanh_c = at::empty({h0.size(0), H}, zx.options());
+  for (const Step& s : steps(batch_sizes, reverse)) {
+    Tensor z = rows(gates, s);
+    at::addmm_out(z, rows(zx, s), first(h, s.B), Wt);  // z_t = x_t W_ihᵀ + b + h_{t−1} W_hhᵀ
+    z.narrow(1, 0, 2 * H).sigmoid_();                   // i, f  (ATen's vectorised σ and tanh)
+    z.narrow(1, 2 * H, H).tanh_();                      // g
+    z.narrow(1, 3 * H, H).sigmoid_();                   // o
+    AT_DISPATCH_FLOATING_TYPES(zx.scalar_type(), "lstm_cell", [&] {
+      const scalar_t* a = z.data_ptr<scalar_t>();
+      scalar_t* cell = c.data_ptr<scalar_t>();
+      scalar_t* kept = cells.data_ptr<scalar_t>() + s.start * H;
+      for (int64_t n = 0; n < s.B; ++n) {
+        const scalar_t* an = a + n * 4 * H;
+        for (int64_t j = 0; j < H; ++j) {
+          const scalar_t c_t = an[H + j] * cell[n * H + j] + an[j] * an[2 * H + j];  // c_t = f ⊙ c_{t−1} + i ⊙ g
+          cell[n * H + j] = kept[n * H + j] = c_t;
+        }
+      }
+    });
+    Tensor tc = first(tanh_c, s.B);
+    at::tanh_out(tc, rows(cells, s));
+    Tensor o = rows(out, s);
+    if (proj) {
+      Tensor m_t = first(m, s.B);
+      at::mul_out(m_t, z.narrow(1, 3 * H, H), tc);  // m_t = o ⊙ tanh(c_t)
+      at::mm_out(o, m_t, W_hr->t());                // h_t = W_hr m_t
+    } else {
+      at::mul_out(o, z.narrow(1, 3 * H, H), tc);
+    }
+    first(h, s.B).copy_(o);
+  }
+  return {out, h, c, gates, cells};
+}
+
+// The LSTM's backward loop: (δz packed, δh packed (proj only), δh0, δc0). B_hh, B_hr: what δ goes back through.
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(const c10::optional<Tensor>& delta_out, const Tensor& delta_hn,
+                                                         const Tensor& delta_cn, const Tensor& gates, const Tensor& cells,
+                                                         const Tensor& c_prev, const Tensor& B_hh,
+                                                         const c10::optional<Tensor>& B_hr, at::IntArrayRef batch_sizes,
+                                                         bool reverse) {
+  const int64_t total = gates.size(0), H = cells.size(1);
+  const bool proj = B_hr.has_value() && B_hr->defined();
+  Tensor delta_h = delta_hn.contiguous().clone(), delta_c = delta_cn.contiguous().clone();
+  Tensor delta_z = at::empty({total, 4 * H}, gates.options());
+  Tensor delta_hs = proj ? at::empty({total, delta_h.size(1)}, gates.options()) : at::empty({0}, gates.options());
+  Tensor dm_buffer = proj ? at::empty({delta_h.size(0), H}, gates.options()) : Tensor();
+  const Tensor tanh_cells = cells.tanh();  // once, vectorised, for every row
+  std::vector<Step> order = steps(batch_sizes, reverse);
+  for (auto s = order.rbegin(); s != order.rend(); ++s) {
+    Tensor dh = first(delta_h, s->B);
+    if (delta_out.has_value() && delta_out->defined()) dh.add_(rows(*delta_out, *s));  // δh_t: from above + from t+1
+    Tensor dm = dh;
+    if (proj) {
+      rows(delta_hs, *s).copy_(dh);
+      dm = first(dm_buffer, s->B);
+      at::mm_out(dm, dh, *B_hr);  // δm_t = B_hrᵀ δh_t
+    }
+    AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_backward", [&] {
+      const scalar_t* a = gates.data_ptr<scalar_t>() + s->start * 4 * H;
+      const scalar_t* c = tanh_cells.data_ptr<scalar_t>() + s->start * H;
+      const scalar_t* cp = c_prev.data_ptr<scalar_t>() + s->start * H;
+      const scalar_t* dmp = dm.data_ptr<scalar_t>();
+      scalar_t* dc = delta_c.data_ptr<scalar_t>();
+      scalar_t* dz = delta_z.data_ptr<scalar_t>() + s->start * 4 * H;
+      for (int64_t n = 0; n < s->B; ++n) {
+        const scalar_t* an = a + n * 4 * H;
+        scalar_t* dzn = dz + n * 4 * H;
+        for (int64_t j = 0; j < H; ++j) {
+          const scalar_t i = an[j], f = an[H + j], g = an[2 * H + j], o = an[3 * H + j];
+          const scalar_t tc = c[n * H + j], d_m = dmp[n * H + j];
+          const scalar_t d_c = dc[n * H + j] + d_m * o * (1 - tc * tc);  // δc_t
+          dzn[j] = d_c * g * i * (1 - i);
+          dzn[H + j] = d_c * cp[n * H + j] * f * (1 - f);
+          dzn[2 * H + j] = d_c * i * (1 - g * g);
+          dzn[3 * H + j] = d_m * tc * o * (1 - o);
+          dc[n * H + j] = d_c * f;  // δc_{t−1} = δc_t ⊙ f
+        }
+      }
+    });
+    at::mm_out(dh, rows(delta_z, *s), B_hh);  // δh_{t−1} = B_hhᵀ δz_t
+  }
+  return {delta_z, delta_hs, delta_h, delta_c};
+}
+
+// zx: x W_ihᵀ + b_ih, every row. Returns (h packed, h_n, r|u|n|z^h_n packed).
+std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& zx, const Tensor& h0, const Tensor& W_hh,
+                                               const c10::optional<Tensor>& b_hh, at::IntArrayRef batch_sizes,
+                                               bool reverse) {
+  const int64_t total = zx.size(0), H = h0.size(1);
+  Tensor out = at::empty({total, H}, zx.options()), kept = at::empty({total, 4 * H}, zx.options());
+  Tensor h = h0.contiguous().clone(), zh = at::empty({h0.size(0), 3 * H}, zx.options());
+  const bool bias = b_hh.has_value() && b_hh->defined();
+  const Tensor Wt = W_hh.t();
+  for (const Step& s : steps(batch_sizes, reverse)) {
+    Tensor zh_t = first(zh, s.B);
+    if (bias) at::addmm_out(zh_t, *b_hh, first(h, s.B), Wt);
+    else at::mm_out(zh_t, first(h, s.B), Wt);
+    Tensor k = rows(kept, s);  // r | u | n | z^h_n, built in place: pre-activations, then ATen's σ and tanh
+    AT_DISPATCH_FLOATING_TYPES(zx.scalar_type(), "gru_gates", [&] {
+      const scalar_t* x = zx.data_ptr<scalar_t>() + s.start * 3 * H;
+      const scalar_t* zhp = zh_t.data_ptr<scalar_t>();
+      scalar_t* kp = k.data_ptr<scalar_t>();
+      for (int64_t n = 0; n < s.B; ++n)
+        for (int64_t j = 0; j < 2 * H; ++j) kp[n * 4 * H + j] = x[n * 3 * H + j] + zhp[n * 3 * H + j];
+    });
+    k.narrow(1, 0, 2 * H).sigmoid_();  // r, u
+    AT_DISPATCH_FLOATING_TYPES(zx.scalar_type(), "gru_candidate", [&] {
+      const scalar_t* x = zx.data_ptr<scalar_t>() + s.start * 3 * H;
+      const scalar_t* zhp = zh_t.data_ptr<scalar_t>();
+      scalar_t* kp = k.data_ptr<scalar_t>();
+      for (int64_t n = 0; n < s.B; ++n)
+        for (int64_t j = 0; j < H; ++j) {
+          const scalar_t zh_n = zhp[n * 3 * H + 2 * H + j];
+          kp[n * 4 * H + 2 * H + j] = x[n * 3 * H + 2 * H + j] + kp[n * 4 * H + j] * zh_n;
+          kp[n * 4 * H + 3 * H + j] = zh_n;
+        }
+    });
+    k.narrow(1, 2 * H, H).tanh_();  // n = tanh(z^x_n + r ⊙ z^h_n)
+    AT_DISPATCH_FLOATING_TYPES(zx.scalar_type(), "gru_state", [&] {
+      const scalar_t* kp = k.data_ptr<scalar_t>();
+      scalar_t* hp = h.data_ptr<scalar_t>();
+      scalar_t* o = out.data_ptr<scalar_t>() + s.start * H;
+      for (int64_t n = 0; n < s.B; ++n)
+        for (int64_t j = 0; j < H; ++j) {
+          const scalar_t u = kp[n * 4 * H + H + j], nn = kp[n * 4 * H + 2 * H + j];
+          hp[n * H + j] = o[n * H + j] = nn + u * (hp[n * H + j] - nn);  // (1 − u) ⊙ n + u ⊙ h_{t−1}
+        }
+    });
+  }
+  return {out, h, kept};
+}
+
+// The GRU's backward loop: (δz^x packed, δz^h packed, δh0).
+std::tuple<Tensor, Tensor, Tensor> gru_backward(const c10::optional<Tensor>& delta_out, const Tensor& delta_hn,
+                                                const Tensor& kept, const Tensor& h_prev, const Tensor& B_hh,
+                                                at::IntArrayRef batch_sizes, bool reverse) {
+  const int64_t total = kept.size(0), H = h_prev.size(1);
+  Tensor delta_h = delta_hn.contiguous().clone(), direct = at::empty_like(delta_h);
+  Tensor delta_zx = at::empty({total, 3 * H}, kept.options()), delta_zh = at::empty({total, 3 * H}, kept.options());
+  std::vector<Step> order = steps(batch_sizes, reverse);
+  for (auto s = order.rbegin(); s != order.rend(); ++s) {
+    Tensor dh = first(delta_h, s->B);
+    if (delta_out.has_value() && delta_out->defined()) dh.add_(rows(*delta_out, *s));
+    AT_DISPATCH_FLOATING_TYPES(kept.scalar_type(), "gru_backward", [&] {
+      const scalar_t* k = kept.data_ptr<scalar_t>() + s->start * 4 * H;
+      const scalar_t* hp = h_prev.data_ptr<scalar_t>() + s->start * H;
+      const scalar_t* d = dh.data_ptr<scalar_t>();
+      scalar_t* dx = delta_zx.data_ptr<scalar_t>() + s->start * 3 * H;
+      scalar_t* dhh = delta_zh.data_ptr<scalar_t>() + s->start * 3 * H;
+      scalar_t* dir = direct.data_ptr<scalar_t>();
+      for (int64_t n = 0; n < s->B; ++n) {
+        const scalar_t* kn = k + n * 4 * H;
+        for (int64_t j = 0; j < H; ++j) {
+          const scalar_t r = kn[j], u = kn[H + j], nn = kn[2 * H + j], zh_n = kn[3 * H + j], dh_t = d[n * H + j];
+          const scalar_t d_n = dh_t * (1 - u) * (1 - nn * nn);
+          const scalar_t d_u = dh_t * (hp[n * H + j] - nn) * u * (1 - u);
+          const scalar_t d_r = d_n * zh_n * r * (1 - r);
+          dx[n * 3 * H + j] = dhh[n * 3 * H + j] = d_r;
+          dx[n * 3 * H + H + j] = dhh[n * 3 * H + H + j] = d_u;
+          dx[n * 3 * H + 2 * H + j] = d_n;
+          dhh[n * 3 * H + 2 * H + j] = d_n * r;
+          dir[n * H + j] = dh_t * u;  // the path to h_{t−1} that skips W_hh
+        }
+      }
+    });
+    at::addmm_out(dh, first(direct, s->B), rows(delta_zh, *s), B_hh);  // δh_{t−1} = u ⊙ δh_t + B_hhᵀ δz^h_t
+  }
+  return {delta_zx, delta_zh, delta_h};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(manual_backprop_recurrent, m) {
+  m.def("lstm_forward(Tensor zx, Tensor h0, Tensor c0, Tensor W_hh, Tensor? W_hr, int[] batch_sizes, bool reverse)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("lstm_backward(Tensor? delta_out, Tensor delta_hn, Tensor delta_cn, Tensor gates, Tensor cells, "
+        "Tensor c_prev, Tensor B_hh, Tensor? B_hr, int[] batch_sizes, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gru_forward(Tensor zx, Tensor h0, Tensor W_hh, Tensor? b_hh, int[] batch_sizes, bool reverse)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("gru_backward(Tensor? delta_out, Tensor delta_hn, Tensor kept, Tensor h_prev, Tensor B_hh, int[] batch_sizes, "
+        "bool reverse) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(manual_backprop_recurrent, CPU, m) {
+  m.impl("lstm_forward", &lstm_forward);
+  m.impl("lstm_backward", &lstm_backward);
+  m.impl("gru_forward", &gru_forward);
+  m.impl("gru_backward", &gru_backward);
+}

@@ -1,0 +1,686 @@
+"""Recurrent layers: RNN, LSTM, GRU and their cells against stock autograd, every option, float64 to 1e-12."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import manual_backprop as mb
+import manual_backprop.functional as MF
+import manual_backprop.nn as mnn
+from manual_backprop._checks import InputError
+from tests.cases import DEVICES
+
+OUR_NODES = {"RNNLayerBackward", "LSTMLayerBackward", "GRULayerBackward"}
+I, H, T, N = 3, 5, 6, 4
+LENGTHS = [6, 2, 5, 3]  # unequal, unsorted: packing sorts them and must unsort the states
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    stock: type
+    kwargs: dict = field(default_factory=dict)
+    input: str = "padded"  # padded | batch_first | unbatched | packed
+    hx: bool = True  # pass initial states that require grad
+    train: bool = False  # dropout between layers is active only in training
+
+    def __repr__(self) -> str:
+        return self.name
+
+    @property
+    def cell(self) -> bool:
+        return self.stock in (torch.nn.RNNCell, torch.nn.LSTMCell, torch.nn.GRUCell)
+
+    @property
+    def nodes(self) -> int:
+        """Our rule nodes one forward must create: one per layer and direction."""
+        return self.kwargs.get("num_layers", 1) * (1 + self.kwargs.get("bidirectional", False))
+
+
+nn = torch.nn
+CASES = []
+for stock, extra in ((nn.RNN, {}), (nn.RNN, dict(nonlinearity="relu")), (nn.LSTM, {}), (nn.LSTM, dict(proj_size=2)), (nn.GRU, {})):
+    tag = stock.__name__.lower() + ("_relu" if extra.get("nonlinearity") else "") + ("_proj" if "proj_size" in extra else "")
+    CASES += [
+        Case(f"{tag}", stock, dict(extra)),
+        Case(f"{tag}_no_hx", stock, dict(extra), hx=False),
+        Case(f"{tag}_2layers_bidirectional", stock, dict(extra, num_layers=2, bidirectional=True)),
+        Case(f"{tag}_3layers_no_bias", stock, dict(extra, num_layers=3, bias=False)),
+        Case(f"{tag}_batch_first", stock, dict(extra, batch_first=True, num_layers=2), input="batch_first"),
+        Case(f"{tag}_unbatched", stock, dict(extra, bidirectional=True), input="unbatched"),
+        Case(f"{tag}_packed", stock, dict(extra), input="packed"),
+        Case(f"{tag}_packed_2layers_bidirectional", stock, dict(extra, num_layers=2, bidirectional=True), input="packed"),
+        Case(f"{tag}_dropout", stock, dict(extra, num_layers=3, dropout=0.4, bidirectional=True), train=True),
+        Case(f"{tag}_packed_dropout", stock, dict(extra, num_layers=2, dropout=0.3), input="packed", train=True),
+    ]
+for stock, extra in ((nn.RNNCell, {}), (nn.RNNCell, dict(nonlinearity="relu")), (nn.LSTMCell, {}), (nn.GRUCell, {})):
+    tag = stock.__name__.lower() + ("_relu" if extra else "")
+    CASES += [
+        Case(tag, stock, dict(extra)),
+        Case(f"{tag}_no_hx", stock, dict(extra), hx=False),
+        Case(f"{tag}_no_bias", stock, dict(extra, bias=False)),
+        Case(f"{tag}_unbatched", stock, dict(extra), input="unbatched"),
+    ]
+
+
+def ours_of(stock: type) -> type:
+    return getattr(mnn, stock.__name__)
+
+
+def _make(case: Case, module: torch.nn.Module, dtype, device, seed: int = 0):
+    """(input as the module takes it, initial states or None, leaves that require grad)."""
+    g = torch.Generator().manual_seed(seed)
+    # drawn in float64 and rounded, so a float32 run sees the float64 run's values
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_()  # noqa: E731
+    batched = case.input != "unbatched"
+    if case.cell:
+        x = rand(N, I) if batched else rand(I)
+        state = lambda: rand(N, H) if batched else rand(H)  # noqa: E731
+        hx = None if not case.hx else (state(), state()) if case.stock is nn.LSTMCell else state()
+    else:
+        x = {"padded": lambda: rand(T, N, I), "batch_first": lambda: rand(N, T, I), "unbatched": lambda: rand(T, I),
+             "packed": lambda: rand(T, N, I)}[case.input]()
+        D = module.num_layers * (1 + module.bidirectional)
+        h_size = module.proj_size if getattr(module, "proj_size", 0) else H
+        shape = (D, N) if batched else (D,)
+        hx = None
+        if case.hx:
+            hx = (rand(*shape, h_size), rand(*shape, H)) if case.stock is nn.LSTM else rand(*shape, h_size)
+    leaves = [x] + ([] if hx is None else list(hx) if isinstance(hx, tuple) else [hx])
+    if case.input == "packed":
+        x = pack_padded_sequence(x, LENGTHS, enforce_sorted=False)
+    return x, hx, leaves
+
+
+def _outputs(result) -> list[torch.Tensor]:
+    """Every tensor a recurrent module returns: output (a PackedSequence's data), h_n, c_n."""
+    if isinstance(result, torch.Tensor):
+        return [result]
+    out, states = result if not isinstance(result[0], torch.Tensor) or len(result) == 2 and isinstance(result[1], (tuple, torch.Tensor)) else (result, ())
+    if isinstance(out, tuple):  # LSTMCell: (h, c)
+        return list(out)
+    out = out.data if isinstance(out, PackedSequence) else out
+    return [out, *(states if isinstance(states, tuple) else [states])]
+
+
+def run(case: Case, module: torch.nn.Module, dtype=torch.float64, device="cpu"):
+    """Forward with the case's inputs (seeded, so dropout draws alike), then a non-degenerate loss:
+    Σ of every output against a fixed random upstream. Returns (result, loss, grads of leaves and parameters)."""
+    module.train(case.train)
+    x, hx, leaves = _make(case, module, dtype, device)
+    torch.manual_seed(7)
+    result = module(x) if hx is None else module(x, hx)
+    outs = _outputs(result)
+    g = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(device, dtype)).sum() for o in outs)
+    grads = torch.autograd.grad(loss, leaves + list(module.parameters()))
+    return result, outs, loss, grads
+
+
+def pair(case: Case, dtype=torch.float64, device="cpu"):
+    torch.manual_seed(0)
+    stock = case.stock(I, H, **case.kwargs).to(device, dtype)
+    ours = ours_of(case.stock)(I, H, **case.kwargs).to(device, dtype)
+    ours.load_state_dict(stock.state_dict())
+    return stock, ours
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item() if b.numel() else 0.0
+
+
+def graph_nodes(t: torch.Tensor) -> list[str]:
+    seen, stack, names = set(), [t.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_float64_parity_with_stock(case, device):
+    """Outputs, loss and every gradient (input, h0/c0, each weight) within 1e-12 relative of stock autograd."""
+    stock, ours = pair(case, device=device)
+    r_stock, o_stock, l_stock, g_stock = run(case, stock, device=device)
+    r_ours, o_ours, l_ours, g_ours = run(case, ours, device=device)
+    assert [o.shape for o in o_ours] == [o.shape for o in o_stock]
+    for a, b in zip(o_ours, o_stock):
+        assert relative(a, b) <= 1e-12
+    assert relative(l_ours, l_stock) <= 1e-12
+    names = ["input", "h0", "c0"][: len(g_ours) - len(list(stock.parameters()))] + [n for n, _ in stock.named_parameters()]
+    for name, a, b in zip(names, g_ours, g_stock):
+        assert relative(a, b) <= 1e-12, f"gradient of {name}: {relative(a, b):.2e}"
+    nodes = [n for n in graph_nodes(l_ours) if n in OUR_NODES]
+    assert len(nodes) == case.nodes, f"expected {case.nodes} of our rule nodes, got {nodes}"
+    if case.input == "packed":  # the packing is torch's: sizes and both permutations
+        for a, b in zip(r_ours[0][1:], r_stock[0][1:]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in (
+    "rnn_2layers_bidirectional", "rnn_relu_packed", "lstm_2layers_bidirectional", "lstm_proj_packed_2layers_bidirectional",
+    "gru_2layers_bidirectional", "gru_packed", "lstmcell", "grucell", "rnncell")], ids=repr)
+def test_float32_no_further_from_the_float64_truth_than_stock(case):
+    stock, ours = pair(case)
+    _, _, l_true, g_true = run(case, ours)
+    err = {}
+    for who, module in (("stock", stock), ("ours", ours)):
+        module.float()
+        _, _, loss, grads = run(case, module, dtype=torch.float32)
+        err[who] = max(relative(a.double(), b) for a, b in zip((loss, *grads), (l_true, *g_true)))
+    # the same float32 operations in another order: rounding differs case by case, never by more than 2×
+    assert err["ours"] <= 2 * err["stock"], err
+
+
+# ------------------------------------------------------------------ drop-in
+
+
+@pytest.mark.parametrize("stock", [nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell], ids=lambda c: c.__name__)
+def test_drop_in_module(stock):
+    kwargs = dict(num_layers=2, bidirectional=True) if stock in (nn.RNN, nn.LSTM, nn.GRU) else {}
+    torch.manual_seed(0)
+    theirs = stock(I, H, **kwargs)
+    ours = ours_of(stock)(I, H, **kwargs)
+    assert isinstance(ours, stock) and repr(ours) == repr(theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.flatten_parameters() is None
+    converted = mb.convert(torch.nn.Sequential(stock(I, H, **kwargs)))
+    assert type(converted[0]) is ours_of(stock)
+
+
+def test_convert_and_report_every_recurrent_module():
+    model = torch.nn.ModuleDict(dict(rnn=nn.RNN(I, H), lstm=nn.LSTM(I, H, proj_size=2), gru=nn.GRU(I, H),
+                                     cells=torch.nn.ModuleList([nn.RNNCell(I, H), nn.LSTMCell(I, H), nn.GRUCell(I, H)])))
+    assert mb.report(model).manual_parameters == 0
+    model = mb.convert(model)
+    assert all(type(m).__module__ == "manual_backprop.nn.recurrent" for m in
+               (model["rnn"], model["lstm"], model["gru"], *model["cells"]))
+    report = mb.report(model)
+    assert report.stock_parameters == 0 and report.manual_parameters == sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------- functional
+
+
+def _lstm_args(dtype=torch.float64, layers=2, bidirectional=True, proj=0, bias=True, seed=0):
+    torch.manual_seed(seed)
+    m = nn.LSTM(I, H, num_layers=layers, bidirectional=bidirectional, proj_size=proj, bias=bias).to(dtype)
+    D, Hr = layers * (1 + bidirectional), proj or H
+    x = torch.randn(T, N, I, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(D, N, Hr, dtype=dtype, requires_grad=True)
+    c0 = torch.randn(D, N, H, dtype=dtype, requires_grad=True)
+    return m, x, h0, c0
+
+
+def test_manual_functions_routes_a_stock_lstm_and_gru():
+    m, x, h0, c0 = _lstm_args()
+    gru = nn.GRU(I, H).double()
+    with mb.manual_functions() as calls:
+        out, (h, c) = m(x, (h0, c0))
+        out2, _ = gru(x)
+    assert calls.routed["lstm"] == 1 and calls.routed["gru"] == 1
+    assert {"LSTMLayerBackward"} <= set(graph_nodes(out.sum() + h.sum() + c.sum()))
+    stock_out, (stock_h, stock_c) = m(x, (h0, c0))
+    for a, b in zip((out, h, c), (stock_out, stock_h, stock_c)):
+        assert relative(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("op", ["lstm", "lstm_proj", "gru", "rnn_tanh", "rnn_relu"])
+def test_gradcheck_and_gradgradcheck(op, packed):
+    """Finite differences, first and second order, through every input of the functional form."""
+    torch.manual_seed(0)
+    kind = op.removesuffix("_proj")
+    module = {"lstm": lambda: nn.LSTM(2, 3, num_layers=2, bidirectional=True, proj_size=2 if op == "lstm_proj" else 0),
+              "gru": lambda: nn.GRU(2, 3, bidirectional=True), "rnn_tanh": lambda: nn.RNN(2, 3, num_layers=2),
+              "rnn_relu": lambda: nn.RNN(2, 3, nonlinearity="relu", bidirectional=True)}[kind]().double()
+    weights = [p.detach().clone().requires_grad_() for p in module._flat_weights]
+    D, Hr = module.num_layers * (1 + module.bidirectional), getattr(module, "proj_size", 0) or 3
+    x = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(D, 2, Hr, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(D, 2, 3, dtype=torch.float64, requires_grad=True)
+    states = (h0, c0) if kind == "lstm" else (h0,)
+
+    def f(x, *rest):
+        hx = rest[:2] if kind == "lstm" else rest[0]
+        params = list(rest[len(states):])
+        fn = getattr(MF, kind)
+        if packed:
+            return fn(x.reshape(6, 2)[:5], torch.tensor([2, 2, 1]), hx, params, True, module.num_layers, 0.0, False,
+                      module.bidirectional)
+        return fn(x, hx, params, True, module.num_layers, 0.0, False, module.bidirectional, False)
+
+    inputs = (x, *states, *weights)
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("op", ["lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"])
+def test_cell_functionals_match_torch(op):
+    torch.manual_seed(0)
+    G = {"lstm_cell": 4, "gru_cell": 3}.get(op, 1) * H
+    args = [torch.randn(N, I), torch.randn(N, H), torch.randn(G, I), torch.randn(G, H), torch.randn(G), torch.randn(G)]
+    args = [a.double().requires_grad_() for a in args]
+    hx = (args[1], torch.randn(N, H, dtype=torch.float64, requires_grad=True)) if op == "lstm_cell" else args[1]
+    ours, stock = getattr(MF, op)(args[0], hx, *args[2:]), getattr(torch, op)(args[0], hx, *args[2:])
+    ours, stock = (ours, stock) if op == "lstm_cell" else ((ours,), (stock,))
+    leaves = args + ([hx[1]] if op == "lstm_cell" else [])
+    g = [torch.autograd.grad(sum((o * o.new_tensor(range(o.numel())).view(o.shape)).sum() for o in out), leaves)
+         for out in (ours, stock)]
+    for a, b in zip(g[0], g[1]):
+        assert relative(a, b) <= 1e-12
+    assert type(ours[0].grad_fn).__name__ in OUR_NODES
+
+
+def test_func_vmap_grad_per_sample_gradients():
+    """torch.func.grad inside vmap runs our rules per sample; compared with stock autograd sample by sample."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    stock = nn.LSTM(I, H, num_layers=2, bidirectional=True, batch_first=True).double()
+    ours = mnn.LSTM(I, H, num_layers=2, bidirectional=True, batch_first=True).double()
+    ours.load_state_dict(stock.state_dict())
+    x = torch.randn(N, T, I, dtype=torch.float64)
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+
+    def loss(params, sample):
+        out, (h, c) = functional_call(ours, params, (sample.unsqueeze(0),))
+        return out.square().sum() + h.sum() * c.sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for n in range(N):
+        out, (h, c) = stock(x[n : n + 1])
+        expected = torch.autograd.grad(out.square().sum() + h.sum() * c.sum(), list(stock.parameters()))
+        for (name, got), want in zip(per_sample.items(), expected):
+            assert relative(got[n], want) <= 1e-12, name
+
+
+def test_saved_bytes_never_above_stock():
+    """What our rules keep for backward, against what stock autograd keeps, for each kind of layer."""
+
+    def saved_bytes(module, x, hx):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x, hx)
+        return sum(storages.values())
+
+    for stock_cls, kwargs in ((nn.LSTM, dict(num_layers=2)), (nn.LSTM, dict(proj_size=3)), (nn.GRU, dict(bidirectional=True)),
+                              (nn.RNN, {}), (nn.RNN, dict(nonlinearity="relu"))):
+        torch.manual_seed(0)
+        stock = stock_cls(8, 16, **kwargs).double()
+        ours = ours_of(stock_cls)(8, 16, **kwargs).double()
+        x = torch.randn(20, 8, 8, dtype=torch.float64, requires_grad=True)
+        assert saved_bytes(ours, x, None) <= saved_bytes(stock, x, None), stock_cls
+
+
+def test_bad_input_is_named():
+    m, x, h0, c0 = _lstm_args()
+    with pytest.raises(InputError, match="input_size=3"):
+        MF.lstm(torch.randn(T, N, 7, dtype=torch.float64), (h0, c0), m._flat_weights, True, 2, 0.0, False, True, False)
+    with pytest.raises(InputError, match=r"expected 16 parameter tensors"):
+        MF.lstm(x, (h0, c0), m._flat_weights[:-1], True, 2, 0.0, False, True, False)
+    with pytest.raises(InputError, match=r"batch size 4"):
+        MF.lstm(x, (h0[:, :2], c0[:, :2]), m._flat_weights, True, 2, 0.0, False, True, False)
+    with pytest.raises(InputError, match=r"input \(3, 7\)"):
+        MF.gru_cell(torch.randn(3, 7), torch.randn(3, H), torch.randn(3 * H, I), torch.randn(3 * H, H))
+    ours = mnn.GRU(I, H)
+    with pytest.raises(RuntimeError, match="input.size\\(-1\\) must be equal to input_size"):
+        ours(torch.randn(T, N, 7))  # torch's own module check runs first, as in the stock module
+
+
+# ------------------------------------------------- torch's own ModuleInfo samples
+
+def _module_infos():
+    frozen = torch.backends.flags_frozen()
+    try:
+        from torch.testing._internal.common_modules import module_db
+    except ImportError as missing:  # torch's test internals are not part of every install
+        pytest.skip(f"torch.testing._internal.common_modules unavailable: {missing}")
+    finally:  # importing torch's test utilities freezes the backend flags for the whole process: thaw them
+        if not frozen:
+            torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+    stock = (nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell)
+    return [info for info in module_db if info.module_cls in stock]
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, PackedSequence):
+        return [value.data]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone().requires_grad_(value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone(v) for v in value)
+    return value
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"])
+def test_torch_module_info_samples(name, training):
+    """Every sample torch's own module tests use for these modules, through ours: outputs and gradients equal."""
+    (info,) = [i for i in _module_infos() if i.module_cls.__name__ == name]
+    samples = info.module_inputs_func(info, device="cpu", dtype=torch.float64, requires_grad=True, training=training)
+    assert samples
+    for sample in samples:
+        c, f = sample.constructor_input, sample.forward_input
+        torch.manual_seed(0)
+        stock = info.module_cls(*c.args, **c.kwargs).double().train(training)
+        ours = ours_of(info.module_cls)(*c.args, **c.kwargs).double().train(training)
+        ours.load_state_dict(stock.state_dict())
+        results = []
+        for module in (stock, ours):
+            args, kwargs = _clone(f.args), _clone(f.kwargs)
+            torch.manual_seed(1)
+            outs = _tensors(module(*args, **kwargs))
+            leaves = [t for t in _tensors((args, list(kwargs.values()))) if t.requires_grad] + list(module.parameters())
+            loss = sum((o * torch.linspace(-1, 2, o.numel(), dtype=o.dtype).view(o.shape)).sum() for o in outs)
+            results.append((outs, torch.autograd.grad(loss, leaves, allow_unused=True), graph_nodes(loss)))
+        (o_stock, g_stock, _), (o_ours, g_ours, nodes) = results
+        assert OUR_NODES & set(nodes), f"{name} {c.kwargs}: our rule did not run"
+        for a, b in zip(o_ours + list(g_ours), o_stock + list(g_stock)):
+            assert (a is None) == (b is None) and (a is None or relative(a, b) <= 1e-12), f"{name} {c.kwargs}"
+
+
+@pytest.mark.parametrize("stock_cls", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda c: c.__name__)
+def test_compile_aot_eager_same_gradients(stock_cls):
+    """torch.compile traces our forward and backward into one graph (dynamo traces recurrent modules only
+    with its allow_rnn switch; without it, it runs them eagerly, on our rules all the same)."""
+    torch.manual_seed(0)
+    stock = stock_cls(I, H, num_layers=2, bidirectional=True).double()
+    ours = ours_of(stock_cls)(I, H, num_layers=2, bidirectional=True).double()
+    ours.load_state_dict(stock.state_dict())
+    x = torch.randn(T, N, I, dtype=torch.float64)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(allow_rnn=True):
+        results = [torch.compile(ours, backend="aot_eager", fullgraph=True)(x), stock(x)]
+    for out, h in results:
+        (out.square().sum() + (h[0] if isinstance(h, tuple) else h).sum()).backward()
+    for (name, a), b in zip(ours.named_parameters(), stock.parameters()):
+        assert relative(a.grad, b.grad) <= 1e-12, name
+
+
+# ------------------------------------------------- per-sample gradients, DP-SGD, the tape
+
+
+class Sequence(torch.nn.Module):
+    """A recurrent layer (or a cell run over time) read out by a Linear at the last step: samples on dim 0."""
+
+    def __init__(self, stock: type, **kwargs):
+        super().__init__()
+        self.cell = stock in (nn.RNNCell, nn.LSTMCell, nn.GRUCell)
+        self.rnn = stock(I, H, **kwargs) if self.cell else stock(I, H, batch_first=True, **kwargs)
+        width = (kwargs.get("proj_size") or H) * (1 + kwargs.get("bidirectional", False))
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x):
+        if not self.cell:
+            return self.head(self.rnn(x)[0][:, -1])
+        state = None
+        for t in range(x.shape[1]):  # one module called T times: its per-sample gradient sums the calls
+            state = self.rnn(x[:, t], state)
+        return self.head(state[0] if isinstance(state, tuple) else state)
+
+
+PER_SAMPLE = [
+    ("rnn_tanh_2layers_bidirectional", nn.RNN, dict(num_layers=2, bidirectional=True)),
+    ("rnn_relu", nn.RNN, dict(nonlinearity="relu")),
+    ("lstm_2layers_bidirectional", nn.LSTM, dict(num_layers=2, bidirectional=True)),
+    ("lstm_proj", nn.LSTM, dict(proj_size=3)),
+    ("gru_2layers_bidirectional", nn.GRU, dict(num_layers=2, bidirectional=True)),
+    ("gru_no_bias", nn.GRU, dict(bias=False)),
+    ("rnncell", nn.RNNCell, {}),
+    ("lstmcell", nn.LSTMCell, {}),
+    ("grucell", nn.GRUCell, {}),
+]
+
+
+def _per_sample_reference(stock: torch.nn.Module, x, y) -> dict:
+    """{name: (N, *p.shape)}: each sample's own gradient, by stock autograd one sample at a time."""
+    grads = [torch.autograd.grad(torch.nn.functional.cross_entropy(stock(x[n : n + 1]), y[n : n + 1]),
+                                 list(stock.parameters())) for n in range(x.shape[0])]
+    return {name: torch.stack([g[i] for g in grads]) for i, (name, _) in enumerate(stock.named_parameters())}
+
+
+@pytest.mark.parametrize("materialize", [True, False], ids=["materialize", "norms_only"])
+@pytest.mark.parametrize("name,stock_cls,kwargs", PER_SAMPLE, ids=[c[0] for c in PER_SAMPLE])
+def test_per_sample_grads_match_stock_sample_by_sample(name, stock_cls, kwargs, materialize):
+    """Each sample's gradient is its outer products summed over its time steps; norms by the Gram identity."""
+    torch.manual_seed(0)
+    stock = Sequence(stock_cls, **kwargs).double()
+    model = mb.convert(stock)
+    x, y = torch.randn(N, T, I, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    expected = _per_sample_reference(stock, x, y)
+    with mb.per_sample_grads(model, materialize=materialize) as ps:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in expected.values()]).sum(0).sqrt()
+    assert relative(ps.norms, norms) <= 1e-12
+    for pname, p in model.named_parameters():
+        if materialize:
+            assert relative(p.grad_sample, expected[pname]) <= 1e-12, pname
+        assert relative(p.grad, expected[pname].mean(0)) <= 1e-12, pname
+
+
+def test_per_sample_grads_refuse_packed_sequences_of_unequal_lengths():
+    model = mb.convert(torch.nn.Sequential(nn.GRU(I, H)))
+    x = pack_padded_sequence(torch.randn(T, N, I), LENGTHS, enforce_sorted=False)
+    with mb.per_sample_grads(model) as ps:
+        with pytest.raises(InputError, match="PackedSequence of unequal lengths"):
+            model(x)[0].data.sum().backward()
+    del ps
+
+
+def test_dp_sgd_step_on_an_lstm_clips_each_sample():
+    """DP-SGD without noise: the update is Σₙ cₙ gₙ / N with cₙ from each sample's norm, computed without
+    forming any per-sample gradient, equal to clipping stock's sample-by-sample gradients."""
+    from manual_backprop import privacy
+
+    torch.manual_seed(0)
+    stock = Sequence(nn.LSTM, num_layers=2).double()
+    model = mb.convert(stock)
+    x, y = torch.randn(N, T, I, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    expected = _per_sample_reference(stock, x, y)
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in expected.values()]).sum(0).sqrt()
+    C = norms.median().item()
+    with mb.per_sample_grads(model, materialize=False) as ps:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    factors = privacy.clip_and_noise_(ps, max_grad_norm=C, noise_multiplier=0.0)
+    assert relative(factors, privacy.clip_factors(norms, C)) <= 1e-12
+    for pname, p in model.named_parameters():
+        want = torch.tensordot(privacy.clip_factors(norms, C), expected[pname], dims=1) / N
+        assert relative(p.grad, want) <= 1e-12, pname
+
+
+def test_tape_records_each_layer_and_direction_over_time():
+    """Keys name the weight, layer and direction ("rnn.ih_l1_reverse"); δ is (T, N, gates) over time, and
+    Σ_t Σ_n δz_t h_{t−1}ᵀ from the tape is the weight's gradient."""
+    torch.manual_seed(0)
+    model = mb.convert(Sequence(nn.LSTM, num_layers=2, bidirectional=True)).double()
+    x, y = torch.randn(N, T, I, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    with mb.tape(model) as tape:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    layers = [f"rnn.{w}_l{l}{d}" for l in (0, 1) for d in ("", "_reverse") for w in ("ih", "hh")]
+    assert set(layers) <= set(tape.names)
+    for key in layers:
+        assert tape.delta[key].shape == (T, N, 4 * H)
+        weight = dict(model.named_parameters())[key.replace("rnn.", "rnn.weight_")]
+        a = tape.input[key]
+        torch.testing.assert_close(torch.einsum("tng,tni->gi", tape.delta[key], a), weight.grad, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------ learning rules
+
+
+def _unrolled(module: torch.nn.Module, x: torch.Tensor, Bs: dict) -> torch.Tensor:
+    """One-layer, one-direction reference: the cell written out step by step with autograd for the gates and
+    the feedback family's Linear rule (δ through B, `feedback_linear`) for each of x W_ihᵀ and h W_hhᵀ."""
+    from manual_backprop.plugins.feedback_alignment import feedback_linear
+
+    Hs = module.hidden_size
+    h = c = x.new_zeros(x.shape[1], Hs)
+    outs = []
+    for x_t in x:
+        zx = feedback_linear(x_t, module.weight_ih_l0, module.bias_ih_l0, Bs["ih_l0"])
+        zh = feedback_linear(h, module.weight_hh_l0, module.bias_hh_l0, Bs["hh_l0"])
+        if isinstance(module, nn.LSTM):
+            i, f, g, o = (zx + zh).chunk(4, 1)
+            c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+            h = o.sigmoid() * c.tanh()
+        elif isinstance(module, nn.GRU):
+            r, u = (zx[:, : 2 * Hs] + zh[:, : 2 * Hs]).sigmoid().chunk(2, 1)
+            n = (zx[:, 2 * Hs :] + r * zh[:, 2 * Hs :]).tanh()
+            h = (1 - u) * n + u * h
+        else:
+            h = (zx + zh).tanh()
+        outs.append(h)
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("rule_set", ["feedback_alignment", "sign_symmetry", "fixed_random_sign_symmetry"])
+@pytest.mark.parametrize("stock_cls", [nn.RNN, nn.LSTM, nn.GRU], ids=lambda c: c.__name__)
+def test_feedback_rules_send_delta_through_B_in_time_and_to_the_input(stock_cls, rule_set):
+    torch.manual_seed(0)
+    model = mb.convert(torch.nn.Sequential(stock_cls(I, H)).double(), registry=rule_set)
+    layer = model[0]
+    Bs = {name.removeprefix("weight_"): B for name, _, B in layer.feedback_pairs()}
+    assert set(Bs) == {"ih_l0", "hh_l0"}
+    if rule_set == "sign_symmetry":
+        assert torch.equal(Bs["hh_l0"], layer.weight_hh_l0.detach().sign())
+    x = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(T, N, H, dtype=torch.float64)
+    ours = torch.autograd.grad((layer(x)[0] * upstream).sum(), [x, *layer.parameters()])
+    ref = torch.autograd.grad((_unrolled(layer, x, Bs) * upstream).sum(), [x, *layer.parameters()])
+    for name, a, b in zip(["input"] + [n for n, _ in layer.named_parameters()], ours, ref):
+        assert relative(a, b) <= 1e-12, name
+    backprop = torch.autograd.grad((mb.restore(model)[0](x)[0] * upstream).sum(), [x])[0]
+    assert relative(ours[0], backprop) > 1e-3  # δ really went through B
+    assert list(layer.state_dict()) == list(stock_cls(I, H).state_dict())  # B is no part of the checkpoint
+
+
+class Stacked(torch.nn.Module):
+    """Linear → recurrent layer → Linear: read out at the last step, or at every step."""
+
+    def __init__(self, stock: type, every_step: bool, **kwargs):
+        super().__init__()
+        self.every_step = every_step
+        self.inp = nn.Linear(4, I)
+        self.rnn = stock(I, H, batch_first=True, **kwargs)
+        self.head = nn.Linear((kwargs.get("proj_size") or H) * (1 + kwargs.get("bidirectional", False)), 3)
+
+    def forward(self, x):
+        out = self.rnn(self.inp(x))[0]
+        return self.head(out if self.every_step else out[:, -1])
+
+
+@pytest.mark.parametrize("every_step", [False, True], ids=["last_step", "every_step"])
+@pytest.mark.parametrize("stock_cls,kwargs", [(nn.LSTM, dict(num_layers=2, bidirectional=True)), (nn.GRU, {}),
+                                              (nn.RNN, dict(nonlinearity="relu"))], ids=["lstm", "gru", "rnn"])
+def test_direct_feedback_alignment_sends_e_B_to_every_step(stock_cls, kwargs, every_step):
+    """The recurrent layer's output gets δ = e B at every step, its input e B(below); inside the layer
+    δ runs back in time through W_hh. Expected gradients from stock autograd fed exactly those δs."""
+    torch.manual_seed(0)
+    stock = Stacked(stock_cls, every_step, **kwargs).double()
+    model = mb.convert(stock, registry="direct_feedback_alignment")
+    assert type(model.rnn).__module__.endswith("direct_feedback_alignment")
+    B_rnn, B_inp = model.rnn.feedback, model.inp.feedback
+    x = torch.randn(N, T, 4, dtype=torch.float64)
+    out = model(x)
+    e = torch.randn_like(out)  # the output layer's δ
+    out.backward(e)
+    a = stock.inp(x)
+    h = stock.rnn(a)[0]
+    eB = (e @ B_rnn).expand_as(h) if every_step else (e @ B_rnn).unsqueeze(1).expand_as(h)
+    want_rnn = torch.autograd.grad(h, list(stock.rnn.parameters()), eB)  # the notes' recursion in time
+    for (name, p), want in zip(model.rnn.named_parameters(), want_rnn):
+        assert relative(p.grad, want) <= 1e-12, name
+    delta_inp = (e @ B_inp).expand_as(a) if every_step else (e @ B_inp).unsqueeze(1).expand_as(a)
+    assert relative(model.inp.weight.grad, delta_inp.reshape(-1, I).T @ x.reshape(-1, 4)) <= 1e-12
+    last = h if every_step else h[:, -1]
+    assert relative(model.head.weight.grad, e.reshape(-1, 3).T @ last.reshape(-1, last.shape[-1])) <= 1e-12
+
+
+def test_direct_feedback_alignment_refuses_a_recurrent_output_layer():
+    from manual_backprop.convert import ConversionError
+    from manual_backprop.plugins import direct_feedback_alignment as dfa
+
+    with pytest.raises(ConversionError, match="the output '1' is a recurrent layer"):
+        mb.convert(torch.nn.Sequential(nn.Linear(2, I), nn.GRU(I, H)), registry=dfa.registry(output="1"))
+
+
+# ------------------------------------------------------------------ the native loops
+
+
+def _native_or_skip():
+    from manual_backprop.rules import _native_recurrent
+
+    if _native_recurrent.load() is None:
+        pytest.skip("the native recurrent loops could not be built here (no compiler): the Python rule runs")
+
+
+NATIVE = [c for c in CASES if c.stock in (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)]
+
+
+@pytest.mark.parametrize("case", NATIVE, ids=repr)
+def test_native_loops_equal_the_python_loops(case):
+    """The C++ loops over time (csrc/recurrent.cpp) give what the Python loops give, to 1e-12; the Python
+    loops are switched off while the native run goes, so the native ones ran."""
+    from manual_backprop.rules import _native, recurrent
+
+    _native_or_skip()
+    _, ours = pair(case)
+    with _native.python_rule():
+        _, o_python, l_python, g_python = run(case, ours)
+    saved = {name: getattr(recurrent.PythonLoops, name) for name in ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward")}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Python loop ran where the native one should")
+
+    try:
+        for name in saved:
+            setattr(recurrent.PythonLoops, name, staticmethod(refuse))
+        _, o_native, l_native, g_native = run(case, ours)
+    finally:
+        for name, fn in saved.items():
+            setattr(recurrent.PythonLoops, name, fn)
+    for a, b in zip([*o_native, l_native, *g_native], [*o_python, l_python, *g_python]):
+        assert relative(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize("stock_cls", [nn.LSTM, nn.GRU], ids=lambda c: c.__name__)
+def test_native_loops_carry_feedback_and_float32(stock_cls):
+    """A learning rule's B goes through the native loop too; float32 runs natively as well."""
+    from manual_backprop.rules import _native
+
+    _native_or_skip()
+    torch.manual_seed(0)
+    kwargs = dict(proj_size=2) if stock_cls is nn.LSTM else {}
+    model = mb.convert(torch.nn.Sequential(stock_cls(I, H, num_layers=2, **kwargs)), registry="sign_symmetry")
+    x = torch.randn(T, N, I, requires_grad=True)
+    grads = []
+    for python in (True, False):
+        with _native.python_rule() if python else torch.enable_grad():
+            out = model(x)[0]
+            grads.append(torch.autograd.grad(out.square().sum(), [x, *model.parameters()]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
