@@ -1,4 +1,4 @@
-"""Every registered rule on torch's own module samples, in train mode with every dropout on.
+"""Every registered rule on torch's own module samples, in train mode with every dropout on, and in eval mode.
 
 torch's `module_db` (torch.testing._internal.common_modules, what torch's own nn tests run) holds, per
 module class, the constructor and forward inputs torch tests it with. Each built-in rule whose stock
@@ -23,7 +23,21 @@ import manual_backprop as mb
 from manual_backprop.registry import type_name
 from manual_backprop.testing import rule_nodes
 
-from torch.testing._internal.common_modules import FunctionInput, ModuleInput, module_db  # needs expecttest (dev extra)
+
+def _import_module_db():
+    """torch's module samples (needs expecttest, in the dev extra). Importing torch's test utilities
+    freezes the backend flags for the whole process (Trainer(deterministic=True) then fails): thaw them."""
+    frozen = torch.backends.flags_frozen()
+    try:
+        from torch.testing._internal import common_modules
+    finally:
+        if not frozen:
+            torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+    return common_modules
+
+
+common_modules = _import_module_db()
+FunctionInput, ModuleInput, module_db = common_modules.FunctionInput, common_modules.ModuleInput, common_modules.module_db
 
 EXACT = dict(rtol=1e-12, atol=1e-12)
 DROPOUT = 0.3  # what a dropout probability left at 0 (or at its default) is raised to
@@ -64,9 +78,12 @@ def _cases():
     for info in [*module_db, *EXTRA_INFOS]:
         if info.module_cls not in stocks:
             continue
-        samples = info.module_inputs_func(info, device="cpu", dtype=torch.float64, requires_grad=True, training=True)
-        for i, sample in enumerate(samples):
-            yield pytest.param(info.module_cls, sample, id=f"{info.name}-{i}")
+        for training in (True, False):
+            samples = info.module_inputs_func(info, device="cpu", dtype=torch.float64, requires_grad=True,
+                                              training=training)
+            for i, sample in enumerate(samples):
+                mode = "train" if training else "eval"
+                yield pytest.param(info.module_cls, sample, training, id=f"{info.name}-{mode}-{i}")
 
 
 def test_every_builtin_rule_has_samples():
@@ -75,14 +92,25 @@ def test_every_builtin_rule_has_samples():
     assert not missing, f"rules with no module samples (add them to EXTRA_INFOS): {missing}"
 
 
-def _with_dropout_on(cls, args: tuple, kwargs: dict) -> dict:
-    """The constructor's arguments by name, with every dropout probability that is 0 (or left out) set to DROPOUT."""
-    signature = inspect.signature(cls)
-    arguments = signature.bind_partial(*args, **kwargs).arguments
+def _with_dropout_on(cls, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The constructor's arguments, with every dropout probability that is 0 (or left out) set to DROPOUT.
+
+    A parameter counts when the first `__init__` along the class's bases that names it does (torch's
+    RNN, LSTM and GRU take `*args, **kwargs` and pass them on to RNNBase)."""
+    bound = inspect.signature(cls).bind_partial(*args, **kwargs)
+    args, kwargs = tuple(bound.args), dict(bound.kwargs)
     for name in DROPOUT_PARAMETERS:
-        if name in signature.parameters and not arguments.get(name):
-            arguments[name] = DROPOUT
-    return arguments
+        init = next((base.__init__ for base in cls.__mro__ if "__init__" in vars(base)
+                     and name in inspect.signature(base.__init__).parameters), None)
+        if init is None or kwargs.get(name):
+            continue
+        position = list(inspect.signature(init).parameters).index(name) - 1  # after self
+        if cls.__init__ is init and position < len(args):  # given positionally
+            if not args[position]:
+                args = args[:position] + (DROPOUT,) + args[position + 1:]
+        else:
+            kwargs[name] = DROPOUT
+    return args, kwargs
 
 
 def _run(module, args, kwargs, seed):
@@ -100,7 +128,9 @@ def _run(module, args, kwargs, seed):
 def _fresh(value):
     """A deep copy of a sample's forward inputs, each tensor a new leaf (the two runs must not share grads)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().clone().requires_grad_(value.requires_grad)
+        return value.detach().clone().requires_grad_(value.requires_grad and value.is_floating_point())
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a PackedSequence
+        return type(value)(*(_fresh(v) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(_fresh(v) for v in value)
     if isinstance(value, dict):
@@ -108,11 +138,11 @@ def _fresh(value):
     return copy.deepcopy(value)
 
 
-@pytest.mark.parametrize("cls, sample", list(_cases()))
-def test_train_mode_with_dropout_on_equals_stock(cls, sample):
-    kwargs = _with_dropout_on(cls, sample.constructor_input.args, sample.constructor_input.kwargs)
+@pytest.mark.parametrize("cls, sample, training", list(_cases()))
+def test_torch_samples_equal_stock_in_train_mode_with_dropout_on_and_in_eval_mode(cls, sample, training):
+    args, kwargs = _with_dropout_on(cls, sample.constructor_input.args, sample.constructor_input.kwargs)
     torch.manual_seed(0)
-    stock = cls(**kwargs).to(torch.float64).train()
+    stock = cls(*args, **kwargs).to(torch.float64).train(training)
     rule = mb.default_registry().rule_for(cls)
     reason = rule.unsupported_reason(stock)
     ours = mb.convert(stock)
@@ -131,5 +161,6 @@ def test_train_mode_with_dropout_on_equals_stock(cls, sample):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, **EXACT, equal_nan=True)
-    if any(g is not None for g in ref_grads):
+    computes = training or not isinstance(stock, nn.modules.dropout._DropoutNd)  # eval-mode dropout: the identity
+    if computes and any(t.grad_fn is not None for t in ref_out):
         assert nodes, "no backward node of ours in the graph: the gradients came from stock autograd"

@@ -343,65 +343,8 @@ def test_bad_input_is_named():
         ours(torch.randn(T, N, 7))  # torch's own module check runs first, as in the stock module
 
 
-# ------------------------------------------------- torch's own ModuleInfo samples
-
-def _module_infos():
-    frozen = torch.backends.flags_frozen()
-    try:
-        from torch.testing._internal.common_modules import module_db
-    except ImportError as missing:  # torch's test internals are not part of every install
-        pytest.skip(f"torch.testing._internal.common_modules unavailable: {missing}")
-    finally:  # importing torch's test utilities freezes the backend flags for the whole process: thaw them
-        if not frozen:
-            torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
-    stock = (nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell)
-    return [info for info in module_db if info.module_cls in stock]
-
-
-def _tensors(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, PackedSequence):
-        return [value.data]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
-def _clone(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone().requires_grad_(value.requires_grad)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_clone(v) for v in value)
-    return value
-
-
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("name", ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"])
-def test_torch_module_info_samples(name, training):
-    """Every sample torch's own module tests use for these modules, through ours: outputs and gradients equal."""
-    (info,) = [i for i in _module_infos() if i.module_cls.__name__ == name]
-    samples = info.module_inputs_func(info, device="cpu", dtype=torch.float64, requires_grad=True, training=training)
-    assert samples
-    for sample in samples:
-        c, f = sample.constructor_input, sample.forward_input
-        torch.manual_seed(0)
-        stock = info.module_cls(*c.args, **c.kwargs).double().train(training)
-        ours = ours_of(info.module_cls)(*c.args, **c.kwargs).double().train(training)
-        ours.load_state_dict(stock.state_dict())
-        results = []
-        for module in (stock, ours):
-            args, kwargs = _clone(f.args), _clone(f.kwargs)
-            torch.manual_seed(1)
-            outs = _tensors(module(*args, **kwargs))
-            leaves = [t for t in _tensors((args, list(kwargs.values()))) if t.requires_grad] + list(module.parameters())
-            loss = sum((o * torch.linspace(-1, 2, o.numel(), dtype=o.dtype).view(o.shape)).sum() for o in outs)
-            results.append((outs, torch.autograd.grad(loss, leaves, allow_unused=True), graph_nodes(loss)))
-        (o_stock, g_stock, _), (o_ours, g_ours, nodes) = results
-        assert OUR_NODES & set(nodes), f"{name} {c.kwargs}: our rule did not run"
-        for a, b in zip(o_ours + list(g_ours), o_stock + list(g_stock)):
-            assert (a is None) == (b is None) and (a is None or relative(a, b) <= 1e-12), f"{name} {c.kwargs}"
-
+# ------------------------------------------------- torch.compile
+# (torch's own ModuleInfo samples for these modules and the cells: tests/test_module_db.py)
 
 @pytest.mark.parametrize("stock_cls", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda c: c.__name__)
 def test_compile_aot_eager_same_gradients(stock_cls):
