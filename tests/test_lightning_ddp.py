@@ -117,7 +117,10 @@ def fit_recorded(devices: int, batch_size: int, root: Path, data=None, callbacks
     """`train`'s run (iris unless `data` is given, float64, 2 epochs) with any task arguments, recorded by every
     process; returns the weights before fit."""
     pl.seed_everything(5)
-    data = data or SklearnDataModule("iris", batch_size=batch_size, val_fraction=0.2, test_fraction=0.2, seed=5)
+    # fixed-size batches: the global batches of N processes are then one process's (Poisson sampling draws
+    # each process's share on its own)
+    data = data or SklearnDataModule("iris", batch_size=batch_size, val_fraction=0.2, test_fraction=0.2, seed=5,
+                                     sampling="shuffle")
     task_kwargs = {"hidden_sizes": [8], "lr": 0.01, **task_kwargs}
     model = MulticlassClassificationTask(data.num_features, data.num_classes, **task_kwargs).double()
     initial = copy.deepcopy(model.net.state_dict())

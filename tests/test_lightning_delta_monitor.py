@@ -25,7 +25,7 @@ def metrics_rows(logger: CSVLogger) -> list[dict]:
 
 def fit(tmp_path, backend="manual", every_n_steps=2, max_steps=6, **model_kwargs):
     pl.seed_everything(0)
-    data = SklearnDataModule("digits", batch_size=128)
+    data = SklearnDataModule("digits", batch_size=128, sampling="shuffle")  # batches of 128, private or not
     data.setup("fit")
     model_kwargs = dict(hidden_sizes=[16, 16], activation="sigmoid", **model_kwargs)
     model = MulticlassClassificationTask(data.num_features, data.num_classes, backend=backend, **model_kwargs)

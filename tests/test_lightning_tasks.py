@@ -493,8 +493,9 @@ def per_sample_gradients(weights: dict, x: torch.Tensor, y: torch.Tensor) -> dic
 
 def test_dp_sgd_step_through_the_trainer_is_the_clipped_mean_of_per_sample_gradients(tmp_path):
     """σ = 0: the gradient the optimizer gets is Σₙ cₙ gₙ / N, cₙ = min(1, C / ‖gₙ‖) from each sample's own
-    gradient (torch.func on the stock network), C the median norm so some samples are clipped and some not."""
-    data = SklearnDataModule("breast_cancer", batch_size=16)
+    gradient (torch.func on the stock network), C the median norm so some samples are clipped and some not.
+    Fixed-size batches ("shuffle"), so the batch is known before fit (Poisson batches: tests below)."""
+    data = SklearnDataModule("breast_cancer", batch_size=16, sampling="shuffle")
     data.setup("fit")
     x, y = next(iter(data.train_dataloader()))
     pl.seed_everything(0)
