@@ -55,19 +55,23 @@ def alignment(
     target: torch.Tensor,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> dict[str, LayerAlignment]:
-    """Per layer with a weight (≥ 2-D, e.g. Linear, conv, each layer of a fused MLP): its `LayerAlignment`.
+    """Per layer with a weight (≥ 2-D, e.g. Linear, conv, each layer of a fused MLP; each weight_ih_l0,
+    weight_hh_l0, ... of a recurrent layer on its own): its `LayerAlignment`.
 
     Runs `loss_fn(model(input), target)` once on `model` (its rule's gradients) and once on a
     restored copy (`restore`, stock modules: backprop's), from the same parameters, each from the
     caller's RNG state (which it leaves as it was), without touching any `.grad`. Keys are the layers' qualified names ("0",
     "net.layers.1"). Put the model in eval mode first if dropout should not differ between the runs.
     """
-    weights = {name.removesuffix(".weight").removesuffix("weight"): p for name, p in model.named_parameters()
-               if name.rsplit(".", 1)[-1] == "weight" and p.dim() >= 2 and p.requires_grad}
-    names, params = list(weights), list(weights.values())
-    reference = restore(model)  # a copy on stock modules
+    # a layer's `weight`, keyed by the layer; a recurrent layer's weight_ih_l0, weight_hh_l0, ... by their own names
+    weights = {(name.removesuffix(".weight").removesuffix("weight") if name.rsplit(".", 1)[-1] == "weight" else name): name
+               for name, p in model.named_parameters()
+               if name.rsplit(".", 1)[-1].startswith("weight") and p.dim() >= 2 and p.requires_grad}
+    own, reference = dict(model.named_parameters()), restore(model)  # a copy on stock modules
     reference_params = dict(reference.named_parameters())
-    stock = [reference_params[(n + ".weight") if n else "weight"] for n in names]
+    names = list(weights)
+    params = [own[weights[n]] for n in names]
+    stock = [reference_params[weights[n]] for n in names]
     devices = [input.device] if input.device.type == "cuda" else []
     # Each run starts from the caller's RNG state (the same dropout masks), which is left as it was.
     with torch.random.fork_rng(devices=devices):

@@ -627,3 +627,16 @@ def test_native_loops_carry_feedback_and_float32(stock_cls):
             grads.append(torch.autograd.grad(out.square().sum(), [x, *model.parameters()]))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_alignment_measures_each_recurrent_weight_on_its_own():
+    torch.manual_seed(0)
+    gru = nn.GRU(3, 5, batch_first=True, bidirectional=True).double()
+    x, y = torch.randn(4, 6, 3, dtype=torch.float64), torch.randn(4, 6, 10, dtype=torch.float64)
+    loss = lambda out, target: (out[0] - target).square().sum()  # noqa: E731
+    backprop = mb.alignment(mb.convert(gru), x, y, loss)
+    feedback = mb.alignment(mb.convert(gru, registry="feedback_alignment"), x, y, loss)
+    names = ["weight_ih_l0", "weight_hh_l0", "weight_ih_l0_reverse", "weight_hh_l0_reverse"]
+    assert list(backprop) == list(feedback) == names
+    assert all(backprop[n].update < 1e-5 for n in names)  # backprop against itself
+    assert feedback["weight_hh_l0"].update > 1.0  # δ back through time goes through B, not W_hh
