@@ -43,3 +43,12 @@ def test_per_sample_example_runs_as_its_comments_say():
         exec(python_block_after("## Per-sample gradients and private training (DP-SGD)"), names)
     assert printed.getvalue() == "torch.Size([8, 4, 5])\ntorch.Size([8])\n"
     assert names["model"][0].weight.grad.shape == (4, 5)
+
+
+def test_recurrent_example_runs_and_prints_what_its_comment_says():
+    block = python_block_after("### Recurrent layers")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(block, {})
+    expected = re.search(r"# (\S+ \S+)\n", block).group(1)
+    assert printed.getvalue().strip() == expected == "manual_backprop.nn.recurrent True"
