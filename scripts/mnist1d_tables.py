@@ -74,8 +74,9 @@ def run(row: str, seed: int, settings: dict) -> dict:
     rule = None if kind in ("backprop", "dp") else kind
     try:
         model = mb.convert(model, registry=rule, strict=True)
-    except mb.ConversionError as error:
-        return {"skipped": str(error).splitlines()[1].strip()}
+    except mb.ConversionError as error:  # the rule set cannot take this model: the table says why
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return {"skipped": lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]}
     optimizer = torch.optim.Adam(model.parameters(), lr=settings["lr"])
     B, steps, n = settings["batch_size"], settings["steps"], len(y)
     result: dict = {}
@@ -174,8 +175,11 @@ def write_docs(results: dict, seeds, out: Path, settings: dict, seconds: float) 
             skipped = results.get(f"{row}@{seeds[0]}", {}).get("skipped")
             acc, acc_std, n = summary(results, row, seeds)
             ang, _, _ = summary(results, row, seeds, "angle")
-            cells.append("no rule" if skipped else f"{fmt(acc, acc_std, n)} ({ang:.0f}°)")
+            cells.append("not run¹" if skipped else f"{fmt(acc, acc_std, n)} ({ang:.0f}°)")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    notes = sorted({results[f"{m}:{r}@{seeds[0]}"]["skipped"] for m in ("mlp", "cnn", "gru") for r, _ in RULES
+                    if "skipped" in results.get(f"{m}:{r}@{seeds[0]}", {})})
+    lines += [""] + [f"¹ {note}" for note in notes]
     lines += ["", "Rerun a cell: " + command("MODEL:RULE", seeds) + " with MODEL in mlp, cnn, gru and RULE a name "
               "from `manual_backprop.learning_rule_names()`.", "",
               "## 3. DP-SGD", "",
