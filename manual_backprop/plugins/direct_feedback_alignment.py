@@ -51,11 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-import manual_backprop.functional as MF
 import manual_backprop.nn as mnn
 from manual_backprop import observe
 from manual_backprop._amp import autocast_inputs, without_autocast
 from manual_backprop.convert import ConversionError
+from manual_backprop.functional.conv import _conv
 from manual_backprop.nn.conv import _conv_forward
 from manual_backprop.plugins.feedback_alignment import FeedbackMLP
 from manual_backprop.registry import Registry, supports_real_parameters
@@ -282,7 +282,7 @@ class _DirectFeedbackConvNd(_DirectFeedback):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         link, d = self._dfa_link(), self._d
-        return _conv_forward(self, input, lambda *args: MF._conv(f"conv{d}d", d, *args, DirectFeedbackConvolution, (link,)))
+        return _conv_forward(self, input, lambda *args: _conv(f"conv{d}d", d, *args, DirectFeedbackConvolution, (link,)))
 
 
 class Conv1d(_DirectFeedbackConvNd, torch.nn.Conv1d):

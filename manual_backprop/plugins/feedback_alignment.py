@@ -45,11 +45,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-import manual_backprop.functional as MF
 import manual_backprop.nn as mnn
 from manual_backprop import observe
 from manual_backprop._amp import autocast_inputs, without_autocast
 from manual_backprop._checks import InputError
+from manual_backprop.functional.conv import _conv
 from manual_backprop.nn.conv import _conv_forward
 from manual_backprop.nn.recurrent import RECURRENT_CALLS
 from manual_backprop.registry import Registry, supports_real_parameters
@@ -202,7 +202,7 @@ def feedback_conv(op: str, d: int, input, weight, bias, stride, padding, dilatio
                   feedback: torch.Tensor | None, make_B: Callable = fixed_B) -> torch.Tensor:
     """F.conv{d}d (checks, padding strings, autocast as ours) whose backward sends δ through B = make_B(W, M)."""
     M = None if feedback is None else feedback.detach()
-    return MF._conv(op, d, input, weight, bias, stride, padding, dilation, groups, FeedbackConvolution, (M, make_B))
+    return _conv(op, d, input, weight, bias, stride, padding, dilation, groups, FeedbackConvolution, (M, make_B))
 
 
 class _Carry:
