@@ -15,7 +15,9 @@ from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 class TrainingCurves(pl.Callback):
     """Records train and validation loss and the task's main metric each epoch, and at the
-    end of fit writes `filename` (a PNG) into `trainer.log_dir`.
+    end of fit writes `filename` (a PNG) into `trainer.log_dir`: titled with what was trained
+    (task class, network, data, backend, learning rule, DP-SGD's σ, ε and δ), epochs numbered
+    from 0 as in metrics.csv.
 
     The history lives in the callback's state, so a resumed run plots every epoch.
     The figure is drawn with matplotlib's Agg canvas directly, leaving pyplot's global
