@@ -64,7 +64,7 @@ def _import_module(name: str):
         return importlib.import_module(name)
     except ModuleNotFoundError as error:
         if error.name is None or not (name == error.name or name.startswith(error.name + ".")):
-            raise  # the module is there; something it imports is not: the user's traceback says what
+            raise ImportError(f"module {name} was found, but importing it failed: {error}") from error
         raise ValueError(
             f"no module named {name!r} on sys.path or in the current folder ({os.getcwd()}); "
             f"for a file elsewhere give its path: path/to/{name.replace('.', '/')}.py:factory"
@@ -87,6 +87,9 @@ def _import_file(file: Path):
     sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
+    except ImportError as error:  # something it imports is not there
+        del sys.modules[name]
+        raise ImportError(f"importing {file} ({resolved}) failed: {error}") from error
     except BaseException:
         del sys.modules[name]
         raise

@@ -164,6 +164,7 @@ FACTORY = """
 @pytest.fixture
 def factory_module(tmp_path, monkeypatch):
     (tmp_path / "parity_factories.py").write_text(textwrap.dedent(FACTORY))
+    (tmp_path / "parity_imports_nothing_x5.py").write_text("import nosuch_dependency_x5\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "parity_factories"
     sys.modules.pop("parity_factories", None)
@@ -211,6 +212,8 @@ def test_cli_exits_nonzero_when_gradients_differ(factory_module, capsys):
         (["nosuch_module_x3:make", "--input-shape", "2,4"],
          "no module named 'nosuch_module_x3' on sys.path or in the current folder ("),
         (["parity_factories:make.nope", "--input-shape", "2,4"], "parity_factories.py) has no attribute 'make.nope'"),
+        (["parity_imports_nothing_x5:make", "--input-shape", "2,4"],
+         "module parity_imports_nothing_x5 was found, but importing it failed: No module named 'nosuch_dependency_x5'"),
     ],
 )
 def test_cli_usage_errors(factory_module, capsys, args, message):
@@ -255,6 +258,15 @@ def test_cli_takes_a_file_path_from_another_folder(models_elsewhere, capsys, rel
     assert capsys.readouterr().out.rstrip().endswith("OK")
     assert sys.modules["json"] is json  # the file loaded under a name of its own: it shadows nothing
     assert sys.path == path_before  # its folder was on sys.path only while it loaded
+
+
+def test_cli_names_the_file_whose_import_fails(models_elsewhere, capsys):
+    (models_elsewhere.parent / "parity_sibling_x4.py").unlink()
+    with pytest.raises(SystemExit) as exit_:
+        parity_cli.main([f"{models_elsewhere}:make", "--input-shape", "6,4"])
+    last = capsys.readouterr().err.rstrip("\n").splitlines()[-1]
+    assert exit_.value.code == 2
+    assert last == f"manual-backprop-parity: error: importing {models_elsewhere} ({models_elsewhere}) failed: No module named 'parity_sibling_x4'"
 
 
 def test_cli_takes_the_file_path_of_a_class_instance_and_factory(tmp_path, capsys):
