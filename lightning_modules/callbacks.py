@@ -4,16 +4,20 @@ curves, and the predictions of `predict`."""
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Any, Optional
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 
 class TrainingCurves(pl.Callback):
     """Records train and validation loss and the task's main metric each epoch, and at the
-    end of fit writes `filename` (a PNG) into `trainer.log_dir`.
+    end of fit writes `filename` (a PNG) into `trainer.log_dir`: titled with what was trained
+    (task class, network, data, backend, learning rule, DP-SGD's σ, ε and δ), epochs numbered
+    from 0 as in metrics.csv.
 
     The history lives in the callback's state, so a resumed run plots every epoch.
     The figure is drawn with matplotlib's Agg canvas directly, leaving pyplot's global
@@ -52,18 +56,41 @@ class TrainingCurves(pl.Callback):
         if trainer.fast_dev_run or not self.history:
             return
         self.path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
-        main = getattr(pl_module, "main_metric", "loss")
-        labels = {"loss": getattr(pl_module, "loss_label", "loss"), main: self._metric_label(pl_module, main)}
-        self._plot(main, labels, self._title(trainer, pl_module))
+        self._plot(trainer, pl_module)
 
     @staticmethod
     def _title(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
-        """e.g. "regression on scikit-learn's diabetes data, backend manual"."""
-        task = getattr(pl_module, "task", "") or type(pl_module).__name__
+        """What was trained, on two lines, e.g.
+        "BinaryClassificationTask: MLP 30→32→1 (relu) on scikit-learn's breast_cancer data
+        backend manual, DP-SGD σ=1.5, ε=4.62 (δ=1e-05)"."""
+        hparams = getattr(pl_module, "hparams", {})
         datamodule = getattr(trainer, "datamodule", None)
-        source = datamodule.describe_source() if hasattr(datamodule, "describe_source") else type(datamodule).__name__
-        backend = getattr(getattr(pl_module, "hparams", {}), "get", lambda *_: None)("backend")
-        return f"{task} on {source}" + (f", backend {backend}" if backend else "")
+        if hasattr(datamodule, "describe_source"):
+            source = datamodule.describe_source()
+        elif datamodule is not None and type(datamodule).__repr__ is not object.__repr__:
+            source = repr(datamodule)
+        else:
+            source = type(datamodule).__name__
+        what = f"{type(pl_module).__name__}: "
+        net = getattr(pl_module, "net", None)
+        linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)] if isinstance(net, torch.nn.Module) else []
+        if getattr(pl_module, "_builtin_network", False) and linears:  # an MLP on either backend: its widths
+            sizes = [linears[0].in_features, *(m.out_features for m in linears)]
+            what += f"MLP {'→'.join(map(str, sizes))}" + (f" ({hparams['activation']}) " if hparams.get("activation") else " ")
+        elif isinstance(net, torch.nn.Module):  # a `net` given: its class, also once converted to our rules
+            what += f"{type(net).__name__} "
+        how = []
+        if hparams.get("backend"):
+            how.append(f"backend {hparams['backend']}")
+        if hparams.get("learning_rule", "backprop") != "backprop":
+            how.append(f"learning rule {hparams['learning_rule']}")
+        if hparams.get("dp_noise_multiplier") is not None:
+            private = f"DP-SGD σ={hparams['dp_noise_multiplier']:g}"
+            epsilon = trainer.callback_metrics.get("train/epsilon")  # the privacy spent, logged each epoch
+            if epsilon is not None:
+                private += f", ε={'∞' if math.isinf(float(epsilon)) else format(float(epsilon), '.3g')}"
+            how.append(f"{private} (δ={hparams.get('dp_delta', 1e-5):g})")
+        return f"{what}on {source}" + ("\n" + ", ".join(how) if how else "")
 
     @staticmethod
     def _metric_label(pl_module: pl.LightningModule, metric: str) -> str:
@@ -79,30 +106,37 @@ class TrainingCurves(pl.Callback):
         return name
 
     @rank_zero_only
-    def _plot(self, main_metric: str, labels: dict[str, str], title: str) -> None:
+    def _plot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.figure(trainer, pl_module).savefig(self.path, dpi=100)
+
+    def figure(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        """The plot of the history as a matplotlib Figure: loss and main metric against the epoch,
+        numbered as Lightning numbers it (from 0, as the `epoch` column of metrics.csv)."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
 
+        main_metric = getattr(pl_module, "main_metric", "loss")
+        labels = {"loss": getattr(pl_module, "loss_label", "loss"), main_metric: self._metric_label(pl_module, main_metric)}
         panels = ["loss"] + ([main_metric] if main_metric != "loss" else [])
-        figure = Figure(figsize=(5 * len(panels), 3.8), layout="constrained")
+        figure = Figure(figsize=(5 * len(panels), 4), layout="constrained")
         FigureCanvasAgg(figure)
-        figure.suptitle(title)
+        figure.suptitle(self._title(trainer, pl_module))
         for i, metric in enumerate(panels, start=1):
             axes = figure.add_subplot(1, len(panels), i)
             for stage in ("train", "val"):
                 points = self.history.get(f"{stage}/{metric}")
                 if points:
                     epochs, values = zip(*points)
-                    axes.plot([e + 1 for e in epochs], values, marker="." if len(points) < 30 else None, label=stage)
+                    axes.plot(epochs, values, marker="." if len(points) < 30 else None, label=stage)
             axes.set_xlabel("epoch")
             axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-            axes.set_ylabel(labels.get(metric, metric))
+            axes.set_ylabel(labels[metric])
             axes.grid(alpha=0.3)
             axes.legend()
-        assert self.path is not None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(self.path, dpi=100)
+        return figure
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": {k: [list(p) for p in v] for k, v in self.history.items()}}

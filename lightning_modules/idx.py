@@ -135,6 +135,9 @@ class IDXDataModule(pl.LightningDataModule):
 
     num_targets = 1
 
+    def describe_source(self) -> str:
+        return f"IDX images in {self.folder}"
+
     @property
     def num_features(self) -> int:
         return self.image_size * self.image_size

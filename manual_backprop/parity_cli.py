@@ -1,6 +1,7 @@
 """`manual-backprop-parity`: check a model of yours on our rules against stock autograd.
 
     manual-backprop-parity mypkg.models:make_mlp --input-shape 8,20 --loss ce
+    manual-backprop-parity path/to/models.py:make_mlp --input-shape 8,20 --loss ce
     manual-backprop-parity mypkg.models:Net --kwargs '{"hidden": 64}' --input-shape 4,16,32 --loss mse --via manual_functions
 
 Loads the factory (called with no arguments, or with --kwargs), makes random inputs of
@@ -11,6 +12,7 @@ what runs where and the per-tensor table, and exits 1 if any tensor differs (2 o
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -36,28 +38,63 @@ LOSSES = {
 def load_object(path: str):
     """'pkg.module:attr.attr' or 'path/to/file.py:attr' → the object.
 
-    Modules in the current folder import (as under `python -m`)."""
-    module_name, sep, attribute = path.rpartition(":")
-    if not sep or not module_name or not attribute:
+    A module name imports from sys.path and the current folder (as under `python -m`); a file path
+    (absolute, or relative to the current folder) loads that file, from any folder, with its own
+    folder on sys.path while it loads, so it imports its neighbours. Raises ValueError naming what
+    was tried when the module, file or attribute is not there."""
+    target, sep, attribute = path.rpartition(":")
+    if not sep or not target or not attribute:
         raise ValueError(f"expected an import path 'pkg.module:factory' or 'path/to/file.py:factory', got {path!r}")
-    if module_name.endswith(".py"):
-        obj = _import_file(Path(module_name))
+    if target.endswith(".py") or "/" in target or os.sep in target:
+        obj = module = _import_file(Path(target))
     else:
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        obj = importlib.import_module(module_name)
-    for part in attribute.split("."):
+        obj = module = _import_module(target)
+    parts = attribute.split(".")
+    for i, part in enumerate(parts):
+        if not hasattr(obj, part):
+            raise ValueError(f"{target} ({module.__file__}) has no attribute {'.'.join(parts[: i + 1])!r}")
         obj = getattr(obj, part)
     return obj
 
 
+def _import_module(name: str):
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name is None or not (name == error.name or name.startswith(error.name + ".")):
+            raise ImportError(f"module {name} was found, but importing it failed: {error}") from error
+        raise ValueError(
+            f"no module named {name!r} on sys.path or in the current folder ({os.getcwd()}); "
+            f"for a file elsewhere give its path: path/to/{name.replace('.', '/')}.py:factory"
+        ) from None
+
+
 def _import_file(file: Path):
-    if not file.is_file():
-        raise ValueError(f"no such file: {file}")
-    spec = importlib.util.spec_from_file_location(file.stem, file)
+    if file.suffix != ".py":
+        hint = f": {file}.py?" if file.with_name(file.name + ".py").is_file() else " (path/to/file.py:factory)"
+        raise ValueError(f"a file path ends in .py, got {str(file)!r}{hint}")
+    resolved = file.resolve()
+    if not resolved.is_file():
+        raise ValueError(f"no such file: {file} (looked for {resolved})")
+    # A name of its own (one per file), so a file called json.py or models.py shadows no module of that name.
+    name = f"_parity_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
+    spec = importlib.util.spec_from_file_location(name, resolved)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[file.stem] = module  # so classes defined there pickle and repr by name
-    spec.loader.exec_module(module)
+    sys.modules[name] = module  # so dataclasses and pickling find the classes defined there
+    folder = str(resolved.parent)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as error:  # something it imports is not there
+        del sys.modules[name]
+        raise ImportError(f"importing {file} ({resolved}) failed: {error}") from error
+    except BaseException:
+        del sys.modules[name]
+        raise
+    finally:
+        sys.path.remove(folder)
     return module
 
 
@@ -87,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="manual-backprop-parity", description="Compare a model's gradients on manual rules with stock autograd."
     )
-    parser.add_argument("factory", help="import path 'pkg.module:factory' of a model factory, class or instance")
+    parser.add_argument(
+        "factory", help="'pkg.module:factory' or 'path/to/file.py:factory': a model factory, class or instance"
+    )
     parser.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments for the factory")
     parser.add_argument(
         "--input-shape", type=parse_shape, action="append", required=True, help="e.g. 8,20; repeat for several inputs"

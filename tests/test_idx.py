@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import manual_backprop as mb
-from lightning_modules import ConfigError, IDXDataModule, LeNet5, config_path, read_idx
+from lightning_modules import ConfigError, IDXDataModule, LeNet5, TrainingCurves, config_path, read_idx
 from lightning_modules.cli import build_cli
 from lightning_modules.errors import InputFileNotFoundError
 from manual_backprop.testing import rule_nodes
@@ -132,3 +132,5 @@ def test_every_lenet_config_trains_on_a_folder_of_idx_files(tmp_path, rule):
     x, _ = next(iter(cli.datamodule.train_dataloader()))
     assert x.shape[1:] == (1, 32, 32)
     assert rule_nodes(cli.model(x).sum())
+    how = "backend manual" + ("" if rule == "backprop" else f", learning rule {RULES[rule]}")
+    assert TrainingCurves._title(cli.trainer, cli.model) == f"MulticlassClassificationTask: LeNet5 on IDX images in {folder}\n{how}"

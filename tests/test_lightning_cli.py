@@ -7,20 +7,25 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 import yaml
 
 import manual_backprop.nn as mnn
 from lightning_modules import (
     CONFIG_DIR,
+    MNIST1DCNN,
     BinaryClassificationTask,
     CSVDataModule,
+    MNIST1DDataModule,
     MulticlassClassificationTask,
     RegressionTask,
     SklearnDataModule,
+    SmallCNN,
     TrainingCurves,
     config_path,
 )
@@ -296,7 +301,7 @@ def test_per_target_metrics_and_named_averages(two_target_run):
 
 def test_curves_say_what_they_plot(two_target_run):
     fit = two_target_run["fit"]
-    assert TrainingCurves._title(fit.trainer, fit.model) == f"regression on {two_target_run['table']}, backend manual"
+    assert TrainingCurves._title(fit.trainer, fit.model) == f"RegressionTask: MLP 3→32→32→2 (tanh) on {two_target_run['table']}\nbackend manual"
     assert TrainingCurves._metric_label(fit.model, "r2") == "R² (mean over 2 targets)"
     single = RegressionTask(3)
     assert [TrainingCurves._metric_label(single, m) for m in ("r2", "mae")] == ["R²", "MAE (target units)"]
@@ -304,6 +309,78 @@ def test_curves_say_what_they_plot(two_target_run):
     assert (binary.loss_label, TrainingCurves._metric_label(binary, "accuracy")) == ("loss: binary cross-entropy", "accuracy")
     assert fit.model.loss_label == "loss: MSE on standardized targets"
     assert (two_target_run["log_dir"] / "training_curves.png").stat().st_size > 10_000
+
+
+
+class _Unnamed(pl.LightningDataModule):  # a user's data module: no describe_source, no repr of its own
+    pass
+
+
+class _Named(pl.LightningDataModule):
+    def __repr__(self) -> str:
+        return "Named('shop.csv')"
+
+
+# task, data module, callback_metrics, title
+TITLES = [
+    (lambda: RegressionTask(10, hidden_sizes=[16]), lambda: SklearnDataModule("diabetes"), {},
+     "RegressionTask: MLP 10→16→1 (relu) on scikit-learn's diabetes data\nbackend manual"),
+    (lambda: BinaryClassificationTask(30, hidden_sizes=[32], activation="relu", dp_noise_multiplier=1.5),
+     lambda: SklearnDataModule("breast_cancer"), {"train/epsilon": torch.tensor(4.6234)},
+     "BinaryClassificationTask: MLP 30→32→1 (relu) on scikit-learn's breast_cancer data\n"
+     "backend manual, DP-SGD σ=1.5, ε=4.62 (δ=1e-05)"),
+    (lambda: BinaryClassificationTask(30, hidden_sizes=[], activation="tanh", dp_noise_multiplier=0.0, dp_delta=1e-6),
+     lambda: SklearnDataModule("breast_cancer"), {"train/epsilon": torch.tensor(float("inf"))},
+     "BinaryClassificationTask: MLP 30→1 (tanh) on scikit-learn's breast_cancer data\n"
+     "backend manual, DP-SGD σ=0, ε=∞ (δ=1e-06)"),
+    (lambda: MulticlassClassificationTask(64, 10, learning_rule="feedback_alignment"), lambda: SklearnDataModule("digits"), {},
+     "MulticlassClassificationTask: MLP 64→64→10 (relu) on scikit-learn's digits data\n"
+     "backend manual, learning rule feedback_alignment"),
+    (lambda: MulticlassClassificationTask(num_classes=10, net=SmallCNN(image_size=8)), lambda: SklearnDataModule("digits", image_shape=[1, 8, 8]), {},
+     "MulticlassClassificationTask: SmallCNN on scikit-learn's digits data\nbackend manual"),
+    (lambda: MulticlassClassificationTask(num_classes=10, net=MNIST1DCNN(), backend="autograd"), lambda: MNIST1DDataModule(shape=[1, 40]), {},
+     "MulticlassClassificationTask: MNIST1DCNN on MNIST-1D\nbackend autograd"),
+    (lambda: RegressionTask(3, 2, hidden_sizes=[4, 5], activation="tanh", backend="autograd"), _Named, {},
+     "RegressionTask: MLP 3→4→5→2 (tanh) on Named('shop.csv')\nbackend autograd"),
+    (lambda: RegressionTask(net=torch.nn.Linear(3, 1)), _Unnamed, {}, "RegressionTask: Linear on _Unnamed\nbackend manual"),
+]
+
+
+@pytest.mark.parametrize(
+    "task, data, metrics, title", TITLES,
+    ids=["mlp", "dp", "dp-clip-only", "learning-rule", "digits-cnn", "mnist1d-cnn", "data-repr", "data-class"],
+)
+def test_curve_titles_say_what_was_trained(task, data, metrics, title):
+    trainer = SimpleNamespace(datamodule=data(), callback_metrics=metrics)
+    assert TrainingCurves._title(trainer, task()) == title
+
+
+@pytest.mark.parametrize(
+    "config, title",
+    [
+        ("binary_breast_cancer_dp", "BinaryClassificationTask: MLP 30→32→1 (relu) on scikit-learn's breast_cancer data\n"
+                                    "backend manual, DP-SGD σ=1.5, ε={epsilon:.3g} (δ=1e-05)"),
+        ("multiclass_digits_cnn", "MulticlassClassificationTask: SmallCNN on scikit-learn's digits data\nbackend manual"),
+    ],
+)
+def test_shipped_configs_plot_what_they_train_by_the_epochs_of_metrics_csv(tmp_path, config, title):
+    args = ["fit", "--config", str(config_path(config)), "--trainer.max_epochs=3", f"--trainer.default_root_dir={tmp_path}"]
+    fit = build_cli(args + QUIET)
+    with (Path(fit.trainer.log_dir) / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    curves = next(c for c in fit.trainer.callbacks if isinstance(c, TrainingCurves))
+    assert curves.path.read_bytes()[:4] == b"\x89PNG"
+    figure = curves.figure(fit.trainer, fit.model)
+    epsilon = [float(r["train/epsilon"]) for r in rows if r.get("train/epsilon")]
+    assert figure.get_suptitle() == title.format(epsilon=epsilon[-1] if epsilon else None)
+    loss, accuracy = figure.axes
+    for axes, keys in ((loss, {"train": "train/loss_epoch", "val": "val/loss"}), (accuracy, {"train": "train/accuracy", "val": "val/accuracy"})):
+        assert [line.get_label() for line in axes.lines] == ["train", "val"]
+        for line in axes.lines:
+            logged = [(int(r["epoch"]), float(r[keys[line.get_label()]])) for r in rows if r.get(keys[line.get_label()])]
+            assert [e for e, _ in logged] == [0, 1, 2]  # metrics.csv numbers epochs from 0
+            assert list(line.get_xdata()) == [e for e, _ in logged]
+            assert list(line.get_ydata()) == pytest.approx([v for _, v in logged])
 
 
 def test_resume_with_ckpt_path_last_continues_the_latest_run(two_target_run, capsys):

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from manual_backprop import parity_cli, rules
 from manual_backprop.registry import Registry
-from manual_backprop.testing import assert_grad_parity, grad_parity
+from manual_backprop.testing import _compare, assert_grad_parity, grad_parity
 
 
 class SlightlyWrongLinear(rules.Linear):
@@ -105,6 +106,40 @@ def test_several_inputs_and_integer_inputs():
     assert "grad embed.weight" in [r.name for r in result.rows]
 
 
+INF = float("inf")
+
+
+@pytest.mark.parametrize(
+    "manual, stock, max_abs, max_rel, ok",
+    [
+        ([0.0, 0.0], [0.0, 0.0], 0.0, 0.0, True),  # zero on both sides: equal
+        ([0.0, -0.0], [-0.0, 0.0], 0.0, 0.0, True),
+        ([3e-17, 1.0], [0.0, 1.0], 3e-17, 0.0, True),  # rounding noise where stock is exactly 0: zero on both sides
+        ([3e-17, 1.0], [-2e-17, 1.0], 5e-17, 0.0, True),
+        ([1e-3, 1.0], [0.0, 1.0], 1e-3, INF, False),  # stock 0, ours not: a real mismatch
+        ([0.0, 1.0], [1e-3, 1.0], 1e-3, 1.0, False),
+        ([1.001, 2.0], [1.0, 2.0], 1e-3, 1e-3, False),
+        ([float("nan"), INF, -INF], [float("nan"), INF, -INF], 0.0, 0.0, True),  # equal non-finite values
+    ],
+)
+def test_relative_error_of_zeros(manual, stock, max_abs, max_rel, ok):
+    row = _compare("grad b", torch.tensor(manual, dtype=torch.float64), torch.tensor(stock, dtype=torch.float64), None, None)
+    assert (row.max_abs, row.max_rel, row.ok) == (pytest.approx(max_abs, rel=1e-6), pytest.approx(max_rel, rel=1e-6), ok)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(4))
+def test_a_gradient_zero_in_exact_arithmetic_is_reported_equal(dtype, seed):
+    # ∂J/∂b of a Linear before a BatchNorm is 0 (the norm removes the mean): rounding noise on both sides,
+    # and on some seeds exactly 0 on one side only.
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).to(dtype)
+    result = assert_grad_parity(model, torch.randn(6, 4, dtype=dtype), torch.randint(3, (6,)), nn.CrossEntropyLoss())
+    (bias,) = [r for r in result.rows if r.name == "grad 0.bias"]
+    assert bias.ok and bias.max_rel == 0.0 and bias.max_abs < 1e-6
+    assert "inf" not in str(result)
+
+
 # ------------------------------------------------------------------- the CLI
 
 FACTORY = """
@@ -129,6 +164,7 @@ FACTORY = """
 @pytest.fixture
 def factory_module(tmp_path, monkeypatch):
     (tmp_path / "parity_factories.py").write_text(textwrap.dedent(FACTORY))
+    (tmp_path / "parity_imports_nothing_x5.py").write_text("import nosuch_dependency_x5\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "parity_factories"
     sys.modules.pop("parity_factories", None)
@@ -171,7 +207,13 @@ def test_cli_exits_nonzero_when_gradients_differ(factory_module, capsys):
         (["parity_factories:make", "--input-shape", "2,4", "--loss", "bce"],
          "--loss bce takes probabilities in [0, 1], but the model's outputs lie in"),
         (["parity_factories:make", "--input-shape", "2,5"], "the model fails on random inputs of shape 2,5: "),
-        (["nowhere/models.py:make", "--input-shape", "2,4"], "no such file: nowhere/models.py"),
+        (["nowhere/models.py:make", "--input-shape", "2,4"], "no such file: nowhere/models.py (looked for /"),
+        (["nowhere/models:make", "--input-shape", "2,4"], "a file path ends in .py, got 'nowhere/models'"),
+        (["nosuch_module_x3:make", "--input-shape", "2,4"],
+         "no module named 'nosuch_module_x3' on sys.path or in the current folder ("),
+        (["parity_factories:make.nope", "--input-shape", "2,4"], "parity_factories.py) has no attribute 'make.nope'"),
+        (["parity_imports_nothing_x5:make", "--input-shape", "2,4"],
+         "module parity_imports_nothing_x5 was found, but importing it failed: No module named 'nosuch_dependency_x5'"),
     ],
 )
 def test_cli_usage_errors(factory_module, capsys, args, message):
@@ -182,18 +224,74 @@ def test_cli_usage_errors(factory_module, capsys, args, message):
     assert exit_.value.code == 2 and last.startswith("manual-backprop-parity: error: ") and message in last, err
 
 
-def test_cli_takes_a_file_path(tmp_path, capsys):
-    (tmp_path / "my_models_x2.py").write_text(textwrap.dedent(FACTORY))
-    assert parity_cli.main([f"{tmp_path / 'my_models_x2.py'}:make", "--input-shape", "6,4", "--loss", "ce"]) == 0
+# A user's models file that imports a module beside it, and is named like a module of the standard library.
+SIBLING = "WIDTH = 5\n"
+IMPORTS_ITS_SIBLING = """
+    from torch import nn
+    from parity_sibling_x4 import WIDTH
+
+    def make():
+        return nn.Sequential(nn.Linear(4, WIDTH), nn.Tanh(), nn.Linear(WIDTH, 3))
+"""
+
+
+@pytest.fixture
+def models_elsewhere(tmp_path, monkeypatch):
+    """models/json.py (importing models/parity_sibling_x4.py), run from the folder elsewhere/."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "parity_sibling_x4.py").write_text(SIBLING)
+    (tmp_path / "models" / "json.py").write_text(textwrap.dedent(IMPORTS_ITS_SIBLING))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    yield tmp_path / "models" / "json.py"
+    sys.modules.pop("parity_sibling_x4", None)
+
+
+@pytest.mark.parametrize("relative", [True, False], ids=["relative", "absolute"])
+def test_cli_takes_a_file_path_from_another_folder(models_elsewhere, capsys, relative):
+    import json
+
+    path = os.path.join("..", "models", "json.py") if relative else str(models_elsewhere)
+    path_before = list(sys.path)
+    assert parity_cli.main([f"{path}:make", "--input-shape", "6,4", "--loss", "ce"]) == 0
     assert capsys.readouterr().out.rstrip().endswith("OK")
-    sys.modules.pop("my_models_x2", None)
+    assert sys.modules["json"] is json  # the file loaded under a name of its own: it shadows nothing
+    assert sys.path == path_before  # its folder was on sys.path only while it loaded
 
 
-def test_console_script(tmp_path):
-    # The factory's module sits in the current folder, as a user's would: it imports as under `python -m`.
+def test_cli_names_the_file_whose_import_fails(models_elsewhere, capsys):
+    (models_elsewhere.parent / "parity_sibling_x4.py").unlink()
+    with pytest.raises(SystemExit) as exit_:
+        parity_cli.main([f"{models_elsewhere}:make", "--input-shape", "6,4"])
+    last = capsys.readouterr().err.rstrip("\n").splitlines()[-1]
+    assert exit_.value.code == 2
+    assert last == f"manual-backprop-parity: error: importing {models_elsewhere} ({models_elsewhere}) failed: No module named 'parity_sibling_x4'"
+
+
+def test_cli_takes_the_file_path_of_a_class_instance_and_factory(tmp_path, capsys):
+    (tmp_path / "my_models_x2.py").write_text(textwrap.dedent(FACTORY))
+    for target in ("make", "instance", "Pair"):
+        shapes = ["--input-shape", "6,4"] * (2 if target == "Pair" else 1)
+        assert parity_cli.main([f"{tmp_path / 'my_models_x2.py'}:{target}", *shapes, "--loss", "mse"]) == 0
+        assert capsys.readouterr().out.rstrip().endswith("OK")
+
+
+@pytest.mark.parametrize("where", ["module in the current folder", "file path from another folder"])
+def test_console_script(tmp_path, where):
+    # As a user runs it: the console script, from the folder the user is in, nothing of theirs on PYTHONPATH
+    # (only this checkout, so the script runs the code under test).
     (tmp_path / "parity_factories.py").write_text(textwrap.dedent(FACTORY))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "parity_sibling_x4.py").write_text(SIBLING)
+    (tmp_path / "models" / "json.py").write_text(textwrap.dedent(IMPORTS_ITS_SIBLING))
+    (tmp_path / "elsewhere").mkdir()
+    if where == "module in the current folder":  # imports as under `python -m`
+        cwd, target = tmp_path, "parity_factories:make"
+    else:
+        cwd, target = tmp_path / "elsewhere", os.path.join("..", "models", "json.py") + ":make"
     script = os.path.join(os.path.dirname(sys.executable), "manual-backprop-parity")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([script, "parity_factories:make", "--input-shape", "4,4"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(Path(parity_cli.__file__).resolve().parents[1])}
+    done = subprocess.run([script, target, "--input-shape", "4,4"], capture_output=True, text=True, env=env, cwd=cwd)
     assert done.returncode == 0, done.stderr
-    assert "grad 2.weight" in done.stdout
+    assert "grad 2.weight" in done.stdout and done.stdout.rstrip().endswith("OK")
