@@ -28,7 +28,7 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache
 
-# per-sample gradients (issue 10): ours against Opacus, torch.func and BackPACK. BackPACK declares
+# per-sample gradients: ours against Opacus, torch.func and BackPACK. BackPACK declares
 # torchvision, which it does not use: installed without its dependencies (einops, unfoldNd by hand).
 bench-per-sample: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps -c constraints.txt backpack-for-pytorch einops unfoldnd

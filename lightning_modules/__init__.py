@@ -14,9 +14,9 @@ from lightning_modules.callbacks import DistributedTeardown, PredictionWriter, T
 from lightning_modules.errors import ConfigError
 from lightning_modules.data import SKLEARN_DATASETS, CSVDataModule, SklearnDataModule, TableDataModule
 from lightning_modules.network import ACTIVATIONS, BACKENDS, build_network, state_dict_for_backend
-from lightning_modules.network import SmallCNN  # issue 8: a CNN for images (digits as 1×8×8)
+from lightning_modules.network import SmallCNN  # a CNN for images (digits as 1×8×8)
 from lightning_modules.network import SequenceClassifier  # a recurrent layer over sequences (digits as 8 rows)
-from lightning_modules.callbacks import DeltaMonitor  # issue 11: δ per layer while training
+from lightning_modules.callbacks import DeltaMonitor  # δ per layer while training
 from lightning_modules.idx import IDXDataModule, LeNet5, read_idx
 from lightning_modules.mnist1d import MNIST1DCNN, MNIST1DGRU, MNIST1DMLP, MNIST1DDataModule
 from lightning_modules.tasks import (

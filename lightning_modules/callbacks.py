@@ -227,7 +227,7 @@ class DistributedTeardown(pl.Callback):
             dist.destroy_process_group()
 
 
-# ------------------------------------------------------------ the δ tape (issue 11)
+# ------------------------------------------------------------ the δ tape
 
 DELTA_STATISTICS = {"norm": "‖δ‖₂ over the batch", "mean_abs": "mean |δ|", "rms": "rms of δ"}
 

@@ -112,7 +112,7 @@ def state_dict_for_backend(
     }
 
 
-# ------------------------------------------------------------ a small CNN for images (issue 8)
+# ------------------------------------------------------------ a small CNN for images
 
 
 class SmallCNN(torch.nn.Sequential):
@@ -167,7 +167,7 @@ class SequenceClassifier(torch.nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
-# ------------------------------------------------------------ learning rules (issue 12)
+# ------------------------------------------------------------ learning rules
 
 
 def check_learning_rule(learning_rule: str, backend: str) -> str | None:

@@ -12,11 +12,11 @@ from manual_backprop.convert import ConversionError, ModuleReport, Report, conve
 from manual_backprop.mode import ManualFunctions, manual_functions
 from manual_backprop.registry import PluginFailure, PluginWarning, Registry, Rule, default_registry, register
 from manual_backprop import testing  # noqa: E402  (uses convert and mode above)
-from manual_backprop.per_sample import per_sample_grads  # noqa: E402  (issue 10: per-sample gradients)
-from manual_backprop import privacy  # noqa: E402  (issue 10: DP-SGD on the per-sample norms)
-# the δ tape (issue 11)
+from manual_backprop.per_sample import per_sample_grads  # noqa: E402  (per-sample gradients)
+from manual_backprop import privacy  # noqa: E402  (DP-SGD on the per-sample norms)
+# the δ tape
 from manual_backprop.tape import Tape, tape  # noqa: E402
-# learning rules (issue 12)
+# learning rules
 from manual_backprop.learning_rules import LayerAlignment, alignment, learning_rule_names  # noqa: E402
 
 __version__ = "0.1.0"
@@ -46,10 +46,10 @@ __all__ = [
     "rules",
     "set_debug_checks",
     "testing",
-    # the δ tape (issue 11)
+    # the δ tape
     "Tape",
     "tape",
-    # learning rules (issue 12)
+    # learning rules
     "LayerAlignment",
     "alignment",
     "learning_rule_names",

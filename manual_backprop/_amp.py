@@ -38,7 +38,7 @@ _POLICY: dict[str, dict[str, str]] = {
         # norm branch: AutocastCPU lists prelu as lower_precision_fp and no norm at all
         # (batch_norm, layer_norm, group_norm, rms_norm keep the input's dtype; mixed-dtype kernels)
         "prelu": LOWER,
-        # convolution and pooling (issue 8): conv and conv_transpose in the lower precision; the
+        # convolution and pooling: conv and conv_transpose in the lower precision; the
         # 3-d pools and reflect/replicate padding kernels in fp32 (max_pool3d_with_indices is not listed)
         **dict.fromkeys(["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"], LOWER),
         **dict.fromkeys(["max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d",
@@ -61,7 +61,7 @@ _POLICY: dict[str, dict[str, str]] = {
         "group_norm": FP32,
         "rms_norm": FP32,
         "prelu": LOWER,
-        # convolution (issue 8): conv and conv_transpose in the lower precision; no pool or pad is listed
+        # convolution: conv and conv_transpose in the lower precision; no pool or pad is listed
         **dict.fromkeys(["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"], LOWER),
         # embedding and attention (embedding is in no list: it keeps its dtype)
         "scaled_dot_product_attention": LOWER,
@@ -81,7 +81,7 @@ _BCE_BANNED_MESSAGE = (
 
 
 # Is autocast on for any device? One cheap check, for the hot paths (autocast_inputs, without_autocast,
-# and callers that skip even the call to autocast_inputs at course sizes, issue 13).
+# and callers that skip even the call to autocast_inputs at course sizes).
 autocast_on = torch._C._is_any_autocast_enabled
 
 

@@ -50,7 +50,7 @@ Patterns = Union[Pattern, Iterable[Pattern], None]
 
 MANUAL, STOCK, CONTAINER = "manual", "stock", "container"
 _PURE_CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
-# Modules that only reshape (views of their input): nothing to differentiate, so no rule is needed (issue 8).
+# Modules that only reshape (views of their input): nothing to differentiate, so no rule is needed.
 _VIEWS = (torch.nn.Flatten, torch.nn.Unflatten)
 
 

@@ -132,7 +132,7 @@ def _routes() -> dict[Callable, tuple[str, Callable]]:
         ("hardswish", MF.hardswish, [F.hardswish]),
         ("mish", MF.mish, [F.mish]),
         ("prelu", MF.prelu, [F.prelu, torch.prelu, T.prelu]),
-        # convolution and pooling (issue 8); F.conv2d is torch.conv2d, F.max_pool2d dispatches on
+        # convolution and pooling; F.conv2d is torch.conv2d, F.max_pool2d dispatches on
         # return_indices to F.max_pool2d_with_indices or torch.max_pool2d, all seen by the mode
         *_conv_and_pool_routes(),
         # embedding and attention

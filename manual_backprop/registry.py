@@ -327,7 +327,7 @@ def _builtin_rules() -> list[Rule]:
         (nn.Hardswish, mnn.Hardswish),
         (nn.Mish, mnn.Mish),
         (nn.PReLU, mnn.PReLU),
-        # convolution and pooling (issue 8)
+        # convolution and pooling
         (nn.Conv1d, mnn.Conv1d),
         (nn.Conv2d, mnn.Conv2d),
         (nn.Conv3d, mnn.Conv3d),

@@ -1,4 +1,4 @@
-"""Fixed per-call cost of the per-layer modules against stock, at a course size (issue 13, part 4).
+"""Fixed per-call cost of the per-layer modules against stock, at a course size.
 
     python scripts/bench_overhead.py            # 4→8→8→1, batch 32, sigmoid; --rounds, --threads
     python scripts/bench_overhead.py --activation sigmoid tanh relu --floor

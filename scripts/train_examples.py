@@ -25,8 +25,8 @@ EXAMPLES = [
     ("regression_diabetes", "r2", 0.30),
     ("binary_breast_cancer", "accuracy", 0.95),
     ("multiclass_digits", "accuracy", 0.95),
-    ("multiclass_digits_cnn", "accuracy", 0.97),  # digits as 1×8×8 images, a small CNN (issue 8)
-    # DP-SGD on our per-sample norms (issue 10): σ = 1.5, C = 1, 20 epochs, ε ≈ 4.6 at δ = 1e-5; test accuracy
+    ("multiclass_digits_cnn", "accuracy", 0.97),  # digits as 1×8×8 images, a small CNN
+    # DP-SGD on our per-sample norms: σ = 1.5, C = 1, 20 epochs, ε ≈ 4.6 at δ = 1e-5; test accuracy
     # 0.939 with the shipped seed (noise costs ~2 points against the non-private 0.95+): floor 0.90
     ("binary_breast_cancer_dp", "accuracy", 0.90),
     # MNIST-1D (generated, not downloaded), the authors' CNN and settings (6,000 steps of Adam 1e-2, batch 100):
@@ -56,7 +56,7 @@ def train_and_test(
     start = time.perf_counter()
     cli = build_cli(args, run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    epsilon = cli.trainer.callback_metrics.get("train/epsilon")  # DP-SGD's privacy spent (issue 10)
+    epsilon = cli.trainer.callback_metrics.get("train/epsilon")  # DP-SGD's privacy spent
     (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     if epsilon is not None:
         results["epsilon"] = float(epsilon)

@@ -185,7 +185,7 @@ LOSSES += [
     Loss("ce_unbatched", MF.cross_entropy, TF.cross_entropy, "CrossEntropyBackward", lambda n, d, t, g: (torch.randn(4, dtype=t, generator=g).to(d), torch.tensor(2, device=d))),
 ]
 
-# ---- weights under every reduction, and a non-default ignore_index (issue 14: mutants that survived a
+# ---- weights under every reduction, and a non-default ignore_index (mutants that survived a
 # backward using the default ignore_index, and weighted MSE's backward under reduction "sum").
 # The weighted cases above run with "mean"; these add "sum" and "none". ignore_index=1 is a real class
 # that the random targets hit about one time in four.
@@ -313,7 +313,7 @@ NORMS = [
 ]
 
 
-# ------------------------------------------------------- convolution and pooling (issue 8)
+# ------------------------------------------------------- convolution and pooling
 
 
 @dataclass(frozen=True)
@@ -489,7 +489,7 @@ ATTENTION_CASES = [
 ]
 
 
-# ------------------------------------------------ native fused MLP (issue 13)
+# ------------------------------------------------ native fused MLP
 
 # The fused MLP rule's autograd node: the Python rule's, or its native twin's (csrc/mlp.cpp), whose
 # C++ node Python sees as a `CppFunction` named "torch::autograd::CppNode<manual_backprop::NativeMLP>".

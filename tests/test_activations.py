@@ -207,7 +207,7 @@ def test_compile_aot_eager_fullgraph_each_activation(activation):
     torch.testing.assert_close(got, expected)
 
 
-# ------------------------------------------------ per-layer overhead (issue 13, part 4): fewer ops, same rounding
+# ------------------------------------------------ per-layer overhead: fewer ops, same rounding
 
 
 @pytest.mark.parametrize("rule", [rules.Sigmoid, rules.Tanh])

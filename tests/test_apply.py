@@ -61,7 +61,7 @@ def test_without_the_private_internals_every_call_takes_function_apply(monkeypat
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-# ------------------------------------------------ native branch (issue 13): the fast path's dead-wrapper check
+# ------------------------------------------------ native branch: the fast path's dead-wrapper check
 
 
 def test_a_tensor_left_by_a_finished_transform_is_unwrapped_as_function_apply_does():
@@ -83,7 +83,7 @@ def test_a_tensor_left_by_a_finished_transform_is_unwrapped_as_function_apply_do
     torch.testing.assert_close(W.grad, dead.sum(0).expand(2, 3))
 
 
-# ------------------------------------------------ per-layer overhead (issue 13, part 4): direct_backward
+# ------------------------------------------------ per-layer overhead: direct_backward
 
 
 def count_backward_c_function_applies(monkeypatch) -> list:

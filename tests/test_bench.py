@@ -81,7 +81,7 @@ def test_targets_report_met_and_missed(bench):
 
 
 def test_native_targets_report_met_and_missed(bench):
-    """Issue 13: geomean ≤ 0.80×, every size ≤ 1.00×, course sizes (≤ 64 wide) ≤ 0.75×, saved bytes ≤ stock."""
+    """The native rule's targets: geomean ≤ 0.80×, every size ≤ 1.00×, course sizes (≤ 64 wide) ≤ 0.75×, saved bytes ≤ stock."""
     def case(sizes, native, saved_native=100):
         c = bench.Case("cpu", sizes, 8, "relu", False)
         c.times, c.saved = {"stock": 1.0, "native": native}, {"stock": 100, "native": saved_native}

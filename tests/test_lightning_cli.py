@@ -42,7 +42,7 @@ SHIPPED = [
     ("regression_diabetes", RegressionTask, SklearnDataModule, {"in_features": 10, "out_features": 1}),
     ("binary_breast_cancer", BinaryClassificationTask, SklearnDataModule, {"in_features": 30}),
     ("multiclass_digits", MulticlassClassificationTask, SklearnDataModule, {"in_features": 64, "num_classes": 10}),
-    ("binary_breast_cancer_dp", BinaryClassificationTask, SklearnDataModule, {"in_features": 30}),  # DP-SGD (issue 10)
+    ("binary_breast_cancer_dp", BinaryClassificationTask, SklearnDataModule, {"in_features": 30}),  # DP-SGD
 ]
 
 
@@ -229,7 +229,7 @@ def test_make_train_script_prints_one_table_and_fails_when_a_floor_is_missed(tmp
     assert (tmp_path / "multiclass_digits" / "lightning_logs" / "version_0" / "training_curves.png").is_file()
 
 
-# ------------------------------------------------------------------ the command as people use it (issue 14)
+# ------------------------------------------------------------------ the command as people use it
 
 CSV_CONFIG = str(config_path("csv_example"))
 

@@ -443,7 +443,7 @@ def test_multiclass_accuracy_is_the_fraction_correct_on_imbalanced_labels():
     assert values["test/f1_macro"] == pytest.approx((2 * 0.8 / 1.8 + 0 + 0) / 3)  # class 0: precision 0.8, recall 1
 
 
-# ------------------------------------------------------------------ DP-SGD on our per-sample norms (issue 10)
+# ------------------------------------------------------------------ DP-SGD on our per-sample norms
 
 
 @pytest.mark.parametrize("task_cls, dataset, extra, grad_fns", TASKS)

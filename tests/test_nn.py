@@ -61,7 +61,7 @@ MODULES += [
     (mnn.PReLU, torch.nn.PReLU, {}, images, "PReLUBackward"),
 ]
 
-# convolution and pooling (issue 8)
+# convolution and pooling
 image = lambda *shape: lambda device: [torch.randn(*shape, device=device)]  # noqa: E731
 MODULES += [
     (mnn.Conv1d, torch.nn.Conv1d, dict(in_channels=2, out_channels=3, kernel_size=3, padding=1), image(2, 2, 7), "ConvolutionBackward"),

@@ -1,4 +1,4 @@
-"""Per-sample gradients and norms (issue 10): `per_sample_grads` against torch.func's vmap(grad(per-sample loss)).
+"""Per-sample gradients and norms: `per_sample_grads` against torch.func's vmap(grad(per-sample loss)).
 
 Every case is data: a stock model (the reference runs it under vmap), its input and target, and how
 the loss reduces. Ours is the same model converted to our rules, watched by `per_sample_grads`.

@@ -1,4 +1,4 @@
-"""DP-SGD on our per-sample norms (issue 10): clipping without per-sample gradients equals clipping with them,
+"""DP-SGD on our per-sample norms: clipping without per-sample gradients equals clipping with them,
 Opacus's DPOptimizer takes our grad_sample unchanged, accounting comes from Opacus and is optional."""
 
 from __future__ import annotations

@@ -52,3 +52,21 @@ def test_recurrent_example_runs_and_prints_what_its_comment_says():
         exec(block, {})
     expected = re.search(r"# (\S+ \S+)\n", block).group(1)
     assert printed.getvalue().strip() == expected == "manual_backprop.nn.recurrent True"
+
+
+def test_nothing_a_user_reads_speaks_of_tracker_items():
+    """Docs, docstrings, comments, test names and messages speak of the library, not of how its work was
+    organised: no tracker item numbers (a link to another project's tracker, as PyTorch's, is fine)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    pattern = re.compile(r"\b[Ii]ssues? \d+|\bthis round\b|\bwas lent\b")
+    found = []
+    for name in files:
+        if not re.search(r"\.(py|md|yaml|toml|cpp|txt)$|Makefile$", name):
+            continue
+        for number, line in enumerate((root / name).read_text(errors="replace").splitlines(), 1):
+            if pattern.search(line) and "pytorch issue" not in line.lower():
+                found.append(f"{name}:{number}: {line.strip()[:100]}")
+    assert not found, "\n".join(found)

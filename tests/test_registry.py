@@ -55,7 +55,7 @@ BUILTIN_PAIRS = {
     nn.TransformerEncoderLayer: mnn.TransformerEncoderLayer,
     nn.TransformerDecoderLayer: mnn.TransformerDecoderLayer,
 }
-# convolution and pooling (issue 8)
+# convolution and pooling
 BUILTIN_PAIRS.update({getattr(nn, name): getattr(mnn, name) for name in [
     "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
     "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",

@@ -17,7 +17,7 @@ from manual_backprop.nn.recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNC
 from manual_backprop.nn.activation import Hardsigmoid, Hardswish, Hardtanh, Mish, PReLU, ReLU6
 from manual_backprop.nn.dropout import Dropout, Dropout1d, Dropout2d, Dropout3d
 from manual_backprop.nn.norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm, RMSNorm
-# convolution and pooling (issue 8)
+# convolution and pooling
 from manual_backprop.nn.conv import Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
 from manual_backprop.nn.pooling import (
     AdaptiveAvgPool1d,
@@ -68,7 +68,7 @@ __all__ = [
     "PReLU",
     "RMSNorm",
     "ReLU6",
-    # convolution and pooling (issue 8)
+    # convolution and pooling
     "AdaptiveAvgPool1d",
     "AdaptiveAvgPool2d",
     "AdaptiveAvgPool3d",

@@ -44,7 +44,7 @@ from manual_backprop.rules.losses import (
     MSELoss,
 )
 
-# convolution and pooling (issue 8)
+# convolution and pooling
 from manual_backprop.rules.conv import Convolution, ConvTranspose, Pad
 from manual_backprop.rules.pooling import AdaptiveAvgPool, AdaptiveMaxPool, AvgPool, MaxPool
 
@@ -79,7 +79,7 @@ __all__ = [
     "PReLU",
     "RMSNorm",
     "ReLU6",
-    # convolution and pooling (issue 8)
+    # convolution and pooling
     "AdaptiveAvgPool",
     "AdaptiveMaxPool",
     "AvgPool",

@@ -12,7 +12,7 @@ Backward has the same kind of plumbing: autograd's engine calls the graph node's
 `apply`, which for a Python Function is `BackwardCFunction.apply`, two Python
 frames that look up and call `rule.backward`. `direct_backward` makes the node's
 `apply` one frame that calls `rule.backward` (what those frames would call anyway), a µs
-or so per node and step at course sizes (issue 13). Compiled autograd calls
+or so per node and step at course sizes. Compiled autograd calls
 `rule.backward` itself and is unaffected.
 
 The fast path leans on private torch internals (`torch._C._FunctionBase.apply`,

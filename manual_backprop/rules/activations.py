@@ -76,7 +76,7 @@ class Elementwise(torch.autograd.Function):
                 return delta_sigma_prime(delta, saved)
             return delta_sigma_prime(delta, saved, *params), *(None,) * len(params)
 
-        # forward is σ itself (no frame around it: each call's few µs show at course sizes, issue 13)
+        # forward is σ itself (no frame around it: each call's few µs show at course sizes)
         cls.forward = staticmethod(sigma)
         cls.setup_context = staticmethod(setup_context)
         cls.backward = staticmethod(backward)
@@ -116,7 +116,7 @@ class Sigmoid(Elementwise):
     @staticmethod
     def delta_sigma_prime(delta, a):
         # (1 − a)·a·δ in one new tensor, updated in place (autograd still tracks it). torch.rsub(a, 1) is
-        # 1 − a without Tensor.__rsub__'s Python wrapper: ~5 µs a layer and step at course sizes (issue 13).
+        # 1 − a without Tensor.__rsub__'s Python wrapper: ~5 µs a layer and step at course sizes.
         return torch.rsub(a, 1).mul_(a).mul_(delta)
 
 
@@ -444,7 +444,7 @@ def per_sample_prelu_weight_grads(delta, z, weight):
     return grad.reshape(z.shape[0], *weight.shape).to(weight.dtype)
 
 
-# Autograd calls each rule's backward directly (issue 13: see `_apply.direct_backward`). Elementwise
+# Autograd calls each rule's backward directly (see `_apply.direct_backward`). Elementwise
 # defines backward in __init_subclass__, before torch's metaclass makes the class's graph-node type,
 # so the rules are handed over here, once all are defined (and PReLU, Softmax, InplaceElementwise too).
 for _rule in (*Elementwise.__subclasses__(), PReLU, Softmax, InplaceElementwise):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from manual_backprop._amp import without_autocast
-from manual_backprop.rules._apply import direct_backward  # the engine calls backward itself (issue 13)
+from manual_backprop.rules._apply import direct_backward  # the engine calls backward itself
 
 
 def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
