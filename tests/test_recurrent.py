@@ -640,3 +640,28 @@ def test_alignment_measures_each_recurrent_weight_on_its_own():
     assert list(backprop) == list(feedback) == names
     assert all(backprop[n].update < 1e-5 for n in names)  # backprop against itself
     assert feedback["weight_hh_l0"].update > 1.0  # δ back through time goes through B, not W_hh
+
+
+AUTOCAST_CASES = [c for c in CASES if not c.train and "proj" not in c.name and "no_bias" not in c.name]
+
+
+@pytest.mark.parametrize("case", AUTOCAST_CASES, ids=repr)
+def test_autocast_cpu_bfloat16_matches_stock_dtypes_and_accuracy(case):
+    """Under CPU autocast every output comes back in stock's dtype (bfloat16 for lstm and rnn_*, whose
+    kernels autocast lists; float32 for gru and the GRU and LSTM cells), gradients in float32, on our
+    rules; outputs and gradients within 2× stock's autocast error from the float64 truth, or within four
+    bfloat16 epsilons (2⁻⁵) of the largest value: the rules run the δ recursion in bfloat16, where oneDNN's
+    LSTM keeps more precision inside (up to 6× stock's error on a bias gradient), and stock's own relu
+    RNN gradients are far off where bfloat16 flips a sign near 0."""
+    truth_module, _ = pair(case, torch.float64)
+    _, truth, _, truth_grads = run(case, truth_module, torch.float64)
+    stock, ours = pair(case, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, expected_outs, _, expected = run(case, stock, torch.float32)
+        _, outs, _, grads = run(case, ours, torch.float32)
+    assert [o.dtype for o in outs] == [o.dtype for o in expected_outs]
+    assert [g.dtype for g in grads] == [g.dtype for g in expected] == [torch.float32] * len(grads)
+    assert OUR_NODES & set(graph_nodes(outs[0]))
+    for got, want, true in zip(outs + list(grads), expected_outs + list(expected), truth + list(truth_grads)):
+        ours_error, stock_error = (got.double() - true).abs().max(), (want.double() - true).abs().max()
+        assert ours_error <= max(2 * stock_error, 2**-5 * true.abs().max()), (ours_error, stock_error)
