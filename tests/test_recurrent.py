@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import pytest
@@ -177,8 +178,33 @@ def test_float32_no_further_from_the_float64_truth_than_stock(case):
         module.float()
         _, _, loss, grads = run(case, module, dtype=torch.float32)
         err[who] = max(relative(a.double(), b) for a, b in zip((loss, *grads), (l_true, *g_true)))
-    # the same float32 operations in another order: rounding differs case by case, never by more than 2×
+    # the same float32 operations in another order: at these few ulps rounding differs case by case, never
+    # by more than 2× (the test below holds ours to 1.2× where sums are long enough to tell orders apart)
     assert err["ours"] <= 2 * err["stock"], err
+
+
+@pytest.mark.parametrize("stock_cls", [nn.RNN, nn.LSTM, nn.GRU], ids=lambda c: c.__name__)
+def test_float32_error_at_a_realistic_size_within_1_2x_stock(stock_cls):
+    """T = 50 steps, batch 32, width 32, 2 layers, bidirectional: the largest relative error of the output
+    and of every gradient against the float64 truth is at most 1.2× stock's float32 one (measured: LSTM
+    0.3–0.6×, its weight and bias sums over all steps at once; GRU 0.9–1.0×; RNN 0.9–1.1×, over seeds)."""
+    T, N, H = 50, 32, 32
+    torch.manual_seed(0)
+    stock = stock_cls(H, H, num_layers=2, bidirectional=True).double()
+    ours = ours_of(stock_cls)(H, H, num_layers=2, bidirectional=True).double()
+    ours.load_state_dict(stock.state_dict())
+    x, upstream = torch.randn(T, N, H, dtype=torch.float64), torch.randn(T, N, 2 * H, dtype=torch.float64)
+
+    def outputs_and_grads(module, dtype):
+        x_ = x.to(dtype).requires_grad_()
+        out, _ = module.to(dtype)(x_)
+        return [out, *torch.autograd.grad((out * upstream.to(dtype)).sum(), [x_, *module.parameters()])]
+
+    truth = outputs_and_grads(copy.deepcopy(stock), torch.float64)
+    err = {who: max(relative(a.double(), b) for a, b in zip(outputs_and_grads(m, torch.float32), truth))
+           for who, m in (("stock", stock), ("ours", ours))}
+    assert OUR_NODES & set(graph_nodes(outputs_and_grads(ours, torch.float32)[0]))
+    assert err["ours"] <= 1.2 * err["stock"], err
 
 
 # ------------------------------------------------------------------ drop-in
