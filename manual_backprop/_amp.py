@@ -19,6 +19,7 @@ import functools
 from typing import Callable, TypeVar
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from manual_backprop import observe
 
@@ -47,6 +48,15 @@ _POLICY: dict[str, dict[str, str]] = {
         # embedding and attention (embedding is in no list: it keeps its dtype)
         "scaled_dot_product_attention": LOWER,
         "addmm": LOWER,  # transformers' Conv1D
+        # recurrent: AutocastCPU lists mkldnn_rnn_layer, the kernel torch.lstm runs each layer of on padded
+        # input, and linear, the products rnn_tanh/relu and their cells are made of: their outputs come out
+        # in the lower precision. gru and gru_cell run in float32 (nothing inside them is listed). lstm_cell
+        # and lstm on a PackedSequence's data ("_packed": the second overload) form the products in the
+        # lower precision but update the float32 state c in float32, so their outputs stay float32; the
+        # rules, one dtype throughout, run them in float32. lstm with proj_size is not oneDNN's either: its
+        # c_n stays float32 in torch, and comes out in the lower precision here.
+        **dict.fromkeys(["lstm", "rnn_tanh", "rnn_relu", "rnn_tanh_packed", "rnn_relu_packed", "rnn_tanh_cell",
+                         "rnn_relu_cell"], LOWER),
     },
     "cuda": {
         "linear": LOWER,
@@ -66,6 +76,10 @@ _POLICY: dict[str, dict[str, str]] = {
         # embedding and attention (embedding is in no list: it keeps its dtype)
         "scaled_dot_product_attention": LOWER,
         "addmm": LOWER,  # transformers' Conv1D
+        # recurrent: the four cells are in AT_FORALL_LOWER_PRECISION_FP; lstm, gru, rnn_* run cuDNN's
+        # _cudnn_rnn, whose autocast kernel (_cudnn_rnn_cast_reflatten) casts to the lower precision
+        **dict.fromkeys(["lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_packed", "gru_packed", "rnn_tanh_packed",
+                         "rnn_relu_packed", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"], LOWER),
     },
 }
 
@@ -110,6 +124,18 @@ def autocast_inputs(op: str, device: torch.device, *tensors: torch.Tensor | None
     for original, copy in zip(tensors, cast):  # a watched parameter's copy still names that parameter
         observe.cast(original, copy)
     return cast
+
+
+def autocast_nested(op: str, device: torch.device, args: tuple) -> tuple:
+    """`autocast_inputs` for an op whose tensors sit in tuples and lists (torch.lstm's hx = (h0, c0), its
+    params list); every other argument passes through."""
+    if not autocast_on():
+        return args
+    leaves, spec = tree_flatten(args)
+    at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    for i, cast in zip(at, autocast_inputs(op, device, *(leaves[i] for i in at))):
+        leaves[i] = cast
+    return tree_unflatten(leaves, spec)
 
 
 F = TypeVar("F", bound=Callable)

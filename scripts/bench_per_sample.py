@@ -1,15 +1,19 @@
 """Per-sample gradients and norms: ours against Opacus, torch.func and BackPACK, in one run.
 
-    .venv/bin/python scripts/bench_per_sample.py [--quick] [--rounds N] [--device cpu|cuda]
+    .venv/bin/python scripts/bench_per_sample.py [--quick] [--rounds N] [--device cpu|cuda] [--only NAME]
 
-Three models: an MLP 784→512→512→10 at batch 256, a transformer-style block (embedding,
-one TransformerEncoderLayer, a linear head; sequences of 32 at batch 32), and a small CNN
-(two 3×3 convolutions on 28×28 images at batch 64). Each contender does one training step's
+The models: an MLP 784→512→512→10 at batch 256, a transformer-style block (embedding,
+one TransformerEncoderLayer, a linear head; sequences of 32 at batch 32), a small CNN
+(two 3×3 convolutions on 28×28 images at batch 64), and an LSTM with a linear head on its last
+step at three sizes (steps T, batch N, width H) = (40, 100, 64), (100, 32, 128), (20, 256, 256).
+`--only lstm` runs the models whose name contains "lstm". Each contender does one training step's
 worth of work: forward, backward, and every sample's gradient norm, and
 
     ours materialize      manual_backprop.per_sample_grads: p.grad_sample (N, *p.shape) and ps.norms
     ours norms only       materialize=False: ps.norms from the norm identities, no (N, *p.shape)
-    opacus hooks          GradSampleModule: p.grad_sample, norms from them (Opacus's clipping does this)
+    opacus hooks          GradSampleModule: p.grad_sample, norms from them (Opacus's clipping does this);
+                          ModuleValidator.fix first, as Opacus users do: nn.LSTM becomes its DPLSTM with
+                          the same weights (DPLSTM names its parameters as torch does, weight_ih_l0 …)
     opacus ghost          GradSampleModuleFastGradientClipping: norms only (ghost clipping's first pass)
     torch.func            vmap(grad(per-sample loss)) on the stock model, norms from them
     backpack              BatchGrad + BatchL2Grad, where backpack-for-pytorch is installed
@@ -53,8 +57,24 @@ class Block(nn.Module):
         return self.head(self.layer(self.embed(x)).mean(1))
 
 
+class Recurrent(nn.Module):
+    """An LSTM over (N, T, H) inputs, a linear head on its last step's output."""
+
+    def __init__(self, width: int, classes=10):
+        super().__init__()
+        self.lstm = nn.LSTM(width, width, batch_first=True)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def lstm_model(T: int, N: int, H: int):
+    return ("lstm T%d N%d H%d" % (T, N, H), lambda: Recurrent(H), lambda g: torch.randn(N, T, H, generator=g))
+
+
 def models(quick: bool):
-    """(name, stock model factory, input maker, number of classes)."""
+    """(name, stock model factory, input maker)."""
     s = 4 if quick else 1
     mlp = ("mlp 784-512-512-10, batch %d" % (256 // s),
            lambda: nn.Sequential(nn.Linear(784, 512 // s), nn.ReLU(), nn.Linear(512 // s, 512 // s), nn.ReLU(),
@@ -67,7 +87,11 @@ def models(quick: bool):
            lambda: nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)),
            lambda g: torch.randn(64 // s, 1, 28, 28, generator=g))
-    return [mlp, block, cnn]
+    lstms = [lstm_model(5, 8, 16)] if quick else [lstm_model(*size) for size in LSTM_SIZES]
+    return [mlp, block, cnn, *lstms]
+
+
+LSTM_SIZES = [(40, 100, 64), (100, 32, 128), (20, 256, 256)]
 
 
 def loss_fn(out, y):
@@ -111,9 +135,10 @@ def _opacus_ready(stock):
 
 
 def _swapped(model, stock) -> bool:
-    """Whether ModuleValidator.fix changed the model (its DPMultiheadAttention is a different module, not
-    loaded with the original's weights): its norms are then not comparable with the others'."""
-    return [n for n, _ in model.named_parameters()] != [n for n, _ in stock.named_parameters()]
+    """Whether ModuleValidator.fix changed the model's weights (its DPMultiheadAttention has other parameters,
+    not loaded from the original's): its norms are then not comparable with the others'. Its DPLSTM has
+    torch's names (in another order) and is loaded with the LSTM's weights: comparable."""
+    return sorted(n for n, _ in model.named_parameters()) != sorted(n for n, _ in stock.named_parameters())
 
 
 def opacus_hooks(stock, x, y):
@@ -219,10 +244,12 @@ def timed(step, reset, device: str) -> float:
     return time.perf_counter() - start
 
 
-def run(quick: bool, rounds: int, device: str) -> list[dict]:
+def run(quick: bool, rounds: int, device: str, only: str = "") -> list[dict]:
     rows = []
     g = torch.Generator().manual_seed(0)
     for name, make, inputs in models(quick):
+        if only not in name:
+            continue
         torch.manual_seed(0)
         stock = make().to(device)
         x = inputs(g).to(device)
@@ -279,9 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes, one round (the test runs this)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", default="", help="run only the models whose name contains this (e.g. lstm)")
     options = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    rows = run(options.quick, 1 if options.quick else options.rounds, options.device)
+    rows = run(options.quick, 1 if options.quick else options.rounds, options.device, options.only)
     machine = torch.cuda.get_device_name() if options.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"per-sample gradients and norms, {machine}, torch {torch.__version__}, median of "
           f"{1 if options.quick else options.rounds} rounds")

@@ -4,7 +4,8 @@ Each subclasses its torch module and overrides `forward` only, which runs torch'
 (its checks, default states, unbatched inputs, PackedSequence sorting and packing, exactly as
 torch does them) with the one call at its end, `_VF.lstm` / `_VF.gru` / `_VF.rnn_tanh` / … ,
 sent to `manual_backprop.functional`'s twin of the same signature. `flatten_parameters` is a
-no-op: it packs the weights into one cuDNN buffer, which our rules do not read.
+no-op: it packs the weights into one cuDNN buffer, which our rules do not read. Under autocast the
+call's tensors are cast as autocast casts torch's (`_amp`'s policy for lstm, gru, rnn_* and the cells).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from manual_backprop import functional as F
+from manual_backprop._amp import autocast_nested, autocast_on
 
 # The calls torch's recurrent modules end in (`torch._VF.x` is `torch.x`), and our twins.
 RECURRENT_CALLS = {
@@ -35,7 +37,13 @@ class _OnOurRules(TorchFunctionMode):
         self.calls = calls
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        return self.calls.get(func, func)(*args, **(kwargs or {}))
+        ours = self.calls.get(func)
+        if ours is None:
+            return func(*args, **(kwargs or {}))
+        if autocast_on():  # cast as autocast casts torch's op (a cast is a no-op on a tensor cast already)
+            packed = len(args) > 3 and isinstance(args[3], (list, tuple))  # (data, batch_sizes, hx, params, …)
+            args = autocast_nested(func.__name__ + "_packed" * packed, args[0].device, args)
+        return ours(*args, **(kwargs or {}))
 
 
 class _Recurrent:

@@ -94,9 +94,9 @@ def _carry(new: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
 
 
 def _input_part(x, W_ih, b_ih, b_hh):
-    """x_t W_ihᵀ + b_ih + b_hh for every step at once: what of z_t does not wait for h_{t−1}."""
-    zx = F.linear(x, W_ih, b_ih)
-    return zx if b_hh is None else zx + b_hh
+    """x_t W_ihᵀ + b_ih + b_hh for every step at once: what of z_t does not wait for h_{t−1}. The two
+    biases are added once, as one (4H,) vector, not as a second pass over every step's rows."""
+    return F.linear(x, W_ih, _plus(b_ih, b_hh))
 
 
 def _plus(x, y):
