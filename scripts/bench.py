@@ -121,7 +121,7 @@ FULL_GRID = [
     ((64, 128, 128, 10), 128, False),
     ((256, 512, 512, 10), 256, False),
     ((784, 1024, 1024, 10), 512, True),
-    # course sizes (≤ 64 wide), where per-op overhead dominates (issue 13)
+    # course sizes (≤ 64 wide), where per-op overhead dominates
     ((6, 12, 12, 1), 48, False),
     ((20, 64, 64, 64, 3), 64, False),
 ]
@@ -190,7 +190,7 @@ def build(case: Case, compile_backend: str, our_loss_for_ours: bool = False):
         "compiled": (lambda: compiled_forward(x, y), compiled_model),
         "peers": (lambda: stock_loss(peers(x), y), peers),
     }
-    # native (issue 13): "fused" runs the Python rule, "native" its C++ twin, on their own copies of the parameters
+    # native: "fused" runs the Python rule, "native" its C++ twin, on their own copies of the parameters
     forwards["fused"] = (python_rule(forwards["fused"][0]), fused)
     native = mnn.MLP.from_sequential(stock)
     forwards["native"] = (lambda: our_loss(native(x), y), native)
@@ -403,7 +403,7 @@ def targets(cases: list[Case]) -> list[tuple[bool, str]]:
 
 
 def native_targets(cases: list[Case]) -> list[tuple[bool, str]]:
-    """Issue 13's targets for the native rule, per size the geometric mean over the activations."""
+    """The native rule's targets, per size the geometric mean over the activations."""
     results = []
     for device in dict.fromkeys(c.device for c in cases if "native" in c.times):
         on = [c for c in cases if c.device == device]
@@ -454,7 +454,7 @@ def chart(cases: list[Case], path: Path) -> None:
     plt.close(fig)
 
 
-# ------------------------------------------------------------------ convolutional networks (issue 8)
+# ------------------------------------------------------------------ convolutional networks
 
 CNN_CONTENDERS = ["stock", "converted", "compiled"]
 
@@ -825,7 +825,7 @@ def main(argv=None) -> int:
     if cases:
         report += ["", "Step time ÷ stock autograd, geometric mean over the activations:", "", summary(cases), "",
                    "Every case:", "", table(cases)]
-    if cnn_cases:  # convolutional networks (issue 8): their own table
+    if cnn_cases:  # convolutional networks: their own table
         report += ["", "Convolutional networks (train mode; stock autograd, convert(), convert() + torch.compile):", "",
                    cnn_table(cnn_cases)]
     if cases or cnn_cases:

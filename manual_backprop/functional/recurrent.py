@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from manual_backprop import _checks, rules
+from manual_backprop._amp import autocast_nested
 from manual_backprop._checks import InputError, shape
 from manual_backprop.functional.dropout import dropout
 from manual_backprop.rules._apply import apply_rule
@@ -84,7 +85,9 @@ def _recurrent_overloads(op: str):
         # torch's two overloads: (input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
         # batch_first) and, for a PackedSequence, (data, batch_sizes, hx, params, has_biases, num_layers,
         # dropout, train, bidirectional); the fourth argument (has_biases or params) tells them apart.
-        if isinstance(args[3], bool):
+        packed = not isinstance(args[3], bool)
+        args = autocast_nested(op + "_packed" * packed, args[0].device, args)  # torch's autocast policy for the op
+        if not packed:
             return _recurrent(op, args[0], None, *args[1:], **kwargs)
         return _recurrent(op, *args, False, **kwargs)
 
@@ -114,6 +117,7 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, feedback=None):
     """One LSTM step (`rules.LSTMLayer` with T = 1). input: (N, in); hx = (h, c), each (N, H). Returns (h', c').
     feedback: None (backprop) or a learning rule's (B_ih, B_hh)."""
     _cell_checks("lstm_cell", input, hx[0], w_ih)
+    input, hx, w_ih, w_hh, b_ih, b_hh = autocast_nested("lstm_cell", input.device, (input, hx, w_ih, w_hh, b_ih, b_hh))
     _, h, c, _, _ = apply_rule(rules.LSTMLayer, input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh, None,
                                (input.shape[0],), False, "", feedback)
     return h, c
@@ -123,12 +127,14 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, feedback=None):
     """One GRU step (`rules.GRULayer` with T = 1). input: (N, in); hx: (N, H). Returns h'.
     feedback: None (backprop) or a learning rule's (B_ih, B_hh)."""
     _cell_checks("gru_cell", input, hx, w_ih)
+    input, hx, w_ih, w_hh, b_ih, b_hh = autocast_nested("gru_cell", input.device, (input, hx, w_ih, w_hh, b_ih, b_hh))
     return apply_rule(rules.GRULayer, input, hx, w_ih, w_hh, b_ih, b_hh, (input.shape[0],), False, "", feedback)[1]
 
 
 def _rnn_cell(op: str, relu: bool):
     def cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, feedback=None):
         _cell_checks(op, input, hx, w_ih)
+        input, hx, w_ih, w_hh, b_ih, b_hh = autocast_nested(op, input.device, (input, hx, w_ih, w_hh, b_ih, b_hh))
         return apply_rule(rules.RNNLayer, input, hx, w_ih, w_hh, b_ih, b_hh, relu, (input.shape[0],), False, "",
                           feedback)[1]
 
