@@ -63,8 +63,8 @@ NOISE = [
 
 
 # Torch's intra-op threads when neither --threads nor a config says: the shipped configs' networks are
-# at most a few hundred wide, and one thread beats two on them (measured on a 2-core machine: the
-# digits config's fit took 49–52 s with torch's default of 2 threads, 14 s with 1).
+# at most a few hundred wide (measured on a 2-core machine, the digits config's fit: idle, 12.2 s with
+# 1 thread and 10.7 s with 2; busy, 14 s with 1 and 49–52 s with 2): one thread loses little at best.
 DEFAULT_THREADS = 1
 CLASS_KEYS = ("model", "data", "optimizer", "lr_scheduler")  # sections whose keys belong to a class_path
 
