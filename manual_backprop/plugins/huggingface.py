@@ -114,7 +114,18 @@ def conv1d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 # ------------------------------------------------------------ RMS norms of Llama and T5
 
 
-class LlamaRMSNorm(torch.autograd.Function):
+class _RMSNormRule(torch.autograd.Function):
+    """What the two RMS norm rules share: forward returns (y, 1/rms); backward gets x, γ and 1/rms."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, ctx.eps = inputs
+        ctx.call = observe.keep(ctx, weight)
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, weight, output[1], *observe.output(ctx, output[0]))
+
+
+class LlamaRMSNorm(_RMSNormRule):
     """y = γ · cast(x̂), x̂ = x/rms normalised in float32 over the last dim, cast back to x's dtype.
 
         ∂J/∂x = cast(`delta_through_rms`(g, x, 1/rms)),  g = float32(δ γ), x in float32
@@ -125,13 +136,6 @@ class LlamaRMSNorm(torch.autograd.Function):
     def forward(x, weight, eps):
         x_hat, _, rstd = normalize(x.float(), [-1], eps, centered=False)
         return weight * x_hat.to(x.dtype), rstd
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, ctx.eps = inputs
-        ctx.call = observe.keep(ctx, weight)
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(x, weight, output[1], *observe.output(ctx, output[0]))
 
     @staticmethod
     @without_autocast
@@ -148,7 +152,7 @@ class LlamaRMSNorm(torch.autograd.Function):
         return grad_x, grad_gamma, None
 
 
-class T5LayerNorm(torch.autograd.Function):
+class T5LayerNorm(_RMSNormRule):
     """y = γ x̂, x̂ = x · (1/rms) with only the statistic 1/rms computed in float32 (x̂ in x's dtype, or
     float32 beside a half-precision x; cast to γ's dtype when γ is half precision).
 
@@ -160,13 +164,6 @@ class T5LayerNorm(torch.autograd.Function):
     def forward(x, weight, eps):
         rstd = _t5_rstd(x, eps)
         return weight * _t5_x_hat(x, weight, rstd), rstd
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, ctx.eps = inputs
-        ctx.call = observe.keep(ctx, weight)
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(x, weight, output[1], *observe.output(ctx, output[0]))
 
     @staticmethod
     @without_autocast
