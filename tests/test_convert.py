@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -330,6 +331,10 @@ def test_distributed_data_parallel(tmp_path):
         nn.functional.mse_loss(stock(x), y).backward()
         for p, s in zip(ddp.module.parameters(), stock.parameters()):
             torch.testing.assert_close(p.grad, s.grad)
+        # the reducer holds the process group: free it while the group and its store still exist (gloo's
+        # destructor, run after destroy_process_group, has been seen to wait forever on its worker threads)
+        del ddp, out
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
