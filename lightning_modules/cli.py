@@ -25,6 +25,7 @@ configs' small networks (see `DEFAULT_THREADS`).
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import inspect
 import logging
@@ -37,7 +38,6 @@ from typing import Iterator, Optional
 
 import pytorch_lightning as pl
 import torch
-import yaml
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
@@ -104,7 +104,7 @@ def _subcommand_parser(parser: LightningArgumentParser, argv: list[str]):
 def explain_parse_error(parser: LightningArgumentParser, message: str, argv: list[str]) -> str:
     """One line for a parse error: an unknown key names itself, where it was given, its class and the closest key."""
     sub, subcommand = _subcommand_parser(parser, [str(a) for a in argv])
-    dests = {a.dest for a in sub._actions if a.dest not in ("help", argparse_suppress())}
+    dests = {a.dest for a in sub._actions if a.dest not in ("help", argparse.SUPPRESS)}
     for token in map(str, argv):  # the command line: --section.key[=value]
         if not token.startswith("--"):
             continue
@@ -114,12 +114,6 @@ def explain_parse_error(parser: LightningArgumentParser, message: str, argv: lis
         section = key.rsplit(".", 1)[0] if "." in key else ""
         owner = "pytorch_lightning.Trainer" if section == "trainer" else f"the {PROG} {subcommand} command"
         return f"unknown option --{key} for {owner}{_closest(key, dests)}"
-    for path in _config_files(argv):  # the config files: every key outside a class's init_args
-        unknown = _unknown_config_key(_load_yaml(path), dests)
-        if unknown is not None:
-            section = unknown.rsplit(".", 1)[0] if "." in unknown else ""
-            owner = "pytorch_lightning.Trainer" if section == "trainer" else f"the {PROG} {subcommand} command"
-            return f"unknown key {unknown!r} in {path} for {owner}{_closest(unknown, dests)}"
     if match := re.search(r"does not accept option '([\w.]+)'", message):
         key = match[1]
         valid = [f"trainer.{p}" for p in inspect.signature(pl.Trainer).parameters] if key.startswith("trainer.") else dests
@@ -134,12 +128,6 @@ def explain_parse_error(parser: LightningArgumentParser, message: str, argv: lis
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     detail = [line for line in lines if line.startswith("- ") and "NoneType" not in line]
     return " ".join(lines[:1] + [line[2:] for line in detail[:1]]) or message
-
-
-def argparse_suppress() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def _init_parameters(class_path: str) -> list[str]:
@@ -160,29 +148,6 @@ def _config_files(argv: list[str]) -> list[Path]:
             if Path(value).is_file():
                 files.append(Path(value))
     return files
-
-
-def _load_yaml(path: Path) -> dict:
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
-
-
-def _unknown_config_key(tree: dict, dests: set[str], prefix: str = "") -> Optional[str]:
-    for key, value in tree.items():
-        full = f"{prefix}{key}"
-        if full in dests or (not prefix and key in CLASS_KEYS) or full.startswith("trainer.callbacks") or \
-                full.startswith("trainer.logger") or full.startswith("trainer.plugins") or full.startswith("trainer.strategy"):
-            continue
-        if isinstance(value, dict) and any(d.startswith(full + ".") for d in dests):
-            found = _unknown_config_key(value, dests, full + ".")
-            if found is not None:
-                return found
-            continue
-        return full
-    return None
 
 
 def resolve_config_names(argv: list) -> list:

@@ -73,6 +73,13 @@ def trains_privately(trainer: Optional[pl.Trainer]) -> bool:
     return hparams.get("dp_noise_multiplier") is not None
 
 
+def check_positive_int(name: str, value) -> int:
+    """A ConfigError naming `name` unless `value` is a positive int (bool is an int in Python: refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer; got {value!r}")
+    return value
+
+
 def check_sampling(sampling: str) -> str:
     if sampling not in SAMPLINGS:
         raise ConfigError(f"sampling must be one of {', '.join(map(repr, SAMPLINGS))}; got {sampling!r}")
@@ -116,8 +123,7 @@ class TableDataModule(pl.LightningDataModule):
         self.sampling = check_sampling(sampling)
         if task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(map(repr, TASKS))}; got {task!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ConfigError(f"batch_size must be a positive integer; got {batch_size!r}")
+        check_positive_int("batch_size", batch_size)
         for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 < fraction < 1:
                 raise ConfigError(f"{name} must lie strictly between 0 and 1; got {fraction!r}")

@@ -24,7 +24,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_modules.data import seeded_train_sampler
+from lightning_modules.data import check_positive_int, seeded_train_sampler
 from lightning_modules.errors import ConfigError, InputFileNotFoundError
 
 # IDX element types: the magic number's third byte -> numpy dtype (big-endian)
@@ -106,10 +106,8 @@ class IDXDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ConfigError(f"batch_size must be a positive integer; got {batch_size!r}")
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ConfigError(f"image_size must be a positive integer; got {image_size!r}")
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("image_size", image_size)
         if not 0 <= val_fraction < 1:
             raise ConfigError(f"val_fraction must lie in [0, 1); got {val_fraction!r}")
         self.save_hyperparameters()
