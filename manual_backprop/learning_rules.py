@@ -40,6 +40,16 @@ class LayerAlignment:
     feedback: float | None = None
 
 
+class Alignments(dict):
+    """`alignment`'s answer: {layer name: LayerAlignment}, keyed by the model's own names ("0" in an
+    `nn.Sequential`, "net.layers.1" in a task's fused MLP). Asking for a layer it does not hold names
+    the ones it does, so an example written for one model fails clearly on another."""
+
+    def __missing__(self, name: str) -> LayerAlignment:
+        raise KeyError(f"alignment: no layer named {name!r} with a weight in this model; its layers are: "
+                       f"{', '.join(map(repr, self)) or 'none'}")
+
+
 def angle(u: torch.Tensor, v: torch.Tensor) -> float:
     """The angle in degrees between two tensors read as vectors (nan if either is zero)."""
     u, v = u.detach().flatten().double(), v.detach().flatten().double()
@@ -54,14 +64,16 @@ def alignment(
     input: torch.Tensor,
     target: torch.Tensor,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> dict[str, LayerAlignment]:
+) -> Alignments:
     """Per layer with a weight (≥ 2-D, e.g. Linear, conv, each layer of a fused MLP; each weight_ih_l0,
     weight_hh_l0, ... of a recurrent layer on its own): its `LayerAlignment`.
 
     Runs `loss_fn(model(input), target)` once on `model` (its rule's gradients) and once on a
     restored copy (`restore`, stock modules: backprop's), from the same parameters, each from the
-    caller's RNG state (which it leaves as it was), without touching any `.grad`. Keys are the layers' qualified names ("0",
-    "net.layers.1"). Put the model in eval mode first if dropout should not differ between the runs.
+    caller's RNG state (which it leaves as it was), without touching any `.grad`. Keys are the layers'
+    qualified names in `model` ("0" and "2" for `nn.Sequential(Linear, Tanh, Linear)`, "net.layers.1" for a
+    task's fused MLP); a name it does not hold raises a KeyError listing those it does. Put the model
+    in eval mode first if dropout should not differ between the runs.
     """
     # a layer's `weight`, keyed by the layer; a recurrent layer's weight_ih_l0, weight_hh_l0, ... by their own names
     weights = {(name.removesuffix(".weight").removesuffix("weight") if name.rsplit(".", 1)[-1] == "weight" else name): name
@@ -84,11 +96,11 @@ def alignment(
             if callable(pairs):  # brSF draws its M here: inside the fork too
                 for suffix, W, B in pairs():
                     feedback[".".join(part for part in (module_name, suffix) if part)] = angle(W, B)
-    return {
+    return Alignments({
         name: LayerAlignment(
             name,
             math.nan if g is None or g_bp is None else angle(g, g_bp),
             feedback.get(name),
         )
         for name, g, g_bp in zip(names, rule_grads, backprop_grads)
-    }
+    })

@@ -269,6 +269,20 @@ def test_alignment_angles():
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG untouched
 
 
+def test_alignment_keys_any_model_by_its_own_names_and_a_missing_one_lists_them():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randint(3, (8,))
+    loss = nn.functional.cross_entropy
+    plain = mb.convert(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)), registry="feedback_alignment")
+    fused = mb.convert(nn.Sequential(mb.nn.MLP([4, 6, 3], activation="tanh")), registry="feedback_alignment")
+    assert list(mb.alignment(plain, x, y, loss)) == ["0", "2"]
+    assert list(mb.alignment(fused, x, y, loss)) == ["0.layers.0", "0.layers.1"]
+    rows = mb.alignment(plain, x, y, loss)
+    with pytest.raises(KeyError, match=r"no layer named 'layers\.0' .* its layers are: '0', '2'"):
+        rows["layers.0"]
+    assert rows.get("layers.0") is None and "0" in rows  # the rest of dict's interface is dict's
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rule", RULES + ["direct_feedback_alignment"])
 def test_every_rule_on_each_device_and_under_autocast(device, rule):
