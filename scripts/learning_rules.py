@@ -93,6 +93,9 @@ def run(kind: str, rule: str, seed: int, data, epochs: int, batch_size: int, lr:
     return history
 
 
+TITLE = "# Learning rules on digits, measured\n\nWritten by `python scripts/learning_rules.py`."
+
+
 def table(results: dict, seeds: list[int], epochs: dict) -> str:
     lines = [
         f"Test accuracy on sklearn digits' test split after training, mean ± half-range over seeds {seeds}; "
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{kind} {short:5s} {np.mean(accs):5.1f}%  ({time.perf_counter() - start:.0f} s)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     text = table(results, seeds, epochs)
-    (args.out / "learning_rules.md").write_text(text)
+    (args.out / "learning_rules.md").write_text(f"{TITLE}\n\n{text}")
     plot(results, args.out / "learning_rules.png")
     print(text)
     print(f"wrote {args.out / 'learning_rules.md'} and {args.out / 'learning_rules.png'}")

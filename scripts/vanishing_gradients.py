@@ -93,6 +93,9 @@ def notes_label(k: int) -> str:
     return f"δ({k + 2})"
 
 
+TITLE = "# Vanishing gradients: ‖δ(l)‖ per layer, measured\n\nWritten by `python scripts/vanishing_gradients.py`."
+
+
 def table(results: dict) -> str:
     """Markdown: ‖δ(l)‖ per layer and activation, at the start and end of training."""
     L = HIDDEN + 1
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
     results = {activation: train(activation, train_set, test_set, epochs) for activation in ACTIVATIONS}
     plot(results, args.out / "vanishing_gradients.png", epochs)
     text = table(results)
-    (args.out / "vanishing_gradients.md").write_text(text + "\n")
+    (args.out / "vanishing_gradients.md").write_text(f"{TITLE}\n\n{text}\n")
     print(text)
     print(f"\nwrote {args.out / 'vanishing_gradients.png'} in {time.perf_counter() - started:.1f} s")
     return 0

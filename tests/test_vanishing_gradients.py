@@ -34,7 +34,9 @@ def test_quick_run_writes_plot_and_table(script, tmp_path, capsys):
     assert script.main(["--out", str(tmp_path), "--quick"]) == 0
     png = tmp_path / "vanishing_gradients.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
-    table = (tmp_path / "vanishing_gradients.md").read_text()
+    page = (tmp_path / "vanishing_gradients.md").read_text()
+    assert page.startswith(script.TITLE)  # a titled page in the docs site
+    table = page.removeprefix(script.TITLE).strip()
     assert table in capsys.readouterr().out
     rows = table.splitlines()
     assert len(rows) == 2 + script.HIDDEN + 1 + 1  # header, rule, one row per layer, accuracy
