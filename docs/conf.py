@@ -33,7 +33,7 @@ default_role = "code"  # `x` in a docstring is code, as in the Markdown pages
 # marks the formula blocks as literal blocks and escapes the markup characters outside code spans.
 # Nothing is hidden: a docstring that still does not parse fails the build.
 
-CODE = re.compile(r"`([^`]+)`")
+CODE = re.compile(r"``(.+?)``|`([^`]+)`")  # ``code`` (reStructuredText's own) or `code`
 OPENS, CLOSES = "([{<'\"-/:", ".,:;!?)]}>'\"-/\\"  # what may stand before and after inline markup
 BULLET = re.compile(r"\s*(?:[-*•]|\d+\.)\s")
 
@@ -47,7 +47,7 @@ def _escape(text: str) -> str:
         after = text[match.end()] if match.end() < len(text) else " "
         # inline markup must start after a space or punctuation and end before one: "\ " joins it to a word
         opens, closes = before.isspace() or before in OPENS, after.isspace() or after in CLOSES
-        out.append(("" if opens else "\\ ") + f"``{match.group(1)}``" + ("" if closes else "\\ "))
+        out.append(("" if opens else "\\ ") + f"``{match.group(1) or match.group(2)}``" + ("" if closes else "\\ "))
         last = match.end()
     out.append(_escape_prose(text[last:]))
     return "".join(out)
