@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test train bench clean bench-per-sample
+.PHONY: install test train bench clean bench-per-sample docs
 
 install: $(STAMP)
 
@@ -25,8 +25,12 @@ train: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench.py
 
+# the API reference (Sphinx autodoc) and the pages of docs/ (myst-parser) as one site; warnings are errors
+docs: $(STAMP)
+	$(PY) -m sphinx -b html -W --keep-going docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) lightning_logs .pytest_cache
+	rm -rf $(VENV) lightning_logs .pytest_cache docs/_build
 
 # per-sample gradients: ours against Opacus, torch.func and BackPACK. BackPACK declares
 # torchvision, which it does not use: installed without its dependencies (einops, unfoldNd by hand).
