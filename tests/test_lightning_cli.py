@@ -389,7 +389,7 @@ def test_resume_with_ckpt_path_last_continues_the_latest_run(two_target_run, cap
     code, out, err = run_cli(["fit", *common, "--trainer.max_epochs=3", "--ckpt_path", "last"], capsys)
     assert code == 0, err
     resumed = sorted((root / "lightning_logs").glob("version_*"))[-1]
-    assert resumed != two_target_run["log_dir"]  # a new folder: see the README for how the curves join
+    assert resumed != two_target_run["log_dir"]  # a new folder: docs/lightning.md says how the curves join
     assert yaml.safe_load((resumed / "config.yaml").read_text())["ckpt_path"] == str(first)
     with (resumed / "metrics.csv").open() as f:
         epochs = {int(row["epoch"]) for row in csv.DictReader(f)}
@@ -575,13 +575,14 @@ def test_logger_false_says_where_files_go(tmp_path, capsys):
 
 
 def readme_commands() -> list[str]:
-    """The README's `manual-backprop fit ...` commands, continuation lines joined."""
-    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    """The `manual-backprop fit ...` commands of README.md and docs/*.md, continuation lines joined."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text() for page in pages).replace("\\\n", " ")
     return [line.strip() for line in text.splitlines() if line.strip().startswith("manual-backprop fit ")]
 
 
 def test_readme_fit_commands_parse_and_set_max_epochs(capsys, monkeypatch):
-    monkeypatch.chdir(ROOT)  # the README's paths are relative to a clone
+    monkeypatch.chdir(ROOT)  # the pages' paths are relative to a clone
     commands = readme_commands()
     assert len(commands) >= 5
     for command in commands:
@@ -605,8 +606,8 @@ def test_console_script_error_is_one_line_and_output_is_quiet(tmp_path):
 
 
 def readme_walkthrough() -> list[list[str]]:
-    """The commands of the README's "Your own CSV" walkthrough, as argument lists."""
-    section = (ROOT / "README.md").read_text().split("#### Your own CSV", 1)[1]
+    """The commands of docs/lightning.md's "Your own CSV" walkthrough, as argument lists."""
+    section = (ROOT / "docs" / "lightning.md").read_text().split("### Your own CSV", 1)[1]
     block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
     return [shlex.split(line)[1:] for line in block.splitlines() if line.startswith("manual-backprop ")]
 

@@ -492,21 +492,6 @@ def test_tape_inside_per_sample_grads_both_record():
     torch.testing.assert_close(outer.delta["2"], inner.delta[""].norm(), **TOL)
 
 
-def test_readme_example_prints_what_its_comments_say():
-    import contextlib
-    import io
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"```python\n(.*?)```", readme[readme.index("## Seeing δ: the tape"):], re.S).group(1)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(block, {})
-    expected = [line.split("# ", 1)[1].split(": ")[0].strip() for line in block.splitlines() if line.startswith("print(")]
-    assert printed.getvalue().splitlines() == expected
-
-
 def test_series_is_nan_where_a_step_did_not_reach_a_layer():
     model = convert(_seq(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
     x = randn(5, 3)
