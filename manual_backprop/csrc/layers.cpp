@@ -76,7 +76,10 @@ struct NativeLinear : public torch::autograd::Function<NativeLinear> {
       z = z.reshape(shape);
     }
     // a for ∂J/∂W, W for ∂J/∂a: only what the asked-for gradients need (rules/linear.py setup_context)
-    ctx->save_for_backward({W.requires_grad() ? a : Tensor(), a.requires_grad() ? W : Tensor()});
+    // (a third, empty entry says there is a bias: cheaper than a saved_data entry)
+    variable_list saved{W.requires_grad() ? a : Tensor(), a.requires_grad() ? W : Tensor()};
+    if (b.defined()) saved.emplace_back();
+    ctx->save_for_backward(saved);
     return z;
   }
 
@@ -94,7 +97,7 @@ struct NativeLinear : public torch::autograd::Function<NativeLinear> {
       out[0] = out[0].reshape(shape);
     }
     if (ctx->needs_input_grad(1)) out[1] = direct ? product_direct(delta, true, rows(a)) : delta.t().mm(rows(a));
-    if (ctx->needs_input_grad(2)) out[2] = direct ? column_sums_direct(delta) : delta.sum(0);  // Σₙ δ
+    if (saved.size() == 3 && ctx->needs_input_grad(2)) out[2] = direct ? column_sums_direct(delta) : delta.sum(0);  // Σₙ δ
     return out;
   }
 };

@@ -268,6 +268,13 @@ def layer_counts() -> dict[str, tuple[int, int, int]]:
     return {family: tuple(counts[3 * i : 3 * i + 3]) for i, family in enumerate(("linear", "activation", "loss"))}
 
 
+def is_per_layer_node(node) -> bool:
+    """Whether a grad_fn is one of the per-layer native nodes (named as its Python rule's node, LinearBackward…)."""
+    # the fused MLP's node is a CppNode too, but its Python type is torch's unnamed "CppFunction"
+    return (not isinstance(node, torch.autograd.function.BackwardCFunction) and type(node).__name__ != "CppFunction"
+            and node.name().startswith("torch::autograd::CppNode<manual_backprop::Native"))
+
+
 @contextlib.contextmanager
 def python_rule():
     """Run the Python rule inside this block, whatever the environment says (the benchmark's `fused`)."""
