@@ -25,6 +25,7 @@ PYTHON_NODE = torch.autograd.function.BackwardCFunction  # every Python rule's n
 @pytest.fixture(autouse=True)
 def _native_on(monkeypatch):
     monkeypatch.setattr(_native, "_ENVIRONMENT_ALLOWS", True)  # these tests run both rules, whatever the environment
+    monkeypatch.setattr(_native, "_LAYERS_ALLOWED", True)  # the per-layer native rules are opt-in
 
 
 def _linear(shape, bias):
@@ -249,17 +250,30 @@ def test_python_rule_block_autocast_and_inplace_take_the_python_rules():
     assert _python_nodes(MF.relu(z, inplace=True)) == {"InplaceElementwiseBackward"}
 
 
-def test_environment_variable_forces_the_python_rules(tmp_path):
-    """MANUAL_BACKPROP_NATIVE=0, read at import: a process started with it runs the Python rules, builds nothing."""
+@pytest.mark.parametrize("environment, python", [({"MANUAL_BACKPROP_NATIVE_LAYERS": "1"}, False),
+                                                  ({"MANUAL_BACKPROP_NATIVE_LAYERS": "1", "MANUAL_BACKPROP_NATIVE": "0"},
+                                                   True),
+                                                  ({}, True)], ids=["on", "native_off", "default"])
+def test_environment_variables_choose_the_rule(environment, python):
+    """MANUAL_BACKPROP_NATIVE_LAYERS=1 switches the native per-layer rules on; MANUAL_BACKPROP_NATIVE=0 wins; by
+    default the Python rules run (both read at import, so each in a process of its own)."""
     script = ("import torch, manual_backprop.nn as mnn; "
               "z = mnn.Linear(3, 2)(torch.randn(2, 3)); "
               "print(type(z.grad_fn).__name__, isinstance(z.grad_fn, torch.autograd.function.BackwardCFunction))")
-    env = {**os.environ, "MANUAL_BACKPROP_NATIVE": "0", "MANUAL_BACKPROP_BUILD_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MANUAL_BACKPROP_NATIVE")}
+    done = subprocess.run([sys.executable, "-c", script], env={**env, **environment}, capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["LinearBackward", "True"]
-    assert not any(tmp_path.iterdir())  # nothing was built
+    assert done.stdout.split() == ["LinearBackward", str(python)]
+
+
+def test_native_layers_block_switches_them_on(monkeypatch):
+    monkeypatch.setattr(_native, "_LAYERS_ALLOWED", False)
+    model, x = _model(torch.float32), torch.randn(4, 3)
+    assert _python_nodes(model(x)) == {"LinearBackward", "TanhBackward"}
+    with _native.native_layers():
+        assert _python_nodes(model(x)) == set()
+    assert _python_nodes(model(x)) == {"LinearBackward", "TanhBackward"}
 
 
 def test_rule_nodes_counts_the_native_nodes_and_not_stocks():

@@ -77,7 +77,12 @@ _tried = False
 _forced_off = 0  # > 0 inside `python_rule()`
 # read once: the check runs on every MLP call, and os.environ's lookup is a few Python frames
 _ENVIRONMENT_ALLOWS = os.environ.get("MANUAL_BACKPROP_NATIVE", "1") != "0"
-_encoded: dict = {}  # layers -> (kinds, params), or None where an activation has no native form
+_encoded: dict = {}
+# The per-layer native rules are opt-in: MANUAL_BACKPROP_NATIVE_LAYERS=1 (read at import) or `native_layers()`.
+# Their nodes are C++: no Python backward to patch (learning-rule plugins, tests that patch a rule's backward),
+# no ctx.saved_tensors to read, so by default the Python rules run.
+_LAYERS_ALLOWED = os.environ.get("MANUAL_BACKPROP_NATIVE_LAYERS", "0") == "1"
+_layers_on = 0  # > 0 inside `native_layers()`  # layers -> (kinds, params), or None where an activation has no native form
 
 
 def build_directory() -> Path:
@@ -229,11 +234,11 @@ REDUCTIONS = {"mean": 1, "sum": 2}  # at::Reduction; "none" takes the Python rul
 def layers_now(a: torch.Tensor) -> _LayerOps | None:
     """The per-layer native operators when they may run now on `a`, else None (the Python rule runs).
 
-    As `operator_now`, and besides: `a` on the CPU (the only device they are tested on), autocast off (the
+    Switched on (MANUAL_BACKPROP_NATIVE_LAYERS=1, or inside `native_layers()`); as `operator_now`, and besides: `a` on the CPU (the only device they are tested on), autocast off (the
     Python rules cast as autocast does), and nobody watching (`observe` reads δ and a from the Python rules).
     The one place that decides, called by the functional API before each per-layer rule.
     """
-    if (_forced_off or not _ENVIRONMENT_ALLOWS or not a.is_cpu or _autocast_on() or _transforms_active()
+    if (not (_LAYERS_ALLOWED or _layers_on) or _forced_off or not _ENVIRONMENT_ALLOWS or not a.is_cpu or _autocast_on() or _transforms_active()
             or _is_compiling() or observe.current() is not None):
         return None
     return _layers if _tried else (load() and _layers)
@@ -273,6 +278,19 @@ def is_per_layer_node(node) -> bool:
     # the fused MLP's node is a CppNode too, but its Python type is torch's unnamed "CppFunction"
     return (not isinstance(node, torch.autograd.function.BackwardCFunction) and type(node).__name__ != "CppFunction"
             and node.name().startswith("torch::autograd::CppNode<manual_backprop::Native"))
+
+
+@contextlib.contextmanager
+def native_layers():
+    """Run Linear, the elementwise activations and the MSE, BCE-with-logits and cross-entropy losses on their
+    native nodes (csrc/layers.cpp) inside this block, where `layers_now` allows (MANUAL_BACKPROP_NATIVE_LAYERS=1
+    does so for the whole process). `python_rule()` and MANUAL_BACKPROP_NATIVE=0 still win."""
+    global _layers_on
+    _layers_on += 1
+    try:
+        yield
+    finally:
+        _layers_on -= 1
 
 
 @contextlib.contextmanager
