@@ -284,3 +284,15 @@ def test_rule_nodes_counts_the_native_nodes_and_not_stocks():
     assert testing.rule_nodes(MF.cross_entropy(model(x), y)) == {"LinearBackward": 2, "TanhBackward": 1,
                                                                  "CrossEntropyBackward": 1}
     assert testing.rule_nodes(F.cross_entropy(stock(x), y)) == {}
+
+
+def test_compile_takes_the_python_rules_and_agrees():
+    model, x = _model(), torch.randn(4, 3, dtype=torch.float64)
+    y = torch.zeros(4, 2, dtype=torch.float64)
+    compiled = torch.compile(lambda x: MF.mse_loss(model(x), y), backend="aot_eager", fullgraph=True)
+    before = _native.layer_counts()
+    grads = torch.autograd.grad(compiled(x), list(model.parameters()))
+    assert _native.layer_counts() == before  # no native node ran, traced or not
+    expected = torch.autograd.grad(MF.mse_loss(model(x), y), list(model.parameters()))
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, **FLOAT64_EXACT)
