@@ -17,6 +17,10 @@ On CPU, for float32 and float64, the native rule takes a "direct" path: products
 BLAS torch links, the elementwise steps as plain loops (no per-op dispatch); `direct_path(False)`
 switches it off for a block, `direct_counts()` says how often it ran.
 
+The per-layer rules have native twins too (`csrc/layers.cpp`: Linear, the elementwise activations, MSE,
+BCE-with-logits and cross-entropy), one C++ node each, on the same direct path; they are opt-in, by
+`MANUAL_BACKPROP_NATIVE_LAYERS=1` or `native_layers()` for a block (`layers_now` says when they run).
+
 `MANUAL_BACKPROP_NATIVE=0` (read when manual_backprop is imported) forces the Python rule;
 `python_rule()` does so for a block. Without a C++ compiler or ninja, or if the
 build fails, one warning says why and the Python rule runs.
@@ -77,12 +81,12 @@ _tried = False
 _forced_off = 0  # > 0 inside `python_rule()`
 # read once: the check runs on every MLP call, and os.environ's lookup is a few Python frames
 _ENVIRONMENT_ALLOWS = os.environ.get("MANUAL_BACKPROP_NATIVE", "1") != "0"
-_encoded: dict = {}
+_encoded: dict = {}  # layers -> (kinds, params), or None where an activation has no native form
 # The per-layer native rules are opt-in: MANUAL_BACKPROP_NATIVE_LAYERS=1 (read at import) or `native_layers()`.
 # Their nodes are C++: no Python backward to patch (learning-rule plugins, tests that patch a rule's backward),
 # no ctx.saved_tensors to read, so by default the Python rules run.
 _LAYERS_ALLOWED = os.environ.get("MANUAL_BACKPROP_NATIVE_LAYERS", "0") == "1"
-_layers_on = 0  # > 0 inside `native_layers()`  # layers -> (kinds, params), or None where an activation has no native form
+_layers_on = 0  # > 0 inside `native_layers()`
 
 
 def build_directory() -> Path:
@@ -234,12 +238,14 @@ REDUCTIONS = {"mean": 1, "sum": 2}  # at::Reduction; "none" takes the Python rul
 def layers_now(a: torch.Tensor) -> _LayerOps | None:
     """The per-layer native operators when they may run now on `a`, else None (the Python rule runs).
 
-    Switched on (MANUAL_BACKPROP_NATIVE_LAYERS=1, or inside `native_layers()`); as `operator_now`, and besides: `a` on the CPU (the only device they are tested on), autocast off (the
-    Python rules cast as autocast does), and nobody watching (`observe` reads δ and a from the Python rules).
-    The one place that decides, called by the functional API before each per-layer rule.
+    Switched on (MANUAL_BACKPROP_NATIVE_LAYERS=1, or inside `native_layers()`), and as `operator_now`: not
+    switched off, no torch.func transform, torch.compile not tracing, built. Besides: `a` on the CPU (the only
+    device they are tested on), autocast off (the Python rules cast as autocast does), and nobody watching
+    (`observe` reads δ and a from the Python rules). The one place that decides, called by the functional API
+    before each per-layer rule. Double backward needs no Python rule: the nodes' backward is ATen ops then.
     """
-    if (not (_LAYERS_ALLOWED or _layers_on) or _forced_off or not _ENVIRONMENT_ALLOWS or not a.is_cpu or _autocast_on() or _transforms_active()
-            or _is_compiling() or observe.current() is not None):
+    if (not (_LAYERS_ALLOWED or _layers_on) or _forced_off or not _ENVIRONMENT_ALLOWS or not a.is_cpu
+            or _autocast_on() or _transforms_active() or _is_compiling() or observe.current() is not None):
         return None
     return _layers if _tried else (load() and _layers)
 
@@ -284,7 +290,10 @@ def is_per_layer_node(node) -> bool:
 def native_layers():
     """Run Linear, the elementwise activations and the MSE, BCE-with-logits and cross-entropy losses on their
     native nodes (csrc/layers.cpp) inside this block, where `layers_now` allows (MANUAL_BACKPROP_NATIVE_LAYERS=1
-    does so for the whole process). `python_rule()` and MANUAL_BACKPROP_NATIVE=0 still win."""
+    does so for the whole process). `python_rule()` and MANUAL_BACKPROP_NATIVE=0 still win.
+
+    The nodes are C++: a backward patched onto a Python rule (`rules.Linear.backward = …`) does not run inside
+    this block, and their grad_fn has no `saved_tensors`. Same gradients, about stock speed at course sizes."""
     global _layers_on
     _layers_on += 1
     try:
