@@ -239,7 +239,7 @@ def test_a_watch_takes_the_python_rules():
     assert _python_nodes(model(x)) == set()  # the watch is over: native again
 
 
-def test_python_rule_block_autocast_and_inplace_take_the_python_rules():
+def test_python_rule_block_autocast_bfloat16_and_inplace_take_the_python_rules():
     model, x = _model(torch.float32), torch.randn(4, 3)
     assert _python_nodes(model(x)) == set()
     with _native.python_rule():
@@ -248,6 +248,7 @@ def test_python_rule_block_autocast_and_inplace_take_the_python_rules():
         assert _python_nodes(model(x)) == {"LinearBackward", "TanhBackward"}
     z = MF.linear(x, model[0].weight)
     assert _python_nodes(MF.relu(z, inplace=True)) == {"InplaceElementwiseBackward"}
+    assert _python_nodes(model.bfloat16()(x.bfloat16())) == {"LinearBackward", "TanhBackward"}  # float32, 64 only
 
 
 @pytest.mark.parametrize("environment, python", [({"MANUAL_BACKPROP_NATIVE_LAYERS": "1"}, False),

@@ -232,6 +232,7 @@ class _LayerOps(NamedTuple):
 
 _layers: _LayerOps | None = None  # set when the library loads
 _is_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)  # one frame fewer
+_LAYER_DTYPES = (torch.float32, torch.float64)
 REDUCTIONS = {"mean": 1, "sum": 2}  # at::Reduction; "none" takes the Python rule
 
 
@@ -239,13 +240,14 @@ def layers_now(a: torch.Tensor) -> _LayerOps | None:
     """The per-layer native operators when they may run now on `a`, else None (the Python rule runs).
 
     Switched on (MANUAL_BACKPROP_NATIVE_LAYERS=1, or inside `native_layers()`), and as `operator_now`: not
-    switched off, no torch.func transform, torch.compile not tracing, built. Besides: `a` on the CPU (the only
-    device they are tested on), autocast off (the Python rules cast as autocast does), and nobody watching
+    switched off, no torch.func transform, torch.compile not tracing, built. Besides: `a` on the CPU in float32
+    or float64 (the device and dtypes they are tested in), autocast off (the Python rules cast as autocast does), and nobody watching
     (`observe` reads δ and a from the Python rules). The one place that decides, called by the functional API
     before each per-layer rule. Double backward needs no Python rule: the nodes' backward is ATen ops then.
     """
     if (not (_LAYERS_ALLOWED or _layers_on) or _forced_off or not _ENVIRONMENT_ALLOWS or not a.is_cpu
-            or _autocast_on() or _transforms_active() or _is_compiling() or observe.current() is not None):
+            or a.dtype not in _LAYER_DTYPES or _autocast_on() or _transforms_active() or _is_compiling()
+            or observe.current() is not None):
         return None
     return _layers if _tried else (load() and _layers)
 
