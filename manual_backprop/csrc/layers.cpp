@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <cmath>
 #include <mutex>
 #include <vector>
@@ -300,10 +301,27 @@ Tensor cross_entropy(const Tensor& z, const Tensor& target, int64_t ignore_index
 
 // ------------------------------------------------------------------ names, counters
 
+// grad_fn.name(): the Python rule's node name (the type's name after its module), not the C++ class's
+PyObject* rule_name(PyObject* self, PyObject* /*unused*/) {
+  const char* full = Py_TYPE(self)->tp_name;
+  const char* dot = std::strrchr(full, '.');
+  return PyUnicode_FromString(dot != nullptr ? dot + 1 : full);
+}
+
+// torch's methods of a C++ node (THP_FUNCTION_DEFAULT_METHODS less _set_sequence_nr, which libtorch_python does
+// not export), with `name` answering as the Python rule's node does
+PyMethodDef node_methods[] = {
+    {"_register_hook_dict", torch::autograd::THPCppFunction_register_hook_dict, METH_O, nullptr},
+    {"register_hook", torch::autograd::THPCppFunction_register_hook, METH_O, nullptr},
+    {"register_prehook", torch::autograd::THPCppFunction_register_prehook, METH_O, nullptr},
+    {"name", rule_name, METH_NOARGS, nullptr},
+    {"_sequence_nr", torch::autograd::THPCppFunction_sequence_nr, METH_NOARGS, nullptr},
+    {nullptr, nullptr, 0, nullptr}};
+
 // The Python type of each node: named as the Python rule's node, `torch.autograd.function.<Rule>Backward`.
 template <class F>
 void name_node(PyTypeObject& type, const char* name) {
-  torch::autograd::_initFunctionPyTypeObject(type, name, nullptr, nullptr);
+  torch::autograd::_initFunctionPyTypeObject(type, name, nullptr, node_methods);
   Py_INCREF(&type);  // static: never freed
   torch::autograd::registerCppFunction(typeid(torch::autograd::CppNode<F>), &type);
 }

@@ -283,9 +283,10 @@ def layer_counts() -> dict[str, tuple[int, int, int]]:
 
 def is_per_layer_node(node) -> bool:
     """Whether a grad_fn is one of the per-layer native nodes (named as its Python rule's node, LinearBackward…)."""
-    # the fused MLP's node is a CppNode too, but its Python type is torch's unnamed "CppFunction"
-    return (not isinstance(node, torch.autograd.function.BackwardCFunction) and type(node).__name__ != "CppFunction"
-            and node.name().startswith("torch::autograd::CppNode<manual_backprop::Native"))
+    # C++ nodes whose Python type csrc/layers.cpp made in torch.autograd.function, where the Python rules' nodes
+    # live; torch's own C++ nodes are `builtins` types, the fused MLP's an unnamed "CppFunction"
+    return (type(node).__module__ == "torch.autograd.function"
+            and not isinstance(node, torch.autograd.function.BackwardCFunction))
 
 
 @contextlib.contextmanager
