@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_leaves
 from manual_backprop.convert import Report, convert, report
 from manual_backprop.mode import manual_functions
 from manual_backprop.registry import Registry
+from manual_backprop.rules import _native
 
 __all__ = ["ParityResult", "TensorParity", "assert_grad_parity", "grad_parity", "rule_nodes"]
 
@@ -93,8 +94,8 @@ def rule_nodes(tensor: torch.Tensor) -> Counter:
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        if isinstance(node, torch.autograd.function.BackwardCFunction):
-            found[type(node).__name__] += 1
+        if isinstance(node, torch.autograd.function.BackwardCFunction) or _native.is_per_layer_node(node):
+            found[type(node).__name__] += 1  # a native per-layer node carries its Python rule's name
         stack.extend(next_node for next_node, _ in node.next_functions)
     return found
 

@@ -4,6 +4,7 @@
     python scripts/bench.py --quick --out /tmp  # tiny grid, few repeats: a smoke test
     python scripts/bench.py --only transformer  # the transformer block alone (converted vs stock)
     python scripts/bench.py --only recurrent    # LSTM and GRU layers: stock, our native loops, our Python rule
+    python scripts/bench.py --only per-layer    # Sequential(Linear, act, …) + loss: native per-layer nodes, Python rules
 
 Contenders, all started from the same parameters and fed the same batch:
     stock      torch.nn.Sequential(Linear, act, …): stock autograd
@@ -209,6 +210,16 @@ def python_rule(forward):
 
     def run():
         with _native.python_rule():
+            return forward()
+
+    return run
+
+
+def native_layers(forward):
+    """`forward` with the per-layer native rules switched on (`rules._native.native_layers`; they are opt-in)."""
+
+    def run():
+        with _native.native_layers():
             return forward()
 
     return run
@@ -747,6 +758,70 @@ def recurrent_layers(device: str, quick: bool, samples: int) -> tuple[list[str],
     return lines, errors
 
 
+# (sizes, batch) of the per-layer rows: the course size, then 256, 512 and 1024 wide
+PER_LAYER_SIZES = [((4, 8, 8, 1), 32), ((256, 256, 256, 10), 256), ((512, 512, 512, 10), 256),
+                   ((1024, 1024, 1024, 10), 256)]
+PER_LAYER_QUICK = [((4, 8, 8, 1), 8)]
+
+
+def per_layer_rows(device: str, quick: bool, samples: int, activations) -> tuple[list[str], list[str]]:
+    """One training step (forward, loss, backward) of a Sequential of manual_backprop.nn modules, loss included
+    (BCEWithLogits for one output, CrossEntropy for more), against the stock Sequential and loss: "native" with the
+    per-layer native nodes (csrc/layers.cpp, switched on), "python" with the Python rules (`_native.python_rule()`), one model.
+    Returns the report lines and any gradient errors."""
+    sizes_list = PER_LAYER_QUICK if quick else PER_LAYER_SIZES
+    built = _native.load() is not None
+    lines = [f"Per-layer modules with their loss on {device}" + ("" if built else " (native rules not built: both "
+                                                                  "run the Python rules)"), "",
+             "| network | batch | act | stock ms | native ms | python ms | native × stock | python × stock |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    errors, ratios = [], {}
+    for sizes, batch in sizes_list:
+        for act in activations:
+            case = Case(device, sizes, batch, act, False)
+            torch.manual_seed(0)
+            layers: list[nn.Module] = []
+            for k, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
+                layers.append(nn.Linear(n_in, n_out))
+                if k < len(sizes) - 2:
+                    layers.append(ACTIVATIONS[act].stock())
+            stock = nn.Sequential(*layers).to(device)
+            ours = nn.Sequential(*[mnn.Linear(m.in_features, m.out_features) if isinstance(m, nn.Linear)
+                                   else ACTIVATIONS[act].module() for m in stock]).to(device)
+            ours.load_state_dict(stock.state_dict())
+            x = torch.randn(batch, sizes[0], device=device)
+            if sizes[-1] == 1:
+                y = torch.randint(0, 2, (batch, 1), device=device).float()
+                stock_loss, our_loss = nn.BCEWithLogitsLoss(), mnn.BCEWithLogitsLoss()
+            else:
+                y = torch.randint(0, sizes[-1], (batch,), device=device)
+                stock_loss, our_loss = nn.CrossEntropyLoss(), mnn.CrossEntropyLoss()
+            forwards = {"stock": (lambda: stock_loss(stock(x), y), stock),
+                        "native": (native_layers(lambda: our_loss(ours(x), y)), ours),
+                        "python": (python_rule(lambda: our_loss(ours(x), y)), ours)}
+            params = {name: list(model.parameters()) for name, (_, model) in forwards.items()}
+            errors += check_gradients(case, forwards, params)
+            steps = {name: make_step(forward, params[name]) for name, (forward, _) in forwards.items()}
+            case.rounds = time_all(steps, device, samples)
+            case.times = {name: statistics.median(ts) for name, ts in case.rounds.items()}
+            ratios[case] = {name: case.ratio(name) for name in ("native", "python")}
+            lines.append(f"| {case.network} | {batch} | {act} | {case.times['stock'] * 1e3:.3f} | "
+                         f"{case.times['native'] * 1e3:.3f} | {case.times['python'] * 1e3:.3f} | "
+                         f"{ratios[case]['native']:.2f} | {ratios[case]['python']:.2f} |")
+            print(lines[-1], flush=True)
+    course = [c for c in ratios if max(c.sizes) <= 64]
+    wide = [c for c in ratios if max(c.sizes) >= 256]
+    lines.append("")
+    for group, limit, what in ((course, 1.15, "at course sizes (≤ 64 wide)"), (wide, 1.05, "at 256 wide and up")):
+        if group:
+            worst = max(group, key=lambda c: ratios[c]["native"])
+            r = ratios[worst]["native"]
+            lines.append(f"- per-layer native {'met' if r <= limit else 'MISSED'}: ≤ {limit:.2f}× stock {what}: "
+                         f"worst {r:.2f}× ({worst.network} {worst.activation}); Python rules "
+                         f"{max(ratios[c]['python'] for c in group):.2f}× there")
+    return lines, errors
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny grid, few samples: checks correctness, not speed")
@@ -758,9 +833,10 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor, quick aot_eager)")
     parser.add_argument("--our-loss", action="store_true",
                         help="per-layer, fused and compiled use manual_backprop's loss (default: torch's, for all)")
-    parser.add_argument("--only", choices=["all", "mlp", "transformer", "recurrent"], default="all",
+    parser.add_argument("--only", choices=["all", "mlp", "transformer", "recurrent", "per-layer"], default="all",
                         help="which benchmark: the MLP grid, the transformer block, or both (default); "
-                             "recurrent: LSTM and GRU layers alone (not part of all)")
+                             "recurrent: LSTM and GRU layers alone; per-layer: Sequential of our modules with "
+                             "their loss, native and Python rules (neither part of all)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice, one per core)")
     parser.add_argument("--cnn", choices=["include", "skip", "only"], default="include",
@@ -821,6 +897,10 @@ def main(argv=None) -> int:
         lines, recurrent_errors = recurrent_layers(device, args.quick, samples)
         block_lines += ["", *lines]
         errors += recurrent_errors
+    for device in devices if args.only == "per-layer" and args.cnn != "only" else []:
+        lines, per_layer_errors = per_layer_rows(device, args.quick, samples, activations)
+        block_lines += ["", *lines]
+        errors += per_layer_errors
     report = [f"Benchmark ({environment}); wall time {time.perf_counter() - start:.0f} s"]
     if cases:
         report += ["", "Step time ÷ stock autograd, geometric mean over the activations:", "", summary(cases), "",

@@ -18,7 +18,10 @@
 // checks around a 0.3 µs product; that overhead, ten-odd calls a step, is what this path removes.
 // It serves first-order backward (GradMode off); double backward, CUDA and other dtypes take ATen.
 //
-// Registered as the operator torch.ops.manual_backprop.mlp (no pybind11: it builds faster).
+// Registered as the operator torch.ops.manual_backprop.mlp (no pybind11: it builds faster). The per-layer rules
+// (layers.cpp) share this file's direct path through direct.h.
+
+#include "direct.h"
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
@@ -84,34 +87,6 @@ namespace manual_backprop {
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// Activation codes; the Python side (rules/_native.py, NATIVE_ACTIVATIONS) maps Elementwise rules to them.
-enum Kind : int64_t {
-  NONE = 0,  // no activation: a(l+1) = z(l+1) (also rules.Identity)
-  SIGMOID = 1,
-  TANH = 2,
-  RELU = 3,
-  LEAKY_RELU = 4,  // p0 = negative_slope
-  ELU = 5,         // p0 = alpha
-  SOFTPLUS = 6,    // p0 = beta, p1 = threshold
-  SILU = 7,
-  GELU = 8,       // p0 = 0: exact, 1: tanh approximation
-  RELU6 = 9,
-  HARDTANH = 10,  // p0 = min_val, p1 = max_val
-  HARDSIGMOID = 11,
-  HARDSWISH = 12,
-  MISH = 13,
-};
-
-enum Source { FROM_NOTHING, FROM_A, FROM_Z };  // where σ' reads from, as Elementwise.sigma_prime_from
-
-Source source_of(int64_t kind) {
-  switch (kind) {
-    case NONE: return FROM_NOTHING;
-    case SIGMOID: case TANH: case RELU: case RELU6: case HARDTANH: return FROM_A;
-    default: return FROM_Z;
-  }
-}
 
 const double SQRT_2_OVER_PI = std::sqrt(2.0 / M_PI);
 const double INV_SQRT_2PI = 1.0 / std::sqrt(2.0 * M_PI);
@@ -519,7 +494,7 @@ bool set_direct(bool allowed) { return direct_allowed.exchange(allowed); }
 std::vector<int64_t> direct_counts() { return {direct_runs[0].load(), direct_runs[1].load()}; }
 }  // namespace manual_backprop
 
-TORCH_LIBRARY(manual_backprop, m) {
+TORCH_LIBRARY(manual_backprop, m) {  // layers.cpp adds the per-layer operators (a fragment)
   m.def("mlp(Tensor a, Tensor?[] weights_and_biases, int[] kinds, float[] params) -> Tensor");
   m.def("set_direct(bool allowed) -> bool", &manual_backprop::set_direct);
   m.def("direct_counts() -> int[]", &manual_backprop::direct_counts);

@@ -9,6 +9,7 @@ import torch
 from manual_backprop import _checks, rules
 from manual_backprop._amp import autocast_inputs, autocast_on
 from manual_backprop._checks import InputError, shape
+from manual_backprop.rules import _native
 from manual_backprop.rules._apply import apply_rule
 
 
@@ -18,6 +19,10 @@ def _activate(op: str, rule, input: torch.Tensor, inplace: bool, *params) -> tor
     if inplace:
         z_before = input.clone() if rule.sigma_prime_from == "z" else None
         return apply_rule(rules.activations.InplaceElementwise, rule, input, z_before, *params)
+    native = _native.layers_now(input)  # the rule's C++ twin (csrc/layers.cpp) where it may run
+    code = None if native is None else _native.activation_code(rule, params)
+    if code is not None:
+        return native.elementwise(input, *code)
     return apply_rule(rule, input, *params)
 
 

@@ -17,6 +17,10 @@ On CPU, for float32 and float64, the native rule takes a "direct" path: products
 BLAS torch links, the elementwise steps as plain loops (no per-op dispatch); `direct_path(False)`
 switches it off for a block, `direct_counts()` says how often it ran.
 
+The per-layer rules have native twins too (`csrc/layers.cpp`: Linear, the elementwise activations, MSE,
+BCE-with-logits and cross-entropy), one C++ node each, on the same direct path; they are opt-in, by
+`MANUAL_BACKPROP_NATIVE_LAYERS=1` or `native_layers()` for a block (`layers_now` says when they run).
+
 `MANUAL_BACKPROP_NATIVE=0` (read when manual_backprop is imported) forces the Python rule;
 `python_rule()` does so for a block. Without a C++ compiler or ninja, or if the
 build fails, one warning says why and the Python rule runs.
@@ -33,12 +37,19 @@ import sysconfig
 import threading
 import warnings
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
+from manual_backprop import observe
+from manual_backprop._amp import autocast_on as _autocast_on
 from manual_backprop.rules import activations as act
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "mlp.cpp"
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCE = _CSRC / "mlp.cpp"
+# one library: the fused MLP, the per-layer rules (Linear, activations, losses) and the direct path they share
+SOURCES = [SOURCE, _CSRC / "layers.cpp"]
+HEADERS = [_CSRC / "direct.h"]
 NAME = "manual_backprop_native"
 FLAGS = ["-O3"]  # -O3 vectorises the direct path's loops (σ'⊙δ, Σₙ δ) for the baseline instruction set
 
@@ -71,11 +82,18 @@ _forced_off = 0  # > 0 inside `python_rule()`
 # read once: the check runs on every MLP call, and os.environ's lookup is a few Python frames
 _ENVIRONMENT_ALLOWS = os.environ.get("MANUAL_BACKPROP_NATIVE", "1") != "0"
 _encoded: dict = {}  # layers -> (kinds, params), or None where an activation has no native form
+# The per-layer native rules are opt-in: MANUAL_BACKPROP_NATIVE_LAYERS=1 (read at import) or `native_layers()`.
+# Their nodes are C++: no Python backward to patch (learning-rule plugins, tests that patch a rule's backward),
+# no ctx.saved_tensors to read, so by default the Python rules run.
+_LAYERS_ALLOWED = os.environ.get("MANUAL_BACKPROP_NATIVE_LAYERS", "0") == "1"
+_layers_on = 0  # > 0 inside `native_layers()`
 
 
 def build_directory() -> Path:
     """Where the library is built: one folder per (source, torch, Python ABI)."""
-    key = hashlib.sha256(SOURCE.read_bytes())
+    key = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        key.update(path.read_bytes())
     key.update(f"{torch.__version__}|{torch.version.cuda}|{sysconfig.get_config_var('SOABI')}|{FLAGS}".encode())
     base = os.environ.get("MANUAL_BACKPROP_BUILD_DIR") or Path(
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "manual_backprop"
@@ -118,16 +136,24 @@ def _load():
             _fallback("ninja, which torch.utils.cpp_extension needs, is not on PATH")
             return None
         folder.mkdir(parents=True, exist_ok=True)
-        print(f"manual_backprop: building the native MLP rule once (about 20-60 s) in {folder}",
+        print(f"manual_backprop: building the native rules (fused MLP, per-layer) once (about 20-90 s) in {folder}",
               file=sys.stderr, flush=True)
         # takes a file lock in `folder`: concurrent processes (pytest -n 2) build once
-        cpp_extension.load(NAME, [str(SOURCE)], build_directory=str(folder), is_python_module=False,
+        cpp_extension.load(NAME, [str(path) for path in SOURCES], build_directory=str(folder), is_python_module=False,
                            extra_cflags=FLAGS, verbose=False)
         done.touch()
     else:
         torch.ops.load_library(str(library))
-    overload = torch.ops.manual_backprop.mlp.default
-    return getattr(overload, "_op", overload)  # the C++ operator itself, without OpOverload's Python frame
+    torch.ops.manual_backprop.name_nodes()  # each per-layer node's Python type named as its Python rule's node
+    global _layers
+    _layers = _LayerOps(*(_cpp(name) for name in _LayerOps._fields))
+    return _cpp("mlp")
+
+
+def _cpp(name: str):
+    """The C++ operator itself, without OpOverload's Python frame."""
+    overload = getattr(torch.ops.manual_backprop, name).default
+    return getattr(overload, "_op", overload)
 
 
 def encode(layers: tuple):
@@ -192,6 +218,91 @@ def direct_counts() -> tuple[int, int]:
 def has_blas() -> bool:
     """Whether the direct CPU path found the BLAS (sgemm_, dgemm_) that torch links."""
     return load() is not None and torch.ops.manual_backprop.has_blas()
+
+
+class _LayerOps(NamedTuple):
+    """The per-layer rules' operators (csrc/layers.cpp)."""
+
+    linear: Callable
+    elementwise: Callable
+    mse_loss: Callable
+    bce_with_logits: Callable
+    cross_entropy: Callable
+
+
+_layers: _LayerOps | None = None  # set when the library loads
+_is_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)  # one frame fewer
+_LAYER_DTYPES = (torch.float32, torch.float64)
+REDUCTIONS = {"mean": 1, "sum": 2}  # at::Reduction; "none" takes the Python rule
+
+
+def layers_now(a: torch.Tensor) -> _LayerOps | None:
+    """The per-layer native operators when they may run now on `a`, else None (the Python rule runs).
+
+    Switched on (MANUAL_BACKPROP_NATIVE_LAYERS=1, or inside `native_layers()`), and as `operator_now`: not
+    switched off, no torch.func transform, torch.compile not tracing, built. Besides: `a` on the CPU in float32
+    or float64 (the device and dtypes they are tested in), autocast off (the Python rules cast as autocast does), and nobody watching
+    (`observe` reads δ and a from the Python rules). The one place that decides, called by the functional API
+    before each per-layer rule. Double backward needs no Python rule: the nodes' backward is ATen ops then.
+    """
+    if (not (_LAYERS_ALLOWED or _layers_on) or _forced_off or not _ENVIRONMENT_ALLOWS or not a.is_cpu
+            or a.dtype not in _LAYER_DTYPES or _autocast_on() or _transforms_active() or _is_compiling()
+            or observe.current() is not None):
+        return None
+    return _layers if _tried else (load() and _layers)
+
+
+def activation_code(rule: type, params: tuple) -> tuple | None:
+    """(code, p0, p1) of an Elementwise rule with its parameters for `elementwise`, or None (no native node)."""
+    try:
+        return _activation_codes[rule, params]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable parameters
+        return None
+    entry = _ACTIVATION_CODES.get(rule)
+    code = None
+    if entry is not None and rule is not act.Identity:  # identity returns its input: no node
+        try:
+            code = (entry[0], *entry[1](*params))
+        except (TypeError, ValueError, KeyError):  # settings the C++ side does not take
+            code = None
+    _activation_codes[rule, params] = code
+    return code
+
+
+_activation_codes: dict = {}
+
+
+def layer_counts() -> dict[str, tuple[int, int, int]]:
+    """Per node family ("linear", "activation", "loss"): how many forwards, backwards, and backwards on the
+    direct CPU path the per-layer native nodes have run in this process (the tests check which rule ran)."""
+    counts = torch.ops.manual_backprop.layer_counts() if load() is not None else [0] * 9
+    return {family: tuple(counts[3 * i : 3 * i + 3]) for i, family in enumerate(("linear", "activation", "loss"))}
+
+
+def is_per_layer_node(node) -> bool:
+    """Whether a grad_fn is one of the per-layer native nodes (named as its Python rule's node, LinearBackward…)."""
+    # C++ nodes whose Python type csrc/layers.cpp made in torch.autograd.function, where the Python rules' nodes
+    # live; torch's own C++ nodes are `builtins` types, the fused MLP's an unnamed "CppFunction"
+    return (type(node).__module__ == "torch.autograd.function"
+            and not isinstance(node, torch.autograd.function.BackwardCFunction))
+
+
+@contextlib.contextmanager
+def native_layers():
+    """Run Linear, the elementwise activations and the MSE, BCE-with-logits and cross-entropy losses on their
+    native nodes (csrc/layers.cpp) inside this block, where `layers_now` allows (MANUAL_BACKPROP_NATIVE_LAYERS=1
+    does so for the whole process). `python_rule()` and MANUAL_BACKPROP_NATIVE=0 still win.
+
+    The nodes are C++: a backward patched onto a Python rule (`rules.Linear.backward = …`) does not run inside
+    this block, and their grad_fn has no `saved_tensors`. Same gradients, about stock speed at course sizes."""
+    global _layers_on
+    _layers_on += 1
+    try:
+        yield
+    finally:
+        _layers_on -= 1
 
 
 @contextlib.contextmanager
