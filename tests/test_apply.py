@@ -11,6 +11,7 @@ import torch
 import manual_backprop.functional as MF
 from manual_backprop import rules
 from manual_backprop.rules import _apply
+from manual_backprop.rules._native import python_rule
 
 
 def count_public_applies(monkeypatch) -> list:
@@ -41,24 +42,25 @@ def test_fast_path_skips_function_apply(monkeypatch):
 
 
 def test_without_the_private_internals_every_call_takes_function_apply(monkeypatch):
-    expected = linear_grads()
-    # As on a torch whose internals moved: the module's import of them fails, and it falls back.
-    # (Only for the reload: Function.apply itself still finds them.)
-    monkeypatch.setitem(sys.modules, "torch._functorch.utils", types.ModuleType("torch._functorch.utils"))
-    try:
-        importlib.reload(_apply)
-        monkeypatch.undo()
-        assert _apply._c_apply is None
-        calls = count_public_applies(monkeypatch)
-        got = linear_grads()
-        assert calls == ["Linear"]
-        assert _apply.apply_rule(rules.Sigmoid, torch.zeros(2)).tolist() == [0.5, 0.5]
-    finally:
-        monkeypatch.undo()
-        importlib.reload(_apply)
-    assert _apply._c_apply is not None
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with python_rule():  # the Python rules' apply path (their native twins never call it)
+        expected = linear_grads()
+        # As on a torch whose internals moved: the module's import of them fails, and it falls back.
+        # (Only for the reload: Function.apply itself still finds them.)
+        monkeypatch.setitem(sys.modules, "torch._functorch.utils", types.ModuleType("torch._functorch.utils"))
+        try:
+            importlib.reload(_apply)
+            monkeypatch.undo()
+            assert _apply._c_apply is None
+            calls = count_public_applies(monkeypatch)
+            got = linear_grads()
+            assert calls == ["Linear"]
+            assert _apply.apply_rule(rules.Sigmoid, torch.zeros(2)).tolist() == [0.5, 0.5]
+        finally:
+            monkeypatch.undo()
+            importlib.reload(_apply)
+        assert _apply._c_apply is not None
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 # ------------------------------------------------ native branch: the fast path's dead-wrapper check

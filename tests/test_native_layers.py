@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import manual_backprop.functional as MF
 import manual_backprop.nn as mnn
-from manual_backprop import observe, testing
+from manual_backprop import observe, rules, testing
 from manual_backprop.rules import _native
 from tests.cases import FLOAT32
 
@@ -25,7 +25,7 @@ PYTHON_NODE = torch.autograd.function.BackwardCFunction  # every Python rule's n
 @pytest.fixture(autouse=True)
 def _native_on(monkeypatch):
     monkeypatch.setattr(_native, "_ENVIRONMENT_ALLOWS", True)  # these tests run both rules, whatever the environment
-    monkeypatch.setattr(_native, "_LAYERS_ALLOWED", True)  # the per-layer native rules are opt-in
+    monkeypatch.setattr(_native, "_LAYERS_ALLOWED", True)  # whatever MANUAL_BACKPROP_NATIVE_LAYERS says here
 
 
 def _linear(shape, bias):
@@ -255,10 +255,11 @@ def test_python_rule_block_autocast_bfloat16_and_inplace_take_the_python_rules()
 @pytest.mark.parametrize("environment, python", [({"MANUAL_BACKPROP_NATIVE_LAYERS": "1"}, False),
                                                   ({"MANUAL_BACKPROP_NATIVE_LAYERS": "1", "MANUAL_BACKPROP_NATIVE": "0"},
                                                    True),
-                                                  ({}, True)], ids=["on", "native_off", "default"])
+                                                  ({"MANUAL_BACKPROP_NATIVE_LAYERS": "0"}, True),
+                                                  ({}, False)], ids=["on", "native_off", "layers_off", "default"])
 def test_environment_variables_choose_the_rule(environment, python):
-    """MANUAL_BACKPROP_NATIVE_LAYERS=1 switches the native per-layer rules on; MANUAL_BACKPROP_NATIVE=0 wins; by
-    default the Python rules run (both read at import, so each in a process of its own)."""
+    """The native per-layer rules run by default; MANUAL_BACKPROP_NATIVE_LAYERS=0 switches them off, and so does
+    MANUAL_BACKPROP_NATIVE=0 (both read at import, so each in a process of its own)."""
     script = ("import torch, manual_backprop.nn as mnn; "
               "z = mnn.Linear(3, 2)(torch.randn(2, 3)); "
               "print(type(z.grad_fn).__name__, isinstance(z.grad_fn, torch.autograd.function.BackwardCFunction))")
@@ -298,3 +299,23 @@ def test_compile_takes_the_python_rules_and_agrees():
     expected = torch.autograd.grad(MF.mse_loss(model(x), y), list(model.parameters()))
     for g, e in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, e, **FLOAT64_EXACT)
+
+
+@pytest.mark.parametrize("rule, run", [
+    (rules.Linear, lambda x: MF.linear(x, torch.ones(2, 3, dtype=x.dtype))),
+    (rules.Tanh, MF.tanh),
+    (rules.MSELoss, lambda x: MF.mse_loss(x, torch.zeros_like(x))),
+    (rules.BinaryCrossEntropyWithLogits, lambda x: MF.binary_cross_entropy_with_logits(x, torch.zeros_like(x))),
+    (rules.CrossEntropy, lambda x: MF.cross_entropy(x, torch.zeros(x.shape[0], dtype=torch.int64))),
+], ids=lambda v: getattr(v, "__name__", ""))
+def test_a_replaced_python_backward_runs_not_the_native_node(rule, run, monkeypatch):
+    """A user (or a test) replacing a rule's backward gets that backward: its native twin steps aside."""
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    run(x).sum().backward()
+    assert x.grad.any() and _python_nodes(run(x)) == set()  # as shipped: the native node
+    x.grad = None
+    monkeypatch.setattr(rule, "backward", staticmethod(lambda ctx, *grads: (torch.zeros_like(x),) + (None,) * 8))
+    out = run(x)
+    assert _python_nodes(out) == {rule.__name__ + "Backward"}
+    out.sum().backward()
+    assert not x.grad.any()

@@ -19,7 +19,7 @@ def _activate(op: str, rule, input: torch.Tensor, inplace: bool, *params) -> tor
     if inplace:
         z_before = input.clone() if rule.sigma_prime_from == "z" else None
         return apply_rule(rules.activations.InplaceElementwise, rule, input, z_before, *params)
-    native = _native.layers_now(input)  # the rule's C++ twin (csrc/layers.cpp) where it may run
+    native = _native.layers_now(input, rule)  # the rule's C++ twin (csrc/layers.cpp) where it may run
     code = None if native is None else _native.activation_code(rule, params)
     if code is not None:
         return native.elementwise(input, *code)

@@ -22,7 +22,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         input, weight, bias = autocast_inputs("linear", input.device, input, weight, bias)
     if input.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         _checks.same_dtype("linear", input=input, weight=weight, bias=bias)
-    native = _native.layers_now(input)  # the rule's C++ twin (csrc/layers.cpp) where it may run
+    native = _native.layers_now(input, rules.Linear)  # the rule's C++ twin (csrc/layers.cpp) where it may run
     if native is not None:
         return native.linear(input, weight, bias)
     return apply_rule(rules.Linear, input, weight, bias)

@@ -57,7 +57,7 @@ def mse_loss(
     input, target, weight = autocast_inputs("mse_loss", input.device, input, target, weight)
     _checks.floating("mse_loss", "input", input)
     input, target, weight = _checks.promote(input, target, weight)  # torch promotes here
-    native = _native.layers_now(input)  # the rule's C++ twin (csrc/layers.cpp): mean or sum, no weight, one shape
+    native = _native.layers_now(input, rules.MSELoss)  # the rule's C++ twin (csrc/layers.cpp): mean or sum, no weight, one shape
     if native is not None and weight is None and reduction != "none" and target.shape == input.shape:
         return native.mse_loss(input, target, _native.REDUCTIONS[reduction])
     return apply_rule(rules.MSELoss, input, target, weight, reduction)
@@ -115,7 +115,7 @@ def binary_cross_entropy_with_logits(
     _checks.floating(op, "input", input)
     input, target = _checks.promote(input, target)  # torch promotes input and target
     weight, pos_weight = _checks.promote(weight, pos_weight, to=input.dtype)
-    native = _native.layers_now(input)  # the rule's C++ twin (csrc/layers.cpp): mean or sum, no weights
+    native = _native.layers_now(input, rules.BinaryCrossEntropyWithLogits)  # the rule's C++ twin (csrc/layers.cpp): mean or sum, no weights
     if native is not None and weight is None and pos_weight is None and reduction != "none":
         return native.bce_with_logits(input, target, _native.REDUCTIONS[reduction])
     return apply_rule(rules.BinaryCrossEntropyWithLogits, input, target, weight, pos_weight, reduction)
@@ -175,7 +175,7 @@ def cross_entropy(
         input, weight = autocast_inputs(op, input.device, input, weight)
         _checks.same_dtype(op, input=input, weight=weight)  # torch refuses to mix these
     _checks.floating(op, "input", input)
-    native = _native.layers_now(input)  # the rule's C++ twin (csrc/layers.cpp): the notes' case, (N, C) logits,
+    native = _native.layers_now(input, rules.CrossEntropy)  # the rule's C++ twin (csrc/layers.cpp): the notes' case, (N, C) logits,
     if (native is not None and input.dim() == 2 and target.dtype == torch.int64 and weight is None  # int64 classes
             and not label_smoothing and reduction != "none"):
         return native.cross_entropy(input, target, ignore_index, _native.REDUCTIONS[reduction])

@@ -18,8 +18,9 @@ BLAS torch links, the elementwise steps as plain loops (no per-op dispatch); `di
 switches it off for a block, `direct_counts()` says how often it ran.
 
 The per-layer rules have native twins too (`csrc/layers.cpp`: Linear, the elementwise activations, MSE,
-BCE-with-logits and cross-entropy), one C++ node each, on the same direct path; they are opt-in, by
-`MANUAL_BACKPROP_NATIVE_LAYERS=1` or `native_layers()` for a block (`layers_now` says when they run).
+BCE-with-logits and cross-entropy), one C++ node each, on the same direct path. They run by default where
+`layers_now` allows; `MANUAL_BACKPROP_NATIVE_LAYERS=0` switches them off (the Python rules run), and a rule
+whose Python backward has been replaced (a test breaking it, a user trying another rule) runs in Python.
 
 `MANUAL_BACKPROP_NATIVE=0` (read when manual_backprop is imported) forces the Python rule;
 `python_rule()` does so for a block. Without a C++ compiler or ninja, or if the
@@ -82,10 +83,10 @@ _forced_off = 0  # > 0 inside `python_rule()`
 # read once: the check runs on every MLP call, and os.environ's lookup is a few Python frames
 _ENVIRONMENT_ALLOWS = os.environ.get("MANUAL_BACKPROP_NATIVE", "1") != "0"
 _encoded: dict = {}  # layers -> (kinds, params), or None where an activation has no native form
-# The per-layer native rules are opt-in: MANUAL_BACKPROP_NATIVE_LAYERS=1 (read at import) or `native_layers()`.
-# Their nodes are C++: no Python backward to patch (learning-rule plugins, tests that patch a rule's backward),
-# no ctx.saved_tensors to read, so by default the Python rules run.
-_LAYERS_ALLOWED = os.environ.get("MANUAL_BACKPROP_NATIVE_LAYERS", "0") == "1"
+# The per-layer native rules run by default; MANUAL_BACKPROP_NATIVE_LAYERS=0 (read at import) switches them off.
+# Their nodes are C++: a backward patched onto the Python rule would not run in them, so `layers_now` checks
+# that the rule's backward is still the one it shipped with (`_WRITTEN`, recorded at import).
+_LAYERS_ALLOWED = os.environ.get("MANUAL_BACKPROP_NATIVE_LAYERS", "1") != "0"
 _layers_on = 0  # > 0 inside `native_layers()`
 
 
@@ -236,10 +237,11 @@ _LAYER_DTYPES = (torch.float32, torch.float64)
 REDUCTIONS = {"mean": 1, "sum": 2}  # at::Reduction; "none" takes the Python rule
 
 
-def layers_now(a: torch.Tensor) -> _LayerOps | None:
-    """The per-layer native operators when they may run now on `a`, else None (the Python rule runs).
+def layers_now(a: torch.Tensor, rule: type) -> _LayerOps | None:
+    """The per-layer native operators when they may run now on `a` in place of `rule`, else None (the Python rule runs).
 
-    Switched on (MANUAL_BACKPROP_NATIVE_LAYERS=1, or inside `native_layers()`), and as `operator_now`: not
+    Switched on (by default; not MANUAL_BACKPROP_NATIVE_LAYERS=0, or inside `native_layers()`), `rule.backward`
+    as shipped (a replaced backward runs: the C++ node could not call it), and as `operator_now`: not
     switched off, no torch.func transform, torch.compile not tracing, built. Besides: `a` on the CPU in float32
     or float64 (the device and dtypes they are tested in), autocast off (the Python rules cast as autocast does), and nobody watching
     (`observe` reads δ and a from the Python rules). The one place that decides, called by the functional API
@@ -247,7 +249,7 @@ def layers_now(a: torch.Tensor) -> _LayerOps | None:
     """
     if (not (_LAYERS_ALLOWED or _layers_on) or _forced_off or not _ENVIRONMENT_ALLOWS or not a.is_cpu
             or a.dtype not in _LAYER_DTYPES or _autocast_on() or _transforms_active() or _is_compiling()
-            or observe.current() is not None):
+            or observe.current() is not None or rule.__dict__.get("backward") is not _WRITTEN.get(rule)):
         return None
     return _layers if _tried else (load() and _layers)
 
@@ -292,11 +294,9 @@ def is_per_layer_node(node) -> bool:
 @contextlib.contextmanager
 def native_layers():
     """Run Linear, the elementwise activations and the MSE, BCE-with-logits and cross-entropy losses on their
-    native nodes (csrc/layers.cpp) inside this block, where `layers_now` allows (MANUAL_BACKPROP_NATIVE_LAYERS=1
-    does so for the whole process). `python_rule()` and MANUAL_BACKPROP_NATIVE=0 still win.
-
-    The nodes are C++: a backward patched onto a Python rule (`rules.Linear.backward = …`) does not run inside
-    this block, and their grad_fn has no `saved_tensors`. Same gradients, about stock speed at course sizes."""
+    native nodes (csrc/layers.cpp) inside this block, where `layers_now` allows, even where
+    MANUAL_BACKPROP_NATIVE_LAYERS=0 switched them off for the process. `python_rule()` and
+    MANUAL_BACKPROP_NATIVE=0 still win. Their grad_fn has no `saved_tensors` (the Python rules' do)."""
     global _layers_on
     _layers_on += 1
     try:
@@ -314,3 +314,14 @@ def python_rule():
         yield
     finally:
         _forced_off -= 1
+
+
+def _written_backwards() -> dict:
+    """Each rule with a native twin -> its backward as shipped (the staticmethod in its class dict)."""
+    from manual_backprop.rules import linear, losses  # imported here: both are loaded before this module's first use
+
+    twins = (linear.Linear, losses.MSELoss, losses.BinaryCrossEntropyWithLogits, losses.CrossEntropy, *_ACTIVATION_CODES)
+    return {rule: rule.__dict__.get("backward") for rule in twins}
+
+
+_WRITTEN = _written_backwards()
