@@ -111,25 +111,35 @@ void backward_rows(const T* delta, const T* x, const T* mean_in, const T* rstd_i
                    double* grad_gamma, double* grad_beta, int64_t rows, int64_t D, int64_t groups,
                    int64_t spatial) {
   std::vector<T> g_row(D), x_hat_row(D);  // LayerNorm: g = δγ and x̂ of the row, formed once
+  std::vector<double> scratch(spatial == 1 ? 2 * D : 0);
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * D;
     const T* dr = delta + r * D;
     const T mean = mean_in[r], rstd = rstd_in[r];
     const Blocks p = row_blocks(r, D, groups, spatial);
     double sum_g = 0, sum_g_xhat = 0;  // Σ g and Σ g·x̂ over the row, g = δγ
-    if (p.run == 1) {  // one parameter per element (LayerNorm): flat loops
+    if (p.run == 1) {  // one parameter per element (LayerNorm): one pass for g, x̂, the sums and ∂J/∂γ, ∂J/∂β
       const T* gamma = weight ? weight + p.first : nullptr;
+      double* dgamma = grad_gamma ? grad_gamma + p.first : scratch.data();  // scratch: sums no one asked for
+      double* dbeta = grad_beta ? grad_beta + p.first : scratch.data() + D;
       T* g = g_row.data();
       T* x_hat = x_hat_row.data();
-      for (int64_t j = 0; j < D; ++j) {
-        x_hat[j] = (xr[j] - mean) * rstd;
-        g[j] = gamma ? dr[j] * gamma[j] : dr[j];
+      for (int64_t start = 0; start < D; start += kChunk) {
+        const int64_t end = std::min(D, start + kChunk);
+        T acc = 0, acc_x = 0;
+#pragma omp simd reduction(+ : acc, acc_x)
+        for (int64_t j = start; j < end; ++j) {
+          const T d = dr[j], xh = (xr[j] - mean) * rstd, gj = gamma ? d * gamma[j] : d;
+          x_hat[j] = xh;
+          g[j] = gj;
+          dgamma[j] += double(d * xh);
+          dbeta[j] += double(d);
+          acc += gj;
+          acc_x += gj * xh;
+        }
+        sum_g += acc;
+        sum_g_xhat += acc_x;
       }
-      if (grad_gamma)
-        for (int64_t j = 0; j < D; ++j) grad_gamma[p.first + j] += double(dr[j] * x_hat[j]);
-      if (grad_beta)
-        for (int64_t j = 0; j < D; ++j) grad_beta[p.first + j] += double(dr[j]);
-      delta_sums(g, x_hat, D, T(0), sum_g, sum_g_xhat);
       if (!grad_x) continue;
       const T mean_g = T(sum_g / double(D)), mean_g_xhat = T(sum_g_xhat / double(D));
       T* gr = grad_x + r * D;
