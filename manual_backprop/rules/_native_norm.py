@@ -1,10 +1,12 @@
-"""The native loops of the LayerNorm and GroupNorm rules: `csrc/norm.cpp`, built and loaded as `_native`'s MLP.
+"""The native loops of the LayerNorm, GroupNorm and BatchNorm (training) rules: `csrc/norm.cpp`, built and
+loaded as `_native`'s MLP.
 
 The Python rules in `rules/norm.py` stay the definition; where `rows_now()` allows, their forward and
-backward call `torch.ops.manual_backprop_norm.{forward,backward}` (x as rows, each normalised alone: five
-passes over x where the unfused ops take about ten). Built on first use into its own folder beside the
-MLP's (keyed by the source, torch and the Python ABI); `MANUAL_BACKPROP_NATIVE=0` and
-`_native.python_rule()` switch it off too. `calls()` counts the native calls (the tests check they ran).
+backward call `torch.ops.manual_backprop_norm.{forward,backward}` (LayerNorm, GroupNorm: x as rows, each
+normalised alone) or `{batch_forward,batch_backward}` (BatchNorm: per channel), five passes over x where the
+unfused ops take about ten. Built on first use into its own folder beside the MLP's (keyed by the source,
+the flags, torch and the Python ABI); `MANUAL_BACKPROP_NATIVE=0` and `_native.python_rule()` switch it off
+too. `calls` counts the native calls by name (the tests check they ran).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ FLAGS = [*_native.FLAGS, "-fopenmp-simd",
 _lock = threading.Lock()
 _ops = None
 _tried = False
-calls: Counter = Counter()  # "forward", "backward": how often the native loops ran in this process
+calls: Counter = Counter()  # op name -> how often it ran in this process
 
 
 def build_directory() -> Path:
