@@ -5,6 +5,8 @@
     python scripts/bench.py --only transformer  # the transformer block alone (converted vs stock)
     python scripts/bench.py --only recurrent    # LSTM and GRU layers: stock, our native loops, our Python rule
     python scripts/bench.py --only per-layer    # Sequential(Linear, act, …) + loss: native per-layer nodes, Python rules
+    python scripts/bench.py --only norm         # BatchNorm, LayerNorm, GroupNorm alone: stock, native loops, Python rule
+    python scripts/bench.py --only conv         # float32 error of the convolutions' ∂J/∂W, ours and stock's
 
 Contenders, all started from the same parameters and fed the same batch:
     stock      torch.nn.Sequential(Linear, act, …): stock autograd
@@ -142,6 +144,7 @@ class Case:
     saved: dict = field(default_factory=dict)  # contender -> bytes saved for backward
     peak: dict = field(default_factory=dict)  # contender -> peak bytes during a step (CUDA)
     flops: float = 0.0
+    conv_error: dict = field(default_factory=dict)  # contender -> worst float32 conv ∂J/∂W error (CNN cases)
 
     @property
     def network(self) -> str:
@@ -486,7 +489,16 @@ def _basic_block(zoo, inplanes: int, planes: int):
     return zoo.BasicBlock(inplanes, planes, 2, nn.Sequential(zoo.conv1x1(inplanes, planes, 2), nn.BatchNorm2d(planes)))
 
 
+def _small_cnn(zoo):
+    """Two conv → BatchNorm → ReLU → max-pool stages (3 → 16 → 32 channels, 3×3) and a Linear classifier."""
+    def stage(c_in, c_out):
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
+
+    return nn.Sequential(*stage(3, 16), *stage(16, 32), nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+
+
 CNN_FULL = [
+    CnnSpec("small-cnn", _small_cnn, (3, 32, 32), 16),
     CnnSpec("basic-block", lambda zoo: _basic_block(zoo, 64, 128), (64, 16, 16), 32, classifier=False),
     CnnSpec("resnet18", lambda zoo: zoo.resnet18(num_classes=10), (3, 32, 32), 32),
     CnnSpec("mobilenet_v3_small", lambda zoo: zoo.mobilenet_v3_small(num_classes=10), (3, 32, 32), 32),
@@ -538,7 +550,8 @@ def build_cnn(case: Case, spec: CnnSpec, compile_backend: str):
     stock_compiled = copy.deepcopy(stock)
     compiled_stock = torch.compile(stock_compiled, backend=compile_backend, dynamic=False)
     references = {"compiled": (lambda: loss(compiled_stock(x)), stock_compiled)}
-    return forwards, steps, params, references
+    x64 = x.double()  # float64 holds the float32 batch exactly
+    return forwards, steps, params, references, lambda model: loss(model(x64))
 
 
 def check_cnn_gradients(case: Case, forwards, params, references=None) -> list[str]:
@@ -575,13 +588,37 @@ def check_cnn_gradients(case: Case, forwards, params, references=None) -> list[s
     return errors
 
 
+def _relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    """max |got − exact| / max |exact|: a float32 result's error against the float64 one."""
+    return ((got.double() - exact).abs().max() / exact.abs().max().clamp_min(1e-300)).item()
+
+
+def conv_weight_error(forwards, exact_loss) -> dict:
+    """Per eager contender: the worst, over the model's convolutions, float32 ∂J/∂W error against the exact
+    gradient (the stock model in float64 from the same float32 parameters, on the same batch; same seed)."""
+    _, stock = forwards["stock"]
+    exact_model = copy.deepcopy(stock).double()
+    exact = _conv_grads(lambda: exact_loss(exact_model), exact_model)
+    return {name: max(_relative_error(g, e) for g, e in zip(_conv_grads(*forwards[name]), exact))
+            for name in ("stock", "converted")}
+
+
+def _conv_grads(forward, model) -> list[torch.Tensor]:
+    """The convolutions' ∂J/∂W after one forward + backward (seeded: dropout draws alike)."""
+    for p in model.parameters():
+        p.grad = None
+    torch.manual_seed(1)
+    forward().backward()
+    return [m.weight.grad for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+
+
 def run_cnn_cases(devices, specs, samples: int, backend: str) -> tuple[list[Case], list[str]]:
     cases, errors = [], []
     for device in devices:
         for spec in specs:
             case = Case(device, (spec.name,), spec.batch, "", False)
             torch._dynamo.reset()
-            forwards, steps, params, references = build_cnn(case, spec, backend)
+            forwards, steps, params, references, exact_loss = build_cnn(case, spec, backend)
             found = check_cnn_gradients(case, forwards, params, references)
             # The compiled contender is reported, not failed: on mobilenet_v3_small's last stages (train-mode
             # BatchNorm over few values) float32 under inductor is so ill-conditioned that stock compiled is
@@ -591,6 +628,7 @@ def run_cnn_cases(devices, specs, samples: int, backend: str) -> tuple[list[Case
             if spread:
                 print(f"{device} {spec.name}: compiled gradients outside the check's tolerance in {len(spread)} tensors "
                       f"(reported, not failed; the first: {spread[0]})", flush=True)
+            case.conv_error = conv_weight_error(forwards, exact_loss)
             for name, (forward, _) in forwards.items():
                 try:
                     case.saved[name] = count_saved_bytes(forward, params[name])
@@ -606,14 +644,18 @@ def run_cnn_cases(devices, specs, samples: int, backend: str) -> tuple[list[Case
 
 
 def cnn_table(cases: list[Case]) -> str:
-    lines = ["| device | model | batch | contender | step ms | × stock | saved MiB | peak MiB |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| device | model | batch | contender | step ms | × stock | saved MiB | peak MiB | conv ∂J/∂W f32 error |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for c in cases:
         for name in CNN_CONTENDERS:
-            saved, peak = c.saved.get(name), c.peak.get(name)
+            saved, peak, error = c.saved.get(name), c.peak.get(name), c.conv_error.get(name)
             lines.append(f"| {c.device} | {c.network} | {c.batch} | {name} | {c.times[name] * 1e3:.2f} | {c.ratio(name):.2f} "
-                         f"| {'' if saved is None else f'{saved / 2**20:.2f}'} | {'' if peak is None else f'{peak / 2**20:.2f}'} |")
+                         f"| {'' if saved is None else f'{saved / 2**20:.2f}'} | {'' if peak is None else f'{peak / 2**20:.2f}'} "
+                         f"| {'' if error is None else f'{error:.2e}'} |")
     return "\n".join(lines)
+
+
+CNN_TARGETS = {"small-cnn": 1.15, "resnet18": 1.05, "mobilenet_v3_small": 1.15}  # converted ÷ stock, at most
 
 
 def cnn_targets(cases: list[Case]) -> list[tuple[bool, str]]:
@@ -621,12 +663,106 @@ def cnn_targets(cases: list[Case]) -> list[tuple[bool, str]]:
     for device in dict.fromkeys(c.device for c in cases):
         on = [c for c in cases if c.device == device]
         for c in on:
-            if c.network == "resnet18":
-                results.append((c.ratio("converted") <= 1.15,
-                                f"{device}: converted ≤ 1.15× stock on resnet18: {c.ratio('converted'):.2f}×"))
+            if c.network in CNN_TARGETS:
+                bound = CNN_TARGETS[c.network]
+                results.append((c.ratio("converted") <= bound,
+                                f"{device}: converted ≤ {bound}× stock on {c.network}: {c.ratio('converted'):.2f}×"))
         over = [c.network for c in on if c.saved.get("converted") is not None and c.saved["converted"] > c.saved["stock"]]
         results.append((not over, f"{device}: CNN saved bytes never above stock: {'ok' if not over else 'above in ' + ', '.join(over)}"))
     return results
+# ------------------------------------------------------------------ convolution ∂J/∂W in float32
+
+CONV_CLASSES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def conv_accuracy() -> tuple[list[str], list[str]]:
+    """Float32 ∂J/∂W error of stock autograd and of our rule against the exact gradient, on every sample torch's
+    own module tests run for the convolution classes (`torch.testing._internal.common_modules.module_db`; the
+    upstream gradient a fixed ramp, as tests/test_module_db.py). Exact: stock in float64 on the same float32
+    weights, input and δ. Returns the report lines and any errors (none: accuracy is reported, not failed)."""
+    import manual_backprop as mb
+    from torch.testing._internal.common_modules import module_db
+
+    lines = ["Convolution ∂J/∂W in float32 against float64 (max |error| / max |exact|), torch's module samples:", "",
+             "| module | sample | input | stock error | ours error | ours ÷ stock |", "|---|---|---|---:|---:|---:|"]
+    ratios = []
+    for info in module_db:
+        if info.module_cls not in CONV_CLASSES:
+            continue
+        samples = info.module_inputs_func(info, device="cpu", dtype=torch.float32, requires_grad=False, training=True)
+        for i, sample in enumerate(samples):
+            args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+            torch.manual_seed(0)
+            stock = info.module_cls(*args, **kwargs)
+            x = sample.forward_input.args[0].detach()
+            out = stock(x)
+            delta = torch.linspace(-1, 2, out.numel()).view(out.shape)
+            exact_model = copy.deepcopy(stock).double()
+            exact = torch.autograd.grad(exact_model(x.double()), [exact_model.weight], delta.double())[0]
+            errors = {}
+            for name, model in (("stock", stock), ("ours", mb.convert(copy.deepcopy(stock)))):
+                (grad,) = torch.autograd.grad(model(x), [model.weight], delta)
+                errors[name] = _relative_error(grad, exact)
+            ratio = errors["ours"] / errors["stock"] if errors["stock"] else (1.0 if not errors["ours"] else math.inf)
+            ratios.append(ratio)
+            lines.append(f"| {info.name} | {i} {kwargs or ''} | {tuple(x.shape)} | {errors['stock']:.2e} | "
+                         f"{errors['ours']:.2e} | {ratio:.2f} |")
+    worst = max(ratios)
+    lines += ["", f"- {'met' if worst <= 1.0 else 'MISSED'}: ours no further from float64 than stock on every sample: "
+                  f"worst {worst:.2f}× stock's error"]
+    return lines, []
+
+
+# ------------------------------------------------------------------ normalisation layers alone
+
+NORM_LAYERS = [("BatchNorm2d(64)", lambda: nn.BatchNorm2d(64), (32, 64, 16, 16)),
+               ("LayerNorm(256)", lambda: nn.LayerNorm(256), (16, 128, 256)),
+               ("GroupNorm(8, 64)", lambda: nn.GroupNorm(8, 64), (32, 64, 16, 16))]
+NORM_QUICK = [("BatchNorm2d(4)", lambda: nn.BatchNorm2d(4), (2, 4, 4, 4)), ("LayerNorm(8)", lambda: nn.LayerNorm(8), (2, 3, 8)),
+              ("GroupNorm(2, 4)", lambda: nn.GroupNorm(2, 4), (2, 4, 4, 4))]
+
+
+def norm_layers(device: str, quick: bool, samples: int) -> tuple[list[str], list[str]]:
+    """One training step (forward, Σ out·r with r a fixed random tensor, backward) of a normalisation layer alone:
+    stock against ours with the native loops (csrc/norm.cpp) and with the Python rule (`_native.python_rule()`).
+    Returns the report lines and any gradient errors."""
+    import manual_backprop as mb
+    from manual_backprop.rules import _native_norm
+
+    built = _native_norm.load() is not None
+    lines = [f"Normalisation layers on {device}, train mode" + ("" if built else " (native loops not built)"), "",
+             "| layer | input | stock ms | native ms | python ms | native × stock | python × stock |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    errors, worst = [], 0.0
+    for label, make, shape in NORM_QUICK if quick else NORM_LAYERS:
+        torch.manual_seed(0)
+        stock = make().to(device)
+        ours = mb.convert(copy.deepcopy(stock))
+        x = torch.randn(shape, device=device, requires_grad=True)
+        r = torch.randn(shape, device=device)  # Σ out² would give LayerNorm a zero gradient
+
+        def python(m=ours):
+            with _native.python_rule():
+                return (m(x) * r).sum()
+
+        forwards = {"stock": lambda: (stock(x) * r).sum(), "native": lambda: (ours(x) * r).sum(), "python": python}
+        models = {"stock": stock, "native": ours, "python": ours}
+        grads = {name: torch.autograd.grad(forward(), [x, *models[name].parameters()]) for name, forward in forwards.items()}
+        for name in ("native", "python"):
+            if not all(torch.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in zip(grads[name], grads["stock"])):
+                errors.append(f"{device} {label} {name}: gradients differ from stock")
+        steps = {name: make_step(forwards[name], [x, *models[name].parameters()]) for name in forwards}
+        rounds = time_all(steps, device, samples)
+        times = {name: statistics.median(ts) for name, ts in rounds.items()}
+        ratio = {name: statistics.median(t / u for t, u in zip(rounds[name], rounds["stock"])) for name in ("native", "python")}
+        worst = max(worst, ratio["native"])
+        lines.append(f"| {label} | {'×'.join(map(str, shape))} | {times['stock'] * 1e3:.2f} | {times['native'] * 1e3:.2f} | "
+                     f"{times['python'] * 1e3:.2f} | {ratio['native']:.2f} | {ratio['python']:.2f} |")
+        print(lines[-1], flush=True)
+    lines += ["", f"- {'met' if worst <= 1.5 else 'MISSED'}: every layer ≤ 1.5× stock (native): worst {worst:.2f}×"]
+    return lines, errors
+
+
 # ------------------------------------------------------------------ a transformer block
 
 # (d_model, heads, T, batch): the issue's block, and a tiny one for --quick
@@ -833,10 +969,12 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor, quick aot_eager)")
     parser.add_argument("--our-loss", action="store_true",
                         help="per-layer, fused and compiled use manual_backprop's loss (default: torch's, for all)")
-    parser.add_argument("--only", choices=["all", "mlp", "transformer", "recurrent", "per-layer"], default="all",
+    parser.add_argument("--only", choices=["all", "mlp", "transformer", "recurrent", "per-layer", "norm", "conv"],
+                        default="all",
                         help="which benchmark: the MLP grid, the transformer block, or both (default); "
                              "recurrent: LSTM and GRU layers alone; per-layer: Sequential of our modules with "
-                             "their loss, native and Python rules (neither part of all)")
+                             "their loss, native and Python rules; norm: the normalisation layers alone; "
+                             "conv: float32 accuracy of the convolutions' ∂J/∂W (these four not part of all)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice, one per core)")
     parser.add_argument("--cnn", choices=["include", "skip", "only"], default="include",
@@ -901,6 +1039,14 @@ def main(argv=None) -> int:
         lines, per_layer_errors = per_layer_rows(device, args.quick, samples, activations)
         block_lines += ["", *lines]
         errors += per_layer_errors
+    for device in devices if args.only == "norm" and args.cnn != "only" else []:
+        lines, norm_errors = norm_layers(device, args.quick, samples)
+        block_lines += ["", *lines]
+        errors += norm_errors
+    if args.only == "conv" or (args.cnn != "skip" and args.only == "all"):
+        lines, conv_errors = conv_accuracy()
+        block_lines += ["", *lines]
+        errors += conv_errors
     report = [f"Benchmark ({environment}); wall time {time.perf_counter() - start:.0f} s"]
     if cases:
         report += ["", "Step time ÷ stock autograd, geometric mean over the activations:", "", summary(cases), "",

@@ -29,9 +29,16 @@ def test_quick_run_writes_table_chart_and_targets(bench, tmp_path, capsys):
         assert float(cells[5]) > 0 and float(cells[6]) >= 0  # step ms, × stock
         if cells[4] == "stock":
             assert cells[6] == "1.00"
-    assert markdown.count("- met:") + markdown.count("- MISSED:") == 12  # 7 + 4 native for the MLPs, 1 for the CNN
-    cnn_rows = [line for line in markdown.split("Convolutional networks")[1].splitlines() if line.startswith("| cpu |")]
+    # 7 + 4 native for the MLPs, 1 for the CNN, 1 for the conv ∂J/∂W accuracy
+    assert markdown.count("- met:") + markdown.count("- MISSED:") == 13
+    cnn_rows = [line for line in markdown.split("Convolutional networks")[1].split("Targets:")[0].splitlines()
+                if line.startswith("| cpu |")]
     assert [row.split("|")[4].strip() for row in cnn_rows] == bench.CNN_CONTENDERS * len(bench.CNN_QUICK)
+    for row in cnn_rows:  # the float32 conv ∂J/∂W error column: stock's and ours, none for compiled
+        error = row.split("|")[-2].strip()
+        assert (error == "") == (row.split("|")[4].strip() == "compiled") and (error == "" or 0 < float(error) < 1e-3)
+    accuracy = markdown.split("Convolution ∂J/∂W in float32")[1]
+    assert sum(line.startswith("| nn.Conv") for line in accuracy.splitlines()) >= 12  # torch's module samples
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "bench.md" in capsys.readouterr().out
 
@@ -130,3 +137,14 @@ def test_recurrent_quick_run_reports_each_layer_and_the_targets(bench, tmp_path,
 
     monkeypatch.setattr(recurrent, "transport", lambda ctx, *Ws: tuple(2 * W if W is not None else None for W in Ws))
     assert bench.main(argv) == 1  # δ through 2W instead of W: the gradient check fails the run
+
+
+def test_norm_layers_report_native_and_python(bench, tmp_path):
+    assert bench.main(["--only", "norm", "--quick", "--device", "cpu", "--samples", "1", "--out", str(tmp_path)]) == 0
+    markdown = (tmp_path / "bench.md").read_text()
+    rows = [line for line in markdown.splitlines() if line.startswith(("| BatchNorm", "| LayerNorm", "| GroupNorm"))]
+    assert len(rows) == len(bench.NORM_QUICK)
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert all(float(c) > 0 for c in cells[2:])  # stock, native, python ms and the two ratios
+    assert markdown.count("- met:") + markdown.count("- MISSED:") == 1

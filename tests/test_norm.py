@@ -459,3 +459,64 @@ def test_a_mobilenet_style_block_converts_and_matches_stock():
     result = assert_grad_parity(model, torch.randn(5, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (5,)), torch.nn.CrossEntropyLoss())
     assert result.rule_nodes["BatchNormBackward"] == 2 and result.rule_nodes["InplaceDropoutBackward"] == 1
     assert result.rule_nodes["InplaceElementwiseBackward"] == 3
+
+
+# ------------------------------------------------------------------ the native loops (csrc/norm.cpp)
+
+NATIVE = [c for c in NORMS if c.name.startswith(("layer_norm", "group_norm")) or c.grad_fn == "BatchNormBackward"]
+
+
+def _native_norm_sizes(case):
+    """The case's inputs scaled up where BatchNorm's loops need runs of 16 positions or more."""
+    x, *params = case.make("cpu", torch.float64)
+    if case.grad_fn == "BatchNormBackward" and x.dim() > 2:
+        x = torch.randn(x.shape[0], x.shape[1], 4, 5, dtype=torch.float64)
+    return [x, *params]
+
+
+@pytest.mark.parametrize("case", NATIVE, ids=repr)
+def test_native_loops_run_and_equal_the_python_rule(case):
+    """Forward and every gradient from csrc/norm.cpp against the Python rule (`_native.python_rule()`), float64."""
+    from manual_backprop.rules import _native, _native_norm
+
+    if _native_norm.load() is None:
+        pytest.skip("the native normalisation loops could not be built here (no C++ compiler or ninja)")
+    inputs = _native_norm_sizes(case)
+    native_applies = case.grad_fn != "BatchNormBackward" or inputs[0].dim() > 2
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = case.ours(*leaves)
+        grads = torch.autograd.grad(out, leaves, torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view(out.shape))
+        return [out, *grads]
+
+    before = _native_norm.calls.copy()
+    native = run()
+    ran = _native_norm.calls - before
+    with _native.python_rule():
+        python = run()
+    assert (_native_norm.calls - before) == ran  # the Python rule's run called no native loop
+    kind = "batch_" if case.grad_fn == "BatchNormBackward" else ""
+    assert ran == ({f"{kind}forward": 1, f"{kind}backward": 1} if native_applies else {})
+    for got, want in zip(native, python, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_native_loops_float32_match_stock_on_larger_inputs():
+    """At sizes where the loops' chunked sums matter (rows of 2¹⁴, channels of 2¹⁴ values), float32 against
+    torch's kernels, within float32 parity tolerance; the native loops ran."""
+    from manual_backprop.rules import _native_norm
+
+    if _native_norm.load() is None:
+        pytest.skip("the native normalisation loops could not be built here (no C++ compiler or ninja)")
+    torch.manual_seed(0)
+    cases = [(lambda x, w, b: MF.layer_norm(x, (4, 4096), w, b), lambda x, w, b: TF.layer_norm(x, (4, 4096), w, b),
+              (3, 4, 4096), (4, 4096), "LayerNormBackward"),
+             (lambda x, w, b: MF.group_norm(x, 2, w, b), lambda x, w, b: TF.group_norm(x, 2, w, b), (4, 6, 64, 64), (6,), "GroupNormBackward"),
+             (lambda x, w, b: MF.batch_norm(x, None, None, w, b, True), lambda x, w, b: TF.batch_norm(x, None, None, w, b, True),
+              (4, 3, 64, 64), (3,), "BatchNormBackward")]
+    for ours, stock, shape, param_shape, grad_fn in cases:
+        before = sum(_native_norm.calls.values())
+        x, w, b = torch.randn(shape) * 3 + 5, torch.randn(param_shape), torch.randn(param_shape)
+        assert_parity(ours, stock, [x, w, b], grad_fn, **tolerance(torch.float32))
+        assert sum(_native_norm.calls.values()) > before

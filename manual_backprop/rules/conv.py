@@ -67,6 +67,11 @@ def conv_weight_grad(delta, a, kernel_size, stride, padding, dilation, groups):
     this project's CPU: one matrix product of δ with the patches (1×1 kernels, and δ with one
     or two positions), and one kernel tap at a time (depthwise, many positions). Every form
     serves 1-, 2- and 3-d alike, with groups, stride, padding and dilation.
+
+    Accuracy in float32: small sums are formed in float64 (`_sum_in_float64`). A 3-d
+    convolution with the batch as its channels sums in an order whose float32 error measured
+    3.4–8.8× torch's (2–8 samples, 3×3×3 kernels, 6³–8³ maps); one sample at a time, summed,
+    measured 0.2–1.8× torch's, and at 16³ faster (5.8 against 7.2 ms).
     """
     N, C_in, *size = a.shape
     C_out, G = delta.shape[1], groups
@@ -74,10 +79,15 @@ def conv_weight_grad(delta, a, kernel_size, stride, padding, dilation, groups):
     if N == 0:
         return delta.new_zeros(W_shape)
     positions = math.prod(delta.shape[2:])
+    if _sum_in_float64(delta, N * positions * C_out * (C_in // G) * math.prod(kernel_size)):
+        return conv_weight_grad(delta.double(), a.double(), kernel_size, stride, padding, dilation, groups).to(delta.dtype)
     if positions <= 2 or math.prod(kernel_size) == 1:
         return _weight_grad_by_patches(delta, a, kernel_size, stride, padding, dilation, groups)
     if G == C_in == C_out and positions >= 64:
         return _depthwise_weight_grad(delta, a, kernel_size, stride, padding, dilation)
+    if len(size) == 3 and N > 1:  # one sample at a time, summed: see the docstring
+        return sum(conv_weight_grad(delta[n : n + 1], a[n : n + 1], kernel_size, stride, padding, dilation, groups)
+                   for n in range(N))
     if G == 1:
         a_t = a.transpose(0, 1)  # (C_in, N, *in): the batch is now the channel axis
     else:  # (C_in/G, G·N, *in): group g's batch occupies channels g·N … (g+1)·N − 1
@@ -85,6 +95,24 @@ def conv_weight_grad(delta, a, kernel_size, stride, padding, dilation, groups):
     delta_t = delta.transpose(0, 1)  # (C_out, N, *out): δ as the kernel
     grad_W = torch.convolution(a_t, delta_t, None, dilation, padding, stride, False, [0] * len(size), G)
     return _narrow_to(grad_W.transpose(0, 1), kernel_size)  # (C_out, C_in/G, *k)
+
+
+EXACT_BELOW = 2**17  # multiply-adds
+
+
+def _sum_in_float64(delta, multiply_adds: int) -> bool:
+    """Whether a weight gradient in a narrower float is summed in float64 and rounded once.
+
+    Each element of ∂J/∂W is a sum of N·positions products; in float32 its error depends on the
+    order the kernel adds them in, and the convolution below adds them in another order than
+    torch's backward kernel: on torch's own test convolutions (common_modules: 2 samples, 4 → 5
+    channels, kernel 3) its error was up to 2.5× torch's (4.6× with a ramp for δ). Summed in float64 and rounded once, every
+    element is within half a float32 ulp of the exact sum, as close as any float32 order can be.
+    Below EXACT_BELOW multiply-adds the float64 sum costs microseconds (per-call overhead
+    dominates there); above it the float32 convolution is kept for speed, and at those sizes
+    its longer sums measured as accurate as torch's or better (tests/test_conv.py)."""
+    return (delta.dtype in (torch.float32, torch.float16, torch.bfloat16) and multiply_adds <= EXACT_BELOW
+            and delta.device.type in ("cpu", "cuda"))
 
 
 def patches(a, kernel_size, stride, padding, dilation) -> torch.Tensor:

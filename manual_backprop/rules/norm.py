@@ -19,6 +19,12 @@ do), so backward reads them instead of recomputing; when double backward is aske
 autograd sees σ as a function of x. Low-precision inputs (bf16, fp16) are normalised in
 float32 and the output is cast back, as torch's kernels do; γ and β may stay float32 beside a
 low-precision input (autocast leaves norms in the input's dtype on CPU).
+
+On CPU, for contiguous float32/float64 inputs without double backward, LayerNorm, GroupNorm and
+BatchNorm in training run these same formulas as plain loops (`csrc/norm.cpp`, loaded by
+`_native_norm`): five passes over x for forward + backward where the ops below take about ten.
+Everything else (observe, other layouts and dtypes, double backward, torch.func, torch.compile)
+runs the Python below, the definition the loops are tested equal to.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 
 from manual_backprop import observe
 from manual_backprop._amp import without_autocast
+from manual_backprop.rules import _native_norm
 
 
 def opmath(t: torch.Tensor) -> torch.Tensor:
@@ -155,12 +162,48 @@ def _cast_back(grad, like):
     return None if grad is None else grad.to(like.dtype)
 
 
+# ------------------------------------------------------------------ the native loops (csrc/norm.cpp)
+
+
+def _native_forward(x, weight, bias, eps, rows: int, groups: int, spatial: int, stats_shape):
+    """y, μ, 1/σ from the native loops where they may run (`_native_norm.rows_now`), else None.
+    x as `rows` rows normalised alone; `groups`, `spatial` place γ, β in a row (csrc/norm.cpp)."""
+    native = _native_norm.rows_now(x, weight, bias)
+    if native is None:
+        return None
+    _native_norm.calls["forward"] += 1
+    y, mean, rstd = native.forward(x, weight, bias, rows, groups, spatial, eps)
+    return y, mean.view(stats_shape), rstd.view(stats_shape)
+
+
+def _native_backward(delta, x, weight, bias, mean, rstd, groups: int, spatial: int, needs):
+    """(∂J/∂x, ∂J/∂γ, ∂J/∂β) from the native loops where they may run, else None; the same formulas as
+    `delta_through_normalization` and `affine_grads`. needs: (∂J/∂x, ∂J/∂γ, ∂J/∂β) asked for."""
+    if torch.is_grad_enabled():  # double backward: the Python rule, whose ops autograd can differentiate
+        return None
+    native = _native_norm.rows_now(x, weight)
+    if native is None or delta.dtype != x.dtype:
+        return None
+    _native_norm.calls["backward"] += 1
+    need_x, need_gamma, need_beta = needs[0], needs[1] and weight is not None, needs[2] and bias is not None
+    grads = native.backward(delta.contiguous(), x, mean.reshape(-1), rstd.reshape(-1), weight, mean.numel(),
+                            groups, spatial, need_x, need_gamma, need_beta)
+    return tuple(g.view(p.shape) if need and p is not None else None
+                 for g, p, need in zip(grads, (x, weight, bias), (need_x, need_gamma, need_beta)))
+
+
 # ------------------------------------------------------------------ BatchNorm
 
 
 def batch_dims(x) -> list[int]:
     """BatchNorm normalises each channel (dim 1) over the batch and every spatial position."""
     return [0, *range(2, x.dim())]
+
+
+def _native_channels(x) -> bool:
+    """Whether BatchNorm's native loops suit x: runs of at least 16 positions per (sample, channel); over
+    (N, C) or short runs the loops would stride through memory a few elements at a time."""
+    return x.dim() > 2 and x.numel() > 0 and math.prod(x.shape[2:]) >= 16
 
 
 def _per_channel_affine(mean, var, weight, bias, eps):
@@ -195,6 +238,10 @@ class BatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, eps):
+        native = _native_norm.rows_now(x, weight, bias) if _native_channels(x) else None
+        if native is not None:  # the same formulas as plain loops (csrc/norm.cpp)
+            _native_norm.calls["batch_forward"] += 1
+            return native.batch_forward(x, weight, bias, eps)
         x32 = opmath(x)
         mean, var = mean_and_variance(x32, batch_dims(x))
         mean, var = mean.reshape(-1), var.reshape(-1)
@@ -220,6 +267,12 @@ class BatchNorm(torch.autograd.Function):
                 "batch), so it has no per-sample gradients; put it in eval mode, or use GroupNorm/LayerNorm"
             )
             ctx.call.see(observe.Seen(ctx.call, delta, x, ctx.params, refuse, refuse, *output, batch_dim=0))
+        native = _native_norm.rows_now(x, weight) if _native_channels(x) and not torch.is_grad_enabled() else None
+        if native is not None and delta.dtype == x.dtype:  # the same formulas as plain loops (csrc/norm.cpp)
+            _native_norm.calls["batch_backward"] += 1
+            grads = native.batch_backward(delta.contiguous(), x, mean, var, weight, ctx.eps, need_x,
+                                          need_gamma and weight is not None, need_beta and bias is not None)
+            return *(g if need else None for g, need in zip(grads, (need_x, need_gamma, need_beta))), None
         x32, delta32, dims = opmath(x), opmath(delta), batch_dims(x)
         if torch.is_grad_enabled():  # double backward: statistics as functions of x
             mean, rstd = statistics(x32, dims, ctx.eps)
@@ -332,6 +385,10 @@ class LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(x, normalized_shape, weight, bias, eps):
+        D, lead = math.prod(normalized_shape), x.shape[: x.dim() - len(normalized_shape)]
+        native = _native_forward(x, weight, bias, eps, x.numel() // max(D, 1), 1, 1, (*lead, *[1] * len(normalized_shape)))
+        if native is not None:
+            return native
         x_hat, mean, rstd = normalize(opmath(x), last_dims(x, normalized_shape), eps)
         y = _affine(x_hat, None if weight is None else opmath(weight), None if bias is None else opmath(bias))
         return y.to(x.dtype), mean, rstd
@@ -350,6 +407,9 @@ class LayerNorm(torch.autograd.Function):
             return None, None, None, None, None
         if ctx.call is not None:
             _see_last_dims(ctx, delta, x, True, output)
+        native = _native_backward(delta, x, weight, bias, mean, rstd, 1, 1, [ctx.needs_input_grad[i] for i in (0, 2, 3)])
+        if native is not None:
+            return native[0], None, native[1], native[2], None
         grad_x, grad_gamma, grad_beta = _normalization_backward(
             ctx, delta, x, weight, bias, mean, rstd, centered=True
         )
@@ -441,6 +501,10 @@ class GroupNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(x, num_groups, weight, bias, eps):
+        native = _native_forward(x, weight, bias, eps, x.shape[0] * num_groups, num_groups,
+                                 math.prod(x.shape[2:]), (x.shape[0], num_groups, 1))
+        if native is not None:
+            return native
         x_hat, mean, rstd = normalize(_grouped(opmath(x), num_groups), [2], eps)
         weight, bias = (None if t is None else _channel_view(opmath(t), x) for t in (weight, bias))
         return _layout_of(_affine(x_hat.reshape(x.shape), weight, bias).to(x.dtype), x), mean, rstd
@@ -466,6 +530,10 @@ class GroupNorm(torch.autograd.Function):
                 return per_sample_affine_grads(d, x_hat, [1], weight, bias)
 
             ctx.call.see(norm_seen(ctx.call, delta, x, ctx.params, per_sample, *output, batch_dim=0))
+        native = _native_backward(delta, x, weight, bias, mean, rstd, ctx.num_groups, math.prod(x.shape[2:]),
+                                  (need_x, need_gamma, need_beta))
+        if native is not None:
+            return native[0], None, native[1], native[2], None
         x32, delta32 = opmath(x), opmath(delta)
         grouped = _grouped(x32, ctx.num_groups)
         if torch.is_grad_enabled():  # double backward: statistics as functions of x
