@@ -161,7 +161,10 @@ def _input_and_weight_grads(ctx, needs, delta_zx, delta_zh, x, h_prev, W_ih, del
         see(ctx, delta_zh, h_prev, *ctx.params[2:4], "hh")
     grad_x = delta_zx @ W_ih if need_x else None
     grad_W_ih, grad_b_ih = weight_and_bias_grads(delta_zx, x, need_W_ih, need_b_ih)
-    grad_W_hh, grad_b_hh = weight_and_bias_grads(delta_zh, h_prev, need_W_hh, need_b_hh)
+    shared = delta_zh is delta_zx and grad_b_ih is not None  # RNN, LSTM: one δz, so Σ δz once for both biases
+    grad_W_hh, grad_b_hh = weight_and_bias_grads(delta_zh, h_prev, need_W_hh, need_b_hh and not shared)
+    if shared and need_b_hh:
+        grad_b_hh = grad_b_ih.clone()
     return grad_x, (delta_h0 if need_h0 else None), grad_W_ih, grad_W_hh, grad_b_ih, grad_b_hh
 
 
@@ -192,8 +195,7 @@ class LSTMLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, batch_sizes, reverse, name, feedback):
-        zx = _input_part(x, W_ih, b_ih, b_hh)
-        return loops(zx).lstm_forward(zx, h0, c0, W_hh, W_hr, batch_sizes, reverse)
+        return loops(x).lstm_forward(x, W_ih, _plus(b_ih, b_hh), h0, c0, W_hh, W_hr, batch_sizes, reverse)
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
@@ -267,8 +269,9 @@ class GRULayer(torch.autograd.Function):
 
 def loops(*tensors, double: bool = False):
     """Where the loops over time run: the native ones (`_native_recurrent`) where they may (CPU, float32/64,
-    no transform or tracing, and not a backward that double backward differentiates), else these."""
-    if double or torch.is_grad_enabled():
+    no transform or tracing, not under autocast, and not a backward that double backward differentiates), else
+    these (under autocast their products take autocast's dtype, as torch's do)."""
+    if double or torch.is_grad_enabled() or torch.is_autocast_enabled(tensors[0].device.type):
         return PythonLoops
     return _native_recurrent.loops_now(*tensors) or PythonLoops
 
@@ -277,8 +280,9 @@ class PythonLoops:
     """The loops over time in Python: the reference the native ones (csrc/recurrent.cpp) are tested against."""
 
     @staticmethod
-    def lstm_forward(zx, h0, c0, W_hh, W_hr, batch_sizes, reverse):
-        """(h packed, h_n, c_n, gates packed, c packed) from zx = x W_ihᵀ + b_ih + b_hh of every step."""
+    def lstm_forward(x, W_ih, b, h0, c0, W_hh, W_hr, batch_sizes, reverse):
+        """(h packed, h_n, c_n, gates packed, c packed); b = b_ih + b_hh."""
+        zx = F.linear(x, W_ih, b)  # what of z_t does not wait for h_{t−1}, every step at once
         H, h, c, T = c0.shape[1], h0, c0, len(batch_sizes)
         out, gates, cells = [None] * T, [None] * T, [None] * T
         for t, start, B in steps(batch_sizes, reverse):
