@@ -451,13 +451,54 @@ def test_per_sample_grads_match_stock_sample_by_sample(name, stock_cls, kwargs, 
         assert relative(p.grad, expected[pname].mean(0)) <= 1e-12, pname
 
 
-def test_per_sample_grads_refuse_packed_sequences_of_unequal_lengths():
-    model = mb.convert(torch.nn.Sequential(nn.GRU(I, H)))
-    x = pack_padded_sequence(torch.randn(T, N, I), LENGTHS, enforce_sorted=False)
-    with mb.per_sample_grads(model) as ps:
-        with pytest.raises(InputError, match="PackedSequence of unequal lengths"):
-            model(x)[0].data.sum().backward()
-    del ps
+class PackedReadout(torch.nn.Module):
+    """A recurrent layer on a PackedSequence (or on one padded sequence, (L, 1, I)), read out by a Linear from
+    its output summed over time and its last layer's h_n: every step's δ comes from above and from t + 1."""
+
+    def __init__(self, stock: type, **kwargs):
+        super().__init__()
+        self.rnn = stock(I, H, **kwargs)
+        width = kwargs.get("proj_size") or H
+        self.head = nn.Linear(width * (2 + kwargs.get("bidirectional", False)), 2)
+
+    def forward(self, x):
+        out, state = self.rnn(x)
+        h = state[0] if isinstance(state, tuple) else state
+        out = torch.nn.utils.rnn.pad_packed_sequence(out)[0] if isinstance(out, PackedSequence) else out
+        return self.head(torch.cat((out.sum(0), h[-1]), 1))
+
+
+PACKED_PER_SAMPLE = [
+    ("rnn_tanh", nn.RNN, {}),
+    ("lstm_2layers_bidirectional", nn.LSTM, dict(num_layers=2, bidirectional=True)),
+    ("lstm_proj_bidirectional", nn.LSTM, dict(proj_size=3, bidirectional=True)),
+    ("gru_2layers_bidirectional", nn.GRU, dict(num_layers=2, bidirectional=True)),
+]
+
+
+@pytest.mark.parametrize("materialize", [True, False], ids=["materialize", "norms_only"])
+@pytest.mark.parametrize("name,stock_cls,kwargs", PACKED_PER_SAMPLE, ids=[c[0] for c in PACKED_PER_SAMPLE])
+def test_per_sample_grads_of_packed_sequences_of_unequal_lengths(name, stock_cls, kwargs, materialize):
+    """Sequences of unequal lengths, packed unsorted: sample n's gradient sums over its own steps only (δ is
+    zero past its end), in the batch's order, equal to stock autograd run on that sequence alone; the norms
+    from the Gram identity equal the materialised gradients' norms."""
+    torch.manual_seed(0)
+    stock = PackedReadout(stock_cls, **kwargs).double()
+    model = mb.convert(stock)
+    x, y = torch.randn(T, N, I, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    grads = [torch.autograd.grad(torch.nn.functional.cross_entropy(stock(x[: LENGTHS[n], n : n + 1]), y[n : n + 1]),
+                                 list(stock.parameters())) for n in range(N)]
+    expected = {name: torch.stack([g[i] for g in grads]) for i, (name, _) in enumerate(stock.named_parameters())}
+    with mb.per_sample_grads(model, materialize=materialize) as ps:
+        packed = pack_padded_sequence(x, LENGTHS, enforce_sorted=False)
+        torch.nn.functional.cross_entropy(model(packed), y).backward()
+    assert OUR_NODES & set(graph_nodes(model(packed)))
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in expected.values()]).sum(0).sqrt()
+    assert relative(ps.norms, norms) <= 1e-12
+    for pname, p in model.named_parameters():
+        if materialize:
+            assert relative(p.grad_sample, expected[pname]) <= 1e-12, pname
+        assert relative(p.grad, expected[pname].mean(0)) <= 1e-12, pname
 
 
 def test_dp_sgd_step_on_an_lstm_clips_each_sample():

@@ -11,9 +11,11 @@ call's tensors are cast as autocast casts torch's (`_amp`'s policy for lstm, gru
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 
 from manual_backprop import functional as F
+from manual_backprop import observe
 from manual_backprop._amp import autocast_nested, autocast_on
 
 # The calls torch's recurrent modules end in (`torch._VF.x` is `torch.x`), and our twins.
@@ -54,6 +56,8 @@ class _Recurrent:
         return RECURRENT_CALLS
 
     def forward(self, input, hx=None):
+        if isinstance(input, PackedSequence):  # which sample each packed row is, for per-sample gradients
+            observe.packed_samples(input.sorted_indices)
         with _OnOurRules(self.recurrent_calls()):
             return super().forward(input, hx)
 

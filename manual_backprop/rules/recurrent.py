@@ -170,20 +170,22 @@ def _input_and_weight_grads(ctx, needs, delta_zx, delta_zh, x, h_prev, W_ih, del
 
 def see(ctx, delta, a, W, b, kind: str) -> None:
     """Report one weight of this layer and direction to `observe` as a Linear over (T, N, ·) (samples on
-    dim 1), named like its parameter: "ih_l0", "hh_l0_reverse", "hr_l1". Packed rows of unequal
-    lengths have no (T, N) layout: their per-sample functions refuse."""
-    N, T = ctx.batch_sizes[0], len(ctx.batch_sizes)
-    layer = kind + ctx.suffix
-    if all(B == N for B in ctx.batch_sizes):
-        seen = linear_seen(ctx.call, delta.view(T, N, -1), a.view(T, N, -1), W, b, layer=layer)
-        ctx.call.see(replace(seen, batch_dim=1))
-        return
-    refuse = observe.mixes_samples(
-        "a PackedSequence of unequal lengths: per-sample gradients need the padded (T, N) layout; "
-        "pass the padded batch (δ past each sequence's end is zero) instead"
-    )
-    ctx.call.see(observe.Seen(ctx.call, delta, a, (W, b), refuse, refuse, layer=layer,
-                              grads=lambda d, x: weight_and_bias_grads(d, x, True, b is not None)))
+    dim 1), named like its parameter: "ih_l0", "hh_l0_reverse", "hr_l1"."""
+    rows = (ctx.batch_sizes, ctx.call.packed_order)
+    seen = linear_seen(ctx.call, padded(delta, *rows), padded(a, *rows), W, b, layer=kind + ctx.suffix)
+    ctx.call.see(replace(seen, batch_dim=1))
+
+
+def padded(packed: torch.Tensor, batch_sizes: tuple, order: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed rows (Σ_t B_t, ·) laid out as (T, N, ·), zero past each sequence's end, sample order[n] at
+    the packed position n (order: the PackedSequence's sorted_indices; None: as packed). Zero rows add
+    nothing to Σ_t δ_t a_tᵀ, so sample n's sum runs over its own steps."""
+    T, N = len(batch_sizes), batch_sizes[0]
+    if order is None and all(B == N for B in batch_sizes):
+        return packed.view(T, N, -1)
+    sample = torch.arange(N, device=packed.device) if order is None else order.to(packed.device)
+    index = torch.cat([t * N + sample[:B] for t, B in enumerate(batch_sizes)])
+    return packed.new_zeros(T * N, packed.shape[1]).index_copy_(0, index, packed).view(T, N, -1)
 
 
 class LSTMLayer(torch.autograd.Function):
