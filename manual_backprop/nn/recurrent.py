@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 from manual_backprop import functional as F
 from manual_backprop import observe
 from manual_backprop._amp import autocast_nested, autocast_on
+from manual_backprop.functional.recurrent import autocast_name
 
 # The calls torch's recurrent modules end in (`torch._VF.x` is `torch.x`), and our twins.
 RECURRENT_CALLS = {
@@ -43,8 +44,7 @@ class _OnOurRules(TorchFunctionMode):
         if ours is None:
             return func(*args, **(kwargs or {}))
         if autocast_on():  # cast as autocast casts torch's op (a cast is a no-op on a tensor cast already)
-            packed = len(args) > 3 and isinstance(args[3], (list, tuple))  # (data, batch_sizes, hx, params, …)
-            args = autocast_nested(func.__name__ + "_packed" * packed, args[0].device, args)
+            args = autocast_nested(autocast_name(func.__name__, args), args[0].device, args)
         return ours(*args, **(kwargs or {}))
 
 

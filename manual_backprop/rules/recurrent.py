@@ -156,6 +156,8 @@ def _input_and_weight_grads(ctx, needs, delta_zx, delta_zh, x, h_prev, W_ih, del
     """(∂J/∂x, ∂J/∂h0, ∂J/∂W_ih, ∂J/∂W_hh, ∂J/∂b_ih, ∂J/∂b_hh) from the δz of every step at once:
     ∂J/∂x = δz^x W_ih, ∂J/∂W_ih = Σ δz^x xᵀ, ∂J/∂W_hh = Σ δz^h h_{t−1}ᵀ; reported to `observe` if watched."""
     need_x, need_h0, need_W_ih, need_W_hh, need_b_ih, need_b_hh = needs  # which of them autograd asks for
+    # under autocast a layer's input (the layer below's projected h) may be in the lower precision, δ not
+    x, h_prev = x.to(delta_zx.dtype), h_prev.to(delta_zh.dtype)
     if ctx.call is not None:
         see(ctx, delta_zx, x, *ctx.params[:2], "ih")
         see(ctx, delta_zh, h_prev, *ctx.params[2:4], "hh")
@@ -222,7 +224,7 @@ class LSTMLayer(torch.autograd.Function):
         grads = _input_and_weight_grads(ctx, needs[:2] + needs[3:7], delta_z, delta_z, x, h_prev, B_ih, delta_h)
         grad_W_hr = None
         if W_hr is not None and (ctx.needs_input_grad[7] or ctx.call is not None):
-            m = a[:, 3 * c0.shape[1] :] * cells.tanh()  # m_t = o ⊙ tanh(c_t)
+            m = (a[:, 3 * c0.shape[1] :] * cells.tanh()).to(delta_hs.dtype)  # m_t = o ⊙ tanh(c_t)
             if ctx.call is not None:
                 see(ctx, delta_hs, m, W_hr, None, "hr")
             grad_W_hr = delta_hs.T @ m  # ∂J/∂W_hr = Σ_t Σ_n δh_t m_tᵀ
