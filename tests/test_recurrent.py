@@ -717,10 +717,11 @@ def test_autocast_cpu_bfloat16_matches_stock_dtypes_and_accuracy(case):
     """Under CPU autocast every output comes back in stock's dtype (bfloat16 for lstm and rnn_*, whose
     kernels autocast lists; float32 for gru and the GRU and LSTM cells; lstm with proj_size: h in bfloat16,
     c_n in float32, as torch's non-oneDNN LSTM gives them), gradients in float32, on our
-    rules; outputs and gradients within 2× stock's autocast error from the float64 truth, or within four
-    bfloat16 epsilons (2⁻⁵), in norm relative to the truth's (gru_cell and lstm_cell return float32, but
-    their products, torch's as ours, run in bfloat16 inside): the rules run the δ recursion in bfloat16,
-    where oneDNN's LSTM keeps more precision inside (up to 6× stock's largest error on a bias gradient).
+    rules; every output and gradient within 2× stock's autocast error from the float64 truth, in norm (an
+    all-bfloat16 LSTM runs in float32 inside and every backward runs in float32, as oneDNN's LSTM does:
+    within 1.7× stock's over eight seeds, the GRU's within 1.2×). The tanh RNN's within 3×: stock runs it
+    op by op in bfloat16, and on an unbatched bias gradient of five numbers the two roundings land up to
+    2.8× apart over eight seeds.
     The relu RNN's values are not compared: wherever bfloat16 rounds a relu's input across 0 its gradient
     changes by O(1), and through layers and steps that leaves stock's and our gradients 10–40% from the
     truth, each by its own rounding."""
@@ -735,7 +736,8 @@ def test_autocast_cpu_bfloat16_matches_stock_dtypes_and_accuracy(case):
     assert OUR_NODES & set(graph_nodes(outs[0]))
     if "relu" in case.name:
         return
+    bound = 3 if case.stock in (nn.RNN, nn.RNNCell) else 2
     for got, want, true in zip(outs + list(grads), expected_outs + list(expected), truth + list(truth_grads)):
         true = true.double()  # (a PackedSequence also returns its integer batch sizes)
         ours_error, stock_error = (got.double() - true).norm(), (want.double() - true).norm()
-        assert ours_error <= max(2 * stock_error, 2**-5 * true.norm()), (ours_error, stock_error)
+        assert ours_error <= bound * stock_error, (ours_error, stock_error)

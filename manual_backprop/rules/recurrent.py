@@ -131,7 +131,7 @@ class RNNLayer(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, delta_out, delta_hn):
-        x, h0, W_ih, W_hh, a = ctx.saved_tensors
+        x, h0, W_ih, W_hh, a, delta_out, delta_hn = in_float32(*ctx.saved_tensors, delta_out, delta_hn)
         W_ih, W_hh = transport(ctx, W_ih, W_hh)
         sigma_prime = (a > 0).to(a.dtype) if ctx.relu else 1 - a * a
         delta_h, delta_z = _plus(delta_hn, h0.new_zeros(h0.shape)), [None] * len(ctx.batch_sizes)
@@ -144,12 +144,22 @@ class RNNLayer(torch.autograd.Function):
         return _input_and_weight_grads(ctx, ctx.needs_input_grad[:6], delta_z, delta_z, x, h_prev, W_ih, delta_h) + (None,) * 5
 
 
+LOWER_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def in_float32(*tensors) -> tuple:
+    """The tensors, those in a lower precision (what autocast ran forward in) as float32: backward runs its
+    δ recursion and sums Σ_t Σ_n in float32, as oneDNN's LSTM does inside; autograd casts each gradient back
+    to its input's dtype. Float32 and float64 pass through untouched."""
+    return tuple(t.float() if t is not None and t.dtype in LOWER_PRECISION else t for t in tensors)
+
+
 def transport(ctx, *Ws) -> tuple:
     """The matrices δ travels back through: the weights themselves (backprop), or the B a learning rule put
     in their place, one per weight (`feedback`: feedback alignment's fixed B, sign symmetry's sign(W), …)."""
     if ctx.feedback is None:
         return Ws
-    return tuple(ctx.feedback) + (None,) * (len(Ws) - len(ctx.feedback))  # no W_hr: no B_hr
+    return in_float32(*ctx.feedback) + (None,) * (len(Ws) - len(ctx.feedback))  # no W_hr: no B_hr
 
 
 def _input_and_weight_grads(ctx, needs, delta_zx, delta_zh, x, h_prev, W_ih, delta_h0) -> tuple:
@@ -199,6 +209,8 @@ class LSTMLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, batch_sizes, reverse, name, feedback):
+        if c0.dtype in LOWER_PRECISION and x.dtype == c0.dtype:  # all of it in bfloat16 (autocast's lstm)
+            return _lstm_in_float32(x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, batch_sizes, reverse)
         return loops(x).lstm_forward(x, W_ih, _plus(b_ih, b_hh), h0, c0, W_hh, W_hr, batch_sizes, reverse)
 
     @staticmethod
@@ -212,7 +224,8 @@ class LSTMLayer(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, delta_out, delta_hn, delta_cn, grad_gates, grad_cells):
-        x, h0, c0, W_ih, W_hh, W_hr, out, a, cells = ctx.saved_tensors
+        saved = in_float32(*ctx.saved_tensors, delta_out, delta_hn, delta_cn)
+        x, h0, c0, W_ih, W_hh, W_hr, out, a, cells, delta_out, delta_hn, delta_cn = saved
         B_ih, B_hh, B_hr = transport(ctx, W_ih, W_hh, W_hr)
         c_prev = previous(cells, c0, ctx.batch_sizes, ctx.reverse)
         delta_hn, delta_cn = _plus(delta_hn, h0.new_zeros(h0.shape)), _plus(delta_cn, c0.new_zeros(c0.shape))
@@ -231,6 +244,18 @@ class LSTMLayer(torch.autograd.Function):
         grad_x, grad_h0, grad_W_ih, grad_W_hh, grad_b_ih, grad_b_hh = grads
         grad_c0 = delta_c if ctx.needs_input_grad[2] else None
         return grad_x, grad_h0, grad_c0, grad_W_ih, grad_W_hh, grad_b_ih, grad_b_hh, grad_W_hr, None, None, None, None
+
+
+def _lstm_in_float32(x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, batch_sizes, reverse):
+    """LSTMLayer's forward on inputs all in a lower precision, as oneDNN's LSTM runs it: the low-precision
+    values' products summed, the gates and c updated, in float32; h and the final states rounded back. The
+    gates and cells stay float32 for backward (which `in_float32` runs in float32 too)."""
+    low = x.dtype
+    x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr = in_float32(x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr)
+    with torch.autocast(x.device.type, enabled=False):
+        out, h_n, c_n, gates, cells = loops(x).lstm_forward(x, W_ih, _plus(b_ih, b_hh), h0, c0, W_hh, W_hr,
+                                                            batch_sizes, reverse)
+    return out.to(low), h_n.to(low), c_n.to(low), gates, cells
 
 
 class GRULayer(torch.autograd.Function):
@@ -255,7 +280,7 @@ class GRULayer(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, delta_out, delta_hn, grad_kept):
-        x, h0, W_ih, W_hh, out, kept = ctx.saved_tensors
+        x, h0, W_ih, W_hh, out, kept, delta_out, delta_hn = in_float32(*ctx.saved_tensors, delta_out, delta_hn)
         B_ih, B_hh = transport(ctx, W_ih, W_hh)
         h_prev = previous(out, h0, ctx.batch_sizes, ctx.reverse)
         extra = () if grad_kept is None else (grad_kept,)
