@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 using at::Tensor;
@@ -73,10 +72,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Tensor& x,
   Tensor gates = b.has_value() && b->defined() ? at::addmm(*b, x, W_ih.t()) : at::mm(x, W_ih.t());
   // tanh(z) = 2σ(2z) − 1: ATen's σ runs several times faster than its tanh here, and doubling is exact. So the
   // g rows of W_hh and of x W_ihᵀ + b are doubled once, one σ pass covers all four gates, and g = 2σ − 1.
+  // W_hhᵀ laid out (Hr, 4H) row-major once, so that each step's h_{t−1} W_hhᵀ is a plain product, no transpose.
   gates.narrow(1, 2 * H, H).mul_(2);
-  Tensor W_hh2 = W_hh.clone();
-  W_hh2.narrow(0, 2 * H, H).mul_(2);
-  const Tensor Wt = W_hh2.t();
+  const Tensor Wt = W_hh.t().contiguous();
+  Wt.narrow(1, 2 * H, H).mul_(2);
   const int64_t total = gates.size(0);
   Tensor cells = at::empty({total, H}, gates.options()), out = at::empty({total, h0.size(1)}, gates.options());
   Tensor h_buffer = at::empty_like(h0), c_buffer = at::empty_like(c0), tanh_c = at::empty({N, H}, gates.options());
@@ -119,6 +118,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Tensor& x,
   return {out, final_state(order, out, h0), final_state(order, cells, c0), gates, cells};
 }
 
+// One step of the LSTM's δs, row by row (a function of its own, with restrict pointers, so that the
+// compiler vectorises the inner loop): δc_t, δz_t = (δi, δf, δg, δo) pre-activation, δc_{t−1} into dc.
+// add_above: δm_t = dm + up (δ from above, without proj_size), else dm.
+template <typename scalar_t, bool add_above>
+void lstm_delta(const scalar_t* __restrict__ a, const scalar_t* __restrict__ c, const scalar_t* __restrict__ cp,
+                const scalar_t* __restrict__ dm, const scalar_t* __restrict__ up, scalar_t* __restrict__ dc,
+                scalar_t* __restrict__ dz, int64_t B, int64_t H) {
+  for (int64_t n = 0; n < B; ++n, a += 4 * H, c += H, cp += H, dm += H, dc += H, dz += 4 * H) {
+    for (int64_t j = 0; j < H; ++j) {
+      const scalar_t i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
+      const scalar_t tc = c[j], d_m = add_above ? dm[j] + up[n * H + j] : dm[j];
+      const scalar_t d_c = dc[j] + d_m * o * (1 - tc * tc);  // δc_t
+      dz[j] = d_c * g * i * (1 - i);
+      dz[H + j] = d_c * cp[j] * f * (1 - f);
+      dz[2 * H + j] = d_c * i * (1 - g * g);
+      dz[3 * H + j] = d_m * tc * o * (1 - o);
+      dc[j] = d_c * f;  // δc_{t−1} = δc_t ⊙ f
+    }
+  }
+}
+
 // The LSTM's backward loop: (δz packed, δh packed (proj only), δh0, δc0). B_hh, B_hr: what δ goes back through.
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(const c10::optional<Tensor>& delta_out_, const Tensor& delta_hn,
                                                          const Tensor& delta_cn, const Tensor& gates, const Tensor& cells,
@@ -146,30 +166,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(const c10::optional<Ten
       at::mm_out(dm, dh_t, *B_hr);
     }
     AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_backward", [&] {
-      // δm_t from above is added here, in the same pass (without proj_size), rather than by a separate add
-      auto pass = [&](auto add_above) {
-        const scalar_t* __restrict__ a = gates.data_ptr<scalar_t>() + s->start * 4 * H;
-        const scalar_t* __restrict__ c = tanh_cells.data_ptr<scalar_t>() + s->start * H;
-        const scalar_t* __restrict__ cp = c_prev.data_ptr<scalar_t>() + s->start * H;
-        const scalar_t* __restrict__ dmp = dm.data_ptr<scalar_t>();
-        const scalar_t* __restrict__ up = add_above ? delta_out.data_ptr<scalar_t>() + s->start * H : nullptr;
-        scalar_t* __restrict__ dc = delta_c.data_ptr<scalar_t>();
-        scalar_t* __restrict__ dz = delta_z.data_ptr<scalar_t>() + s->start * 4 * H;
-        for (int64_t n = 0; n < s->B; ++n, a += 4 * H, c += H, cp += H, dmp += H, dc += H, dz += 4 * H) {
-          for (int64_t j = 0; j < H; ++j) {
-            const scalar_t i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
-            const scalar_t tc = c[j], d_m = add_above ? dmp[j] + up[n * H + j] : dmp[j];
-            const scalar_t d_c = dc[j] + d_m * o * (1 - tc * tc);  // δc_t
-            dz[j] = d_c * g * i * (1 - i);
-            dz[H + j] = d_c * cp[j] * f * (1 - f);
-            dz[2 * H + j] = d_c * i * (1 - g * g);
-            dz[3 * H + j] = d_m * tc * o * (1 - o);
-            dc[j] = d_c * f;  // δc_{t−1} = δc_t ⊙ f
-          }
-        }
-      };
-      if (from_above && !proj) pass(std::true_type{});
-      else pass(std::false_type{});
+      const int64_t row = s->start;
+      const scalar_t* up = from_above && !proj ? delta_out.data_ptr<scalar_t>() + row * H : nullptr;
+      (up ? lstm_delta<scalar_t, true> : lstm_delta<scalar_t, false>)(
+          gates.data_ptr<scalar_t>() + row * 4 * H, tanh_cells.data_ptr<scalar_t>() + row * H,
+          c_prev.data_ptr<scalar_t>() + row * H, dm.data_ptr<scalar_t>(), up, delta_c.data_ptr<scalar_t>(),
+          delta_z.data_ptr<scalar_t>() + row * 4 * H, s->B, H);
     });
     at::mm_out(dh, rows(delta_z, *s), B_hh);  // δh_{t−1} = B_hhᵀ δz_t
   }
