@@ -630,6 +630,51 @@ def test_direct_feedback_alignment_sends_e_B_to_every_step(stock_cls, kwargs, ev
     assert relative(model.head.weight.grad, e.reshape(-1, 3).T @ last.reshape(-1, last.shape[-1])) <= 1e-12
 
 
+class PackedStacked(torch.nn.Module):
+    """Linear → recurrent layer on a PackedSequence → Linear: read out at every packed row, or at each
+    sequence's last step."""
+
+    def __init__(self, stock: type, every_step: bool, **kwargs):
+        super().__init__()
+        self.every_step = every_step
+        self.inp = nn.Linear(4, I)
+        self.rnn = stock(I, H, batch_first=True, **kwargs)
+        self.head = nn.Linear(H * (1 + kwargs.get("bidirectional", False)), 3)
+
+    def forward(self, x):
+        out = self.rnn(pack_padded_sequence(self.inp(x), LENGTHS, batch_first=True, enforce_sorted=False))[0]
+        if self.every_step:
+            return self.head(out.data)
+        padded = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True)[0]
+        return self.head(padded[torch.arange(N), torch.tensor(LENGTHS) - 1])
+
+
+@pytest.mark.parametrize("every_step", [False, True], ids=["last_step", "every_step"])
+@pytest.mark.parametrize("stock_cls,kwargs", [(nn.LSTM, dict(num_layers=2, bidirectional=True)), (nn.GRU, {})],
+                         ids=["lstm", "gru"])
+def test_direct_feedback_alignment_on_packed_sequences(stock_cls, kwargs, every_step):
+    """On a PackedSequence of unequal lengths, each packed row's δ is e B: the output layer's own row, or its
+    sample's row at every one of that sample's steps (and none past its end); the layer below gets e B(below)
+    the same way. Expected gradients from stock autograd fed exactly those δs."""
+    torch.manual_seed(0)
+    stock = PackedStacked(stock_cls, every_step, **kwargs).double()
+    model = mb.convert(stock, registry="direct_feedback_alignment")
+    B_rnn, B_inp = model.rnn.feedback, model.inp.feedback
+    x = torch.randn(N, T, 4, dtype=torch.float64)
+    out = model(x)
+    e = torch.randn_like(out)  # the output layer's δ
+    out.backward(e)
+    packed_x = pack_padded_sequence(x, LENGTHS, batch_first=True, enforce_sorted=False)
+    longest_first = sorted(range(N), key=lambda n: -LENGTHS[n])
+    samples = torch.tensor([n for t in range(T) for n in longest_first if LENGTHS[n] > t])  # each packed row's sample
+    h = stock.rnn(pack_padded_sequence(stock.inp(x), LENGTHS, batch_first=True, enforce_sorted=False))[0].data
+    rows = (lambda eB: eB) if every_step else (lambda eB: eB[samples])  # noqa: E731
+    want_rnn = torch.autograd.grad(h, list(stock.rnn.parameters()), rows(e @ B_rnn))
+    for (name, p), want in zip(model.rnn.named_parameters(), want_rnn):
+        assert relative(p.grad, want) <= 1e-12, name
+    assert relative(model.inp.weight.grad, rows(e @ B_inp).T @ packed_x.data) <= 1e-12
+
+
 def test_direct_feedback_alignment_refuses_a_recurrent_output_layer():
     from manual_backprop.convert import ConversionError
     from manual_backprop.plugins import direct_feedback_alignment as dfa
