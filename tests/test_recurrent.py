@@ -501,6 +501,28 @@ def test_per_sample_grads_of_packed_sequences_of_unequal_lengths(name, stock_cls
         assert relative(p.grad, expected[pname].mean(0)) <= 1e-12, pname
 
 
+@pytest.mark.parametrize("stock_cls,kwargs", [(nn.LSTM, dict(proj_size=3)), (nn.GRU, {}), (nn.RNN, {})],
+                         ids=["lstm_proj", "gru", "rnn"])
+def test_tape_keeps_each_weights_output(stock_cls, kwargs):
+    """keep="output": each weight's Linear output over time, (T, N, ·): x_t W_ihᵀ + b_ih, h_{t−1} W_hhᵀ + b_hh
+    (h_0 = 0) and, with proj_size, h_t = W_hr m_t itself, from stock's forward."""
+    torch.manual_seed(0)
+    stock = Sequence(stock_cls, **kwargs).double()
+    model = mb.convert(stock)
+    x, y = torch.randn(N, T, I, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    with mb.tape(model, keep=("output",)) as tape:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    p = dict(stock.rnn.named_parameters())
+    h = stock.rnn(x)[0].transpose(0, 1).detach()  # (T, N, ·)
+    h_prev = torch.cat((torch.zeros_like(h[:1]), h[:-1]))
+    want = {"rnn.ih_l0": torch.nn.functional.linear(x.transpose(0, 1), p["weight_ih_l0"], p["bias_ih_l0"]),
+            "rnn.hh_l0": torch.nn.functional.linear(h_prev, p["weight_hh_l0"], p["bias_hh_l0"])}
+    if "proj_size" in kwargs:
+        want["rnn.hr_l0"] = h
+    for key, value in want.items():
+        assert relative(tape.output[key], value) <= 1e-12, key
+
+
 def test_dp_sgd_step_on_an_lstm_clips_each_sample():
     """DP-SGD without noise: the update is Σₙ cₙ gₙ / N with cₙ from each sample's norm, computed without
     forming any per-sample gradient, equal to clipping stock's sample-by-sample gradients."""
@@ -666,7 +688,8 @@ def test_direct_feedback_alignment_on_packed_sequences(stock_cls, kwargs, every_
     out.backward(e)
     packed_x = pack_padded_sequence(x, LENGTHS, batch_first=True, enforce_sorted=False)
     longest_first = sorted(range(N), key=lambda n: -LENGTHS[n])
-    samples = torch.tensor([n for t in range(T) for n in longest_first if LENGTHS[n] > t])  # each packed row's sample
+    # the sample of each packed row: step by step, the sequences still running, longest first
+    samples = torch.tensor([n for t in range(T) for n in longest_first if LENGTHS[n] > t])
     h = stock.rnn(pack_padded_sequence(stock.inp(x), LENGTHS, batch_first=True, enforce_sorted=False))[0].data
     rows = (lambda eB: eB) if every_step else (lambda eB: eB[samples])  # noqa: E731
     want_rnn = torch.autograd.grad(h, list(stock.rnn.parameters()), rows(e @ B_rnn))

@@ -182,9 +182,12 @@ def _input_and_weight_grads(ctx, needs, delta_zx, delta_zh, x, h_prev, W_ih, del
 
 def see(ctx, delta, a, W, b, kind: str) -> None:
     """Report one weight of this layer and direction to `observe` as a Linear over (T, N, ·) (samples on
-    dim 1), named like its parameter: "ih_l0", "hh_l0_reverse", "hr_l1"."""
+    dim 1), named like its parameter: "ih_l0", "hh_l0_reverse", "hr_l1". Its output, if an observer asks
+    (the tape's keep="output"), is that Linear's z = a Wᵀ + b (x W_ihᵀ + b_ih, h_{t−1} W_hhᵀ + b_hh, W_hr m_t),
+    formed again here from the saved a rather than kept from forward for every step."""
     rows = (ctx.batch_sizes, ctx.call.packed_order)
-    seen = linear_seen(ctx.call, padded(delta, *rows), padded(a, *rows), W, b, layer=kind + ctx.suffix)
+    z = padded(F.linear(a.to(W.dtype), W, b), *rows) if ctx.call.keep_output else None
+    seen = linear_seen(ctx.call, padded(delta, *rows), padded(a, *rows), W, b, output=z, layer=kind + ctx.suffix)
     ctx.call.see(replace(seen, batch_dim=1))
 
 
