@@ -1,7 +1,8 @@
 // The loops over time of rules/recurrent.py (the readable reference), in C++: one step's gate arithmetic
-// as plain passes over its rows, the products and the vectorised σ and tanh by ATen. The Python rules call these for their forward and
-// backward loops (CPU, float32/float64, no double backward); everything else (the products over all
-// steps for the weight gradients, observe, feedback) stays in the Python rule.
+// as plain passes over its rows, the products and the vectorised σ and tanh by ATen (the LSTM's tanh as
+// 2σ(2z) − 1, and its input product x W_ihᵀ over every step here too). The Python rules call these for their
+// forward and backward loops (CPU, float32/float64, no double backward, no autocast); everything else (the
+// products over all steps for the weight gradients, observe, feedback) stays in the Python rule.
 //
 // Layout as there: step t owns rows [start_t, start_t + B_t) of the packed tensors, the B_t sequences
 // still running first; a full (N, ·) state whose first B_t rows the step updates.
