@@ -53,8 +53,9 @@ _POLICY: dict[str, dict[str, str]] = {
         # in the lower precision. gru and gru_cell run in float32 (nothing inside them is listed). lstm_cell
         # and lstm on a PackedSequence's data ("_packed": the second overload) form the products in the
         # lower precision but update the float32 state c in float32, so their outputs stay float32; the
-        # rules, one dtype throughout, run them in float32. lstm with proj_size is not oneDNN's either: its
-        # c_n stays float32 in torch, and comes out in the lower precision here.
+        # rules, one dtype throughout, run them in float32. lstm with proj_size ("lstm_proj") is not oneDNN's
+        # either: torch runs it as the packed one, c_n in float32 and the projected h in the lower precision,
+        # so it keeps float32 inputs as "lstm_packed" does.
         **dict.fromkeys(["lstm", "rnn_tanh", "rnn_relu", "rnn_tanh_packed", "rnn_relu_packed", "rnn_tanh_cell",
                          "rnn_relu_cell"], LOWER),
     },
@@ -78,7 +79,7 @@ _POLICY: dict[str, dict[str, str]] = {
         "addmm": LOWER,  # transformers' Conv1D
         # recurrent: the four cells are in AT_FORALL_LOWER_PRECISION_FP; lstm, gru, rnn_* run cuDNN's
         # _cudnn_rnn, whose autocast kernel (_cudnn_rnn_cast_reflatten) casts to the lower precision
-        **dict.fromkeys(["lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_packed", "gru_packed", "rnn_tanh_packed",
+        **dict.fromkeys(["lstm", "lstm_proj", "gru", "rnn_tanh", "rnn_relu", "lstm_packed", "gru_packed", "rnn_tanh_packed",
                          "rnn_relu_packed", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"], LOWER),
     },
 }

@@ -67,6 +67,9 @@ class Call:
     # same forward call, each with its own names and observers (see `watch.__enter__`).
     also: list = field(default_factory=list)
     args_id: int = 0  # id of the forward call's args, to tell "the same call, another watch" from recursion
+    # A module that ran on a PackedSequence (`packed_samples`): position n of each packed step is sample
+    # packed_order[n] of the batch as the model got it (packing sorts it longest first). None: not packed.
+    packed_order: torch.Tensor | None = None
 
     def all(self) -> list:
         """This call and the other watches' calls of the same module call."""
@@ -213,6 +216,14 @@ def samples_in(dim: int) -> None:
     if _calls:
         for call in _calls[-1].all():
             call.batch_dim = dim
+
+
+def packed_samples(sorted_indices: torch.Tensor | None) -> None:
+    """In a module that runs on a PackedSequence: its rules' packed rows at position n of a step belong to
+    sample sorted_indices[n] (None: the batch was packed in order). No-op when nobody watches."""
+    if _calls:
+        for call in _calls[-1].all():
+            call.packed_order = sorted_indices
 
 
 def output(ctx, output: torch.Tensor) -> tuple:

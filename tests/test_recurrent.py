@@ -451,13 +451,76 @@ def test_per_sample_grads_match_stock_sample_by_sample(name, stock_cls, kwargs, 
         assert relative(p.grad, expected[pname].mean(0)) <= 1e-12, pname
 
 
-def test_per_sample_grads_refuse_packed_sequences_of_unequal_lengths():
-    model = mb.convert(torch.nn.Sequential(nn.GRU(I, H)))
-    x = pack_padded_sequence(torch.randn(T, N, I), LENGTHS, enforce_sorted=False)
-    with mb.per_sample_grads(model) as ps:
-        with pytest.raises(InputError, match="PackedSequence of unequal lengths"):
-            model(x)[0].data.sum().backward()
-    del ps
+class PackedReadout(torch.nn.Module):
+    """A recurrent layer on a PackedSequence (or on one padded sequence, (L, 1, I)), read out by a Linear from
+    its output summed over time and its last layer's h_n: every step's δ comes from above and from t + 1."""
+
+    def __init__(self, stock: type, **kwargs):
+        super().__init__()
+        self.rnn = stock(I, H, **kwargs)
+        width = kwargs.get("proj_size") or H
+        self.head = nn.Linear(width * (2 + kwargs.get("bidirectional", False)), 2)
+
+    def forward(self, x):
+        out, state = self.rnn(x)
+        h = state[0] if isinstance(state, tuple) else state
+        out = torch.nn.utils.rnn.pad_packed_sequence(out)[0] if isinstance(out, PackedSequence) else out
+        return self.head(torch.cat((out.sum(0), h[-1]), 1))
+
+
+PACKED_PER_SAMPLE = [
+    ("rnn_tanh", nn.RNN, {}),
+    ("lstm_2layers_bidirectional", nn.LSTM, dict(num_layers=2, bidirectional=True)),
+    ("lstm_proj_bidirectional", nn.LSTM, dict(proj_size=3, bidirectional=True)),
+    ("gru_2layers_bidirectional", nn.GRU, dict(num_layers=2, bidirectional=True)),
+]
+
+
+@pytest.mark.parametrize("materialize", [True, False], ids=["materialize", "norms_only"])
+@pytest.mark.parametrize("name,stock_cls,kwargs", PACKED_PER_SAMPLE, ids=[c[0] for c in PACKED_PER_SAMPLE])
+def test_per_sample_grads_of_packed_sequences_of_unequal_lengths(name, stock_cls, kwargs, materialize):
+    """Sequences of unequal lengths, packed unsorted: sample n's gradient sums over its own steps only (δ is
+    zero past its end), in the batch's order, equal to stock autograd run on that sequence alone; the norms
+    from the Gram identity equal the materialised gradients' norms."""
+    torch.manual_seed(0)
+    stock = PackedReadout(stock_cls, **kwargs).double()
+    model = mb.convert(stock)
+    x, y = torch.randn(T, N, I, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    grads = [torch.autograd.grad(torch.nn.functional.cross_entropy(stock(x[: LENGTHS[n], n : n + 1]), y[n : n + 1]),
+                                 list(stock.parameters())) for n in range(N)]
+    expected = {name: torch.stack([g[i] for g in grads]) for i, (name, _) in enumerate(stock.named_parameters())}
+    with mb.per_sample_grads(model, materialize=materialize) as ps:
+        packed = pack_padded_sequence(x, LENGTHS, enforce_sorted=False)
+        torch.nn.functional.cross_entropy(model(packed), y).backward()
+    assert OUR_NODES & set(graph_nodes(model(packed)))
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in expected.values()]).sum(0).sqrt()
+    assert relative(ps.norms, norms) <= 1e-12
+    for pname, p in model.named_parameters():
+        if materialize:
+            assert relative(p.grad_sample, expected[pname]) <= 1e-12, pname
+        assert relative(p.grad, expected[pname].mean(0)) <= 1e-12, pname
+
+
+@pytest.mark.parametrize("stock_cls,kwargs", [(nn.LSTM, dict(proj_size=3)), (nn.GRU, {}), (nn.RNN, {})],
+                         ids=["lstm_proj", "gru", "rnn"])
+def test_tape_keeps_each_weights_output(stock_cls, kwargs):
+    """keep="output": each weight's Linear output over time, (T, N, ·): x_t W_ihᵀ + b_ih, h_{t−1} W_hhᵀ + b_hh
+    (h_0 = 0) and, with proj_size, h_t = W_hr m_t itself, from stock's forward."""
+    torch.manual_seed(0)
+    stock = Sequence(stock_cls, **kwargs).double()
+    model = mb.convert(stock)
+    x, y = torch.randn(N, T, I, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    with mb.tape(model, keep=("output",)) as tape:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    p = dict(stock.rnn.named_parameters())
+    h = stock.rnn(x)[0].transpose(0, 1).detach()  # (T, N, ·)
+    h_prev = torch.cat((torch.zeros_like(h[:1]), h[:-1]))
+    want = {"rnn.ih_l0": torch.nn.functional.linear(x.transpose(0, 1), p["weight_ih_l0"], p["bias_ih_l0"]),
+            "rnn.hh_l0": torch.nn.functional.linear(h_prev, p["weight_hh_l0"], p["bias_hh_l0"])}
+    if "proj_size" in kwargs:
+        want["rnn.hr_l0"] = h
+    for key, value in want.items():
+        assert relative(tape.output[key], value) <= 1e-12, key
 
 
 def test_dp_sgd_step_on_an_lstm_clips_each_sample():
@@ -589,6 +652,52 @@ def test_direct_feedback_alignment_sends_e_B_to_every_step(stock_cls, kwargs, ev
     assert relative(model.head.weight.grad, e.reshape(-1, 3).T @ last.reshape(-1, last.shape[-1])) <= 1e-12
 
 
+class PackedStacked(torch.nn.Module):
+    """Linear → recurrent layer on a PackedSequence → Linear: read out at every packed row, or at each
+    sequence's last step."""
+
+    def __init__(self, stock: type, every_step: bool, **kwargs):
+        super().__init__()
+        self.every_step = every_step
+        self.inp = nn.Linear(4, I)
+        self.rnn = stock(I, H, batch_first=True, **kwargs)
+        self.head = nn.Linear(H * (1 + kwargs.get("bidirectional", False)), 3)
+
+    def forward(self, x):
+        out = self.rnn(pack_padded_sequence(self.inp(x), LENGTHS, batch_first=True, enforce_sorted=False))[0]
+        if self.every_step:
+            return self.head(out.data)
+        padded = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True)[0]
+        return self.head(padded[torch.arange(N), torch.tensor(LENGTHS) - 1])
+
+
+@pytest.mark.parametrize("every_step", [False, True], ids=["last_step", "every_step"])
+@pytest.mark.parametrize("stock_cls,kwargs", [(nn.LSTM, dict(num_layers=2, bidirectional=True)), (nn.GRU, {})],
+                         ids=["lstm", "gru"])
+def test_direct_feedback_alignment_on_packed_sequences(stock_cls, kwargs, every_step):
+    """On a PackedSequence of unequal lengths, each packed row's δ is e B: the output layer's own row, or its
+    sample's row at every one of that sample's steps (and none past its end); the layer below gets e B(below)
+    the same way. Expected gradients from stock autograd fed exactly those δs."""
+    torch.manual_seed(0)
+    stock = PackedStacked(stock_cls, every_step, **kwargs).double()
+    model = mb.convert(stock, registry="direct_feedback_alignment")
+    B_rnn, B_inp = model.rnn.feedback, model.inp.feedback
+    x = torch.randn(N, T, 4, dtype=torch.float64)
+    out = model(x)
+    e = torch.randn_like(out)  # the output layer's δ
+    out.backward(e)
+    packed_x = pack_padded_sequence(x, LENGTHS, batch_first=True, enforce_sorted=False)
+    longest_first = sorted(range(N), key=lambda n: -LENGTHS[n])
+    # the sample of each packed row: step by step, the sequences still running, longest first
+    samples = torch.tensor([n for t in range(T) for n in longest_first if LENGTHS[n] > t])
+    h = stock.rnn(pack_padded_sequence(stock.inp(x), LENGTHS, batch_first=True, enforce_sorted=False))[0].data
+    rows = (lambda eB: eB) if every_step else (lambda eB: eB[samples])  # noqa: E731
+    want_rnn = torch.autograd.grad(h, list(stock.rnn.parameters()), rows(e @ B_rnn))
+    for (name, p), want in zip(model.rnn.named_parameters(), want_rnn):
+        assert relative(p.grad, want) <= 1e-12, name
+    assert relative(model.inp.weight.grad, rows(e @ B_inp).T @ packed_x.data) <= 1e-12
+
+
 def test_direct_feedback_alignment_refuses_a_recurrent_output_layer():
     from manual_backprop.convert import ConversionError
     from manual_backprop.plugins import direct_feedback_alignment as dfa
@@ -668,17 +777,19 @@ def test_alignment_measures_each_recurrent_weight_on_its_own():
     assert feedback["weight_hh_l0"].update > 1.0  # δ back through time goes through B, not W_hh
 
 
-AUTOCAST_CASES = [c for c in CASES if not c.train and "proj" not in c.name and "no_bias" not in c.name]
+AUTOCAST_CASES = [c for c in CASES if not c.train and "no_bias" not in c.name]
 
 
 @pytest.mark.parametrize("case", AUTOCAST_CASES, ids=repr)
 def test_autocast_cpu_bfloat16_matches_stock_dtypes_and_accuracy(case):
     """Under CPU autocast every output comes back in stock's dtype (bfloat16 for lstm and rnn_*, whose
-    kernels autocast lists; float32 for gru and the GRU and LSTM cells), gradients in float32, on our
-    rules; outputs and gradients within 2× stock's autocast error from the float64 truth, or within four
-    bfloat16 epsilons (2⁻⁵), in norm relative to the truth's (gru_cell and lstm_cell return float32, but
-    their products, torch's as ours, run in bfloat16 inside): the rules run the δ recursion in bfloat16,
-    where oneDNN's LSTM keeps more precision inside (up to 6× stock's largest error on a bias gradient).
+    kernels autocast lists; float32 for gru and the GRU and LSTM cells; lstm with proj_size: h in bfloat16,
+    c_n in float32, as torch's non-oneDNN LSTM gives them), gradients in float32, on our
+    rules; every output and gradient within 2× stock's autocast error from the float64 truth, in norm (an
+    all-bfloat16 LSTM runs in float32 inside and every backward runs in float32, as oneDNN's LSTM does:
+    within 1.7× stock's over eight seeds, the GRU's within 1.2×). The tanh RNN's within 3×: stock runs it
+    op by op in bfloat16, and on an unbatched bias gradient of five numbers the two roundings land up to
+    2.8× apart over eight seeds.
     The relu RNN's values are not compared: wherever bfloat16 rounds a relu's input across 0 its gradient
     changes by O(1), and through layers and steps that leaves stock's and our gradients 10–40% from the
     truth, each by its own rounding."""
@@ -693,7 +804,8 @@ def test_autocast_cpu_bfloat16_matches_stock_dtypes_and_accuracy(case):
     assert OUR_NODES & set(graph_nodes(outs[0]))
     if "relu" in case.name:
         return
+    bound = 3 if case.stock in (nn.RNN, nn.RNNCell) else 2
     for got, want, true in zip(outs + list(grads), expected_outs + list(expected), truth + list(truth_grads)):
         true = true.double()  # (a PackedSequence also returns its integer batch sizes)
         ours_error, stock_error = (got.double() - true).norm(), (want.double() - true).norm()
-        assert ours_error <= max(2 * stock_error, 2**-5 * true.norm()), (ours_error, stock_error)
+        assert ours_error <= bound * stock_error, (ours_error, stock_error)

@@ -1,7 +1,8 @@
 // The loops over time of rules/recurrent.py (the readable reference), in C++: one step's gate arithmetic
-// as plain passes over its rows, the products and the vectorised σ and tanh by ATen. The Python rules call these for their forward and
-// backward loops (CPU, float32/float64, no double backward); everything else (the products over all
-// steps for the weight gradients, observe, feedback) stays in the Python rule.
+// as plain passes over its rows, the products and the vectorised σ and tanh by ATen (the LSTM's tanh as
+// 2σ(2z) − 1, and its input product x W_ihᵀ over every step here too). The Python rules call these for their
+// forward and backward loops (CPU, float32/float64, no double backward, no autocast); everything else (the
+// products over all steps for the weight gradients, observe, feedback) stays in the Python rule.
 //
 // Layout as there: step t owns rows [start_t, start_t + B_t) of the packed tensors, the B_t sequences
 // still running first; a full (N, ·) state whose first B_t rows the step updates.
@@ -9,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -36,95 +38,141 @@ std::vector<Step> steps(at::IntArrayRef sizes, bool reverse) {
 Tensor rows(const Tensor& t, const Step& s) { return t.narrow(0, s.start, s.B); }
 Tensor first(const Tensor& t, int64_t B) { return t.narrow(0, 0, B); }
 
-// zx: x W_ihᵀ + b_ih + b_hh, every row. Returns (h packed, h_n, c_n, gates i|f|g|o packed, c packed).
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Tensor& zx, const Tensor& h0, const Tensor& c0,
+// The state step k (in the order the recursion runs) starts from, rows [0, B): the previous step's rows where
+// they cover all B (no copy), else those rows then `init`'s for the sequences that start here, gathered in `buffer`.
+Tensor state_before(const std::vector<Step>& order, size_t k, const Tensor& seq, const Tensor& init, Tensor& buffer) {
+  const int64_t B = order[k].B;
+  if (k == 0) return first(init, B);
+  const Step& p = order[k - 1];
+  if (p.B >= B) return rows(seq, p).narrow(0, 0, B);
+  Tensor into = first(buffer, B);
+  first(into, p.B).copy_(rows(seq, p));
+  into.narrow(0, p.B, B - p.B).copy_(init.narrow(0, p.B, B - p.B));
+  return into;
+}
+
+// Each sequence's last state (h_n): after step k, the rows the next step no longer runs.
+Tensor final_state(const std::vector<Step>& order, const Tensor& seq, const Tensor& init) {
+  Tensor last = init.contiguous().clone();
+  for (size_t k = 0; k < order.size(); ++k) {
+    const int64_t next = k + 1 < order.size() ? std::min(order[k + 1].B, order[k].B) : 0;
+    if (next < order[k].B) last.narrow(0, next, order[k].B - next).copy_(rows(seq, order[k]).narrow(0, next, order[k].B - next));
+  }
+  return last;
+}
+
+// Returns (h packed, h_n, c_n, gates i|f|g|o packed, c packed). The gates buffer starts as x W_ihᵀ + b (one
+// product over every step); each step adds h_{t−1} W_hhᵀ to its rows in place.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Tensor& x, const Tensor& W_ih, const c10::optional<Tensor>& b,
+                                                                const Tensor& h0_, const Tensor& c0_,
                                                                 const Tensor& W_hh, const c10::optional<Tensor>& W_hr,
                                                                 at::IntArrayRef batch_sizes, bool reverse) {
-  const int64_t total = zx.size(0), H = c0.size(1), Hr = h0.size(1);
+  const Tensor h0 = h0_.contiguous(), c0 = c0_.contiguous();
+  const int64_t H = c0.size(1), N = h0.size(0);
   const bool proj = W_hr.has_value() && W_hr->defined();
-  Tensor gates = at::empty({total, 4 * H}, zx.options()), cells = at::empty({total, H}, zx.options());
-  Tensor out = at::empty({total, Hr}, zx.options());
-  Tensor h = h0.contiguous().clone(), c = c0.contiguous().clone();
-  Tensor m = proj ? at::empty({h0.size(0), H}, zx.options()) : Tensor();
-  const Tensor Wt = W_hh.t();
-  Tensor tanh_c = at::empty({h0.size(0), H}, zx.options());
-  for (const Step& s : steps(batch_sizes, reverse)) {
+  Tensor gates = b.has_value() && b->defined() ? at::addmm(*b, x, W_ih.t()) : at::mm(x, W_ih.t());
+  // tanh(z) = 2σ(2z) − 1: ATen's σ runs several times faster than its tanh here, and doubling is exact. So the
+  // g rows of W_hh and of x W_ihᵀ + b are doubled once, one σ pass covers all four gates, and g = 2σ − 1.
+  // W_hhᵀ laid out (Hr, 4H) row-major once, so that each step's h_{t−1} W_hhᵀ is a plain product, no transpose.
+  gates.narrow(1, 2 * H, H).mul_(2);
+  const Tensor Wt = W_hh.t().contiguous();
+  Wt.narrow(1, 2 * H, H).mul_(2);
+  const int64_t total = gates.size(0);
+  Tensor cells = at::empty({total, H}, gates.options()), out = at::empty({total, h0.size(1)}, gates.options());
+  Tensor h_buffer = at::empty_like(h0), c_buffer = at::empty_like(c0), tanh_c = at::empty({N, H}, gates.options());
+  Tensor m = proj ? at::empty({N, H}, gates.options()) : Tensor();
+  const std::vector<Step> order = steps(batch_sizes, reverse);
+  for (size_t k = 0; k < order.size(); ++k) {
+    const Step& s = order[k];
     Tensor z = rows(gates, s);
-    at::addmm_out(z, rows(zx, s), first(h, s.B), Wt);  // z_t = x_t W_ihᵀ + b + h_{t−1} W_hhᵀ
-    z.narrow(1, 0, 2 * H).sigmoid_();                   // i, f  (ATen's vectorised σ and tanh)
-    z.narrow(1, 2 * H, H).tanh_();                      // g
-    z.narrow(1, 3 * H, H).sigmoid_();                   // o
-    AT_DISPATCH_FLOATING_TYPES(zx.scalar_type(), "lstm_cell", [&] {
-      const scalar_t* a = z.data_ptr<scalar_t>();
-      scalar_t* cell = c.data_ptr<scalar_t>();
-      scalar_t* kept = cells.data_ptr<scalar_t>() + s.start * H;
-      for (int64_t n = 0; n < s.B; ++n) {
-        const scalar_t* an = a + n * 4 * H;
-        for (int64_t j = 0; j < H; ++j) {
-          const scalar_t c_t = an[H + j] * cell[n * H + j] + an[j] * an[2 * H + j];  // c_t = f ⊙ c_{t−1} + i ⊙ g
-          cell[n * H + j] = kept[n * H + j] = c_t;
-        }
-      }
-    });
+    at::addmm_out(z, z, state_before(order, k, out, h0, h_buffer), Wt);  // z_t = x_t W_ihᵀ + b + h_{t−1} W_hhᵀ
+    z.sigmoid_();                                                         // i, f, o = σ(z); σ(2 z_g) for g
+    const Tensor c_prev = state_before(order, k, cells, c0, c_buffer);
     Tensor tc = first(tanh_c, s.B);
-    at::tanh_out(tc, rows(cells, s));
-    Tensor o = rows(out, s);
+    Tensor h_t = proj ? first(m, s.B) : rows(out, s);
+    AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_cell", [&] {
+      scalar_t* __restrict__ a = z.data_ptr<scalar_t>();
+      const scalar_t* __restrict__ cp = c_prev.data_ptr<scalar_t>();
+      scalar_t* __restrict__ c = cells.data_ptr<scalar_t>() + s.start * H;
+      scalar_t* __restrict__ c2 = tc.data_ptr<scalar_t>();
+      for (int64_t n = 0; n < s.B; ++n, a += 4 * H, cp += H, c += H, c2 += H)
+        for (int64_t j = 0; j < H; ++j) {
+          const scalar_t g = 2 * a[2 * H + j] - 1;  // g = tanh(z_g)
+          a[2 * H + j] = g;
+          c[j] = a[H + j] * cp[j] + a[j] * g;  // c_t = f ⊙ c_{t−1} + i ⊙ g
+          c2[j] = 2 * c[j];
+        }
+    });
+    tc.sigmoid_();  // σ(2 c_t)
+    AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_output", [&] {
+      const scalar_t* __restrict__ a = z.data_ptr<scalar_t>();
+      const scalar_t* __restrict__ sc = tc.data_ptr<scalar_t>();
+      scalar_t* __restrict__ o = h_t.data_ptr<scalar_t>();
+      for (int64_t n = 0; n < s.B; ++n, a += 4 * H, sc += H, o += H)
+        for (int64_t j = 0; j < H; ++j) o[j] = a[3 * H + j] * (2 * sc[j] - 1);  // m_t = o ⊙ tanh(c_t)
+    });
     if (proj) {
-      Tensor m_t = first(m, s.B);
-      at::mul_out(m_t, z.narrow(1, 3 * H, H), tc);  // m_t = o ⊙ tanh(c_t)
-      at::mm_out(o, m_t, W_hr->t());                // h_t = W_hr m_t
-    } else {
-      at::mul_out(o, z.narrow(1, 3 * H, H), tc);
+      Tensor o = rows(out, s);
+      at::mm_out(o, h_t, W_hr->t());  // h_t = W_hr m_t
     }
-    first(h, s.B).copy_(o);
   }
-  return {out, h, c, gates, cells};
+  return {out, final_state(order, out, h0), final_state(order, cells, c0), gates, cells};
+}
+
+// One step of the LSTM's δs, row by row (a function of its own, with restrict pointers, so that the
+// compiler vectorises the inner loop): δc_t, δz_t = (δi, δf, δg, δo) pre-activation, δc_{t−1} into dc.
+// add_above: δm_t = dm + up (δ from above, without proj_size), else dm.
+template <typename scalar_t, bool add_above>
+void lstm_delta(const scalar_t* __restrict__ a, const scalar_t* __restrict__ c, const scalar_t* __restrict__ cp,
+                const scalar_t* __restrict__ dm, const scalar_t* __restrict__ up, scalar_t* __restrict__ dc,
+                scalar_t* __restrict__ dz, int64_t B, int64_t H) {
+  for (int64_t n = 0; n < B; ++n, a += 4 * H, c += H, cp += H, dm += H, dc += H, dz += 4 * H) {
+    for (int64_t j = 0; j < H; ++j) {
+      const scalar_t i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
+      const scalar_t tc = c[j], d_m = add_above ? dm[j] + up[n * H + j] : dm[j];
+      const scalar_t d_c = dc[j] + d_m * o * (1 - tc * tc);  // δc_t
+      dz[j] = d_c * g * i * (1 - i);
+      dz[H + j] = d_c * cp[j] * f * (1 - f);
+      dz[2 * H + j] = d_c * i * (1 - g * g);
+      dz[3 * H + j] = d_m * tc * o * (1 - o);
+      dc[j] = d_c * f;  // δc_{t−1} = δc_t ⊙ f
+    }
+  }
 }
 
 // The LSTM's backward loop: (δz packed, δh packed (proj only), δh0, δc0). B_hh, B_hr: what δ goes back through.
-std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(const c10::optional<Tensor>& delta_out, const Tensor& delta_hn,
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(const c10::optional<Tensor>& delta_out_, const Tensor& delta_hn,
                                                          const Tensor& delta_cn, const Tensor& gates, const Tensor& cells,
                                                          const Tensor& c_prev, const Tensor& B_hh,
                                                          const c10::optional<Tensor>& B_hr, at::IntArrayRef batch_sizes,
                                                          bool reverse) {
   const int64_t total = gates.size(0), H = cells.size(1);
   const bool proj = B_hr.has_value() && B_hr->defined();
+  const bool from_above = delta_out_.has_value() && delta_out_->defined();
+  const Tensor delta_out = from_above ? delta_out_->contiguous() : Tensor();
   Tensor delta_h = delta_hn.contiguous().clone(), delta_c = delta_cn.contiguous().clone();
   Tensor delta_z = at::empty({total, 4 * H}, gates.options());
   Tensor delta_hs = proj ? at::empty({total, delta_h.size(1)}, gates.options()) : at::empty({0}, gates.options());
   Tensor dm_buffer = proj ? at::empty({delta_h.size(0), H}, gates.options()) : Tensor();
-  const Tensor tanh_cells = cells.tanh();  // once, vectorised, for every row
+  const Tensor tanh_cells = at::sigmoid(cells * 2).mul_(2).sub_(1);  // tanh(c) = 2σ(2c) − 1, every row at once
   std::vector<Step> order = steps(batch_sizes, reverse);
   for (auto s = order.rbegin(); s != order.rend(); ++s) {
     Tensor dh = first(delta_h, s->B);
-    if (delta_out.has_value() && delta_out->defined()) dh.add_(rows(*delta_out, *s));  // δh_t: from above + from t+1
-    Tensor dm = dh;
+    Tensor dm = dh;  // δm_t = δh_t (+ δ from above, added in the pass below), or B_hrᵀ δh_t with proj_size
     if (proj) {
-      rows(delta_hs, *s).copy_(dh);
+      Tensor dh_t = rows(delta_hs, *s);
+      if (from_above) at::add_out(dh_t, dh, rows(delta_out, *s));  // δh_t: from above + from t+1
+      else dh_t.copy_(dh);
       dm = first(dm_buffer, s->B);
-      at::mm_out(dm, dh, *B_hr);  // δm_t = B_hrᵀ δh_t
+      at::mm_out(dm, dh_t, *B_hr);
     }
     AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_backward", [&] {
-      const scalar_t* a = gates.data_ptr<scalar_t>() + s->start * 4 * H;
-      const scalar_t* c = tanh_cells.data_ptr<scalar_t>() + s->start * H;
-      const scalar_t* cp = c_prev.data_ptr<scalar_t>() + s->start * H;
-      const scalar_t* dmp = dm.data_ptr<scalar_t>();
-      scalar_t* dc = delta_c.data_ptr<scalar_t>();
-      scalar_t* dz = delta_z.data_ptr<scalar_t>() + s->start * 4 * H;
-      for (int64_t n = 0; n < s->B; ++n) {
-        const scalar_t* an = a + n * 4 * H;
-        scalar_t* dzn = dz + n * 4 * H;
-        for (int64_t j = 0; j < H; ++j) {
-          const scalar_t i = an[j], f = an[H + j], g = an[2 * H + j], o = an[3 * H + j];
-          const scalar_t tc = c[n * H + j], d_m = dmp[n * H + j];
-          const scalar_t d_c = dc[n * H + j] + d_m * o * (1 - tc * tc);  // δc_t
-          dzn[j] = d_c * g * i * (1 - i);
-          dzn[H + j] = d_c * cp[n * H + j] * f * (1 - f);
-          dzn[2 * H + j] = d_c * i * (1 - g * g);
-          dzn[3 * H + j] = d_m * tc * o * (1 - o);
-          dc[n * H + j] = d_c * f;  // δc_{t−1} = δc_t ⊙ f
-        }
-      }
+      const int64_t row = s->start;
+      const scalar_t* up = from_above && !proj ? delta_out.data_ptr<scalar_t>() + row * H : nullptr;
+      (up ? lstm_delta<scalar_t, true> : lstm_delta<scalar_t, false>)(
+          gates.data_ptr<scalar_t>() + row * 4 * H, tanh_cells.data_ptr<scalar_t>() + row * H,
+          c_prev.data_ptr<scalar_t>() + row * H, dm.data_ptr<scalar_t>(), up, delta_c.data_ptr<scalar_t>(),
+          delta_z.data_ptr<scalar_t>() + row * 4 * H, s->B, H);
     });
     at::mm_out(dh, rows(delta_z, *s), B_hh);  // δh_{t−1} = B_hhᵀ δz_t
   }
@@ -220,7 +268,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward(const c10::optional<Tensor>& del
 }  // namespace
 
 TORCH_LIBRARY(manual_backprop_recurrent, m) {
-  m.def("lstm_forward(Tensor zx, Tensor h0, Tensor c0, Tensor W_hh, Tensor? W_hr, int[] batch_sizes, bool reverse)"
+  m.def("lstm_forward(Tensor x, Tensor W_ih, Tensor? b, Tensor h0, Tensor c0, Tensor W_hh, Tensor? W_hr, int[] batch_sizes, "
+        "bool reverse)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("lstm_backward(Tensor? delta_out, Tensor delta_hn, Tensor delta_cn, Tensor gates, Tensor cells, "
         "Tensor c_prev, Tensor B_hh, Tensor? B_hr, int[] batch_sizes, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -11,10 +11,13 @@ call's tensors are cast as autocast casts torch's (`_amp`'s policy for lstm, gru
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 
 from manual_backprop import functional as F
+from manual_backprop import observe
 from manual_backprop._amp import autocast_nested, autocast_on
+from manual_backprop.functional.recurrent import autocast_name
 
 # The calls torch's recurrent modules end in (`torch._VF.x` is `torch.x`), and our twins.
 RECURRENT_CALLS = {
@@ -41,8 +44,7 @@ class _OnOurRules(TorchFunctionMode):
         if ours is None:
             return func(*args, **(kwargs or {}))
         if autocast_on():  # cast as autocast casts torch's op (a cast is a no-op on a tensor cast already)
-            packed = len(args) > 3 and isinstance(args[3], (list, tuple))  # (data, batch_sizes, hx, params, …)
-            args = autocast_nested(func.__name__ + "_packed" * packed, args[0].device, args)
+            args = autocast_nested(autocast_name(func.__name__, args), args[0].device, args)
         return ours(*args, **(kwargs or {}))
 
 
@@ -54,6 +56,8 @@ class _Recurrent:
         return RECURRENT_CALLS
 
     def forward(self, input, hx=None):
+        if isinstance(input, PackedSequence):  # which sample each packed row is, for per-sample gradients
+            observe.packed_samples(input.sorted_indices)
         with _OnOurRules(self.recurrent_calls()):
             return super().forward(input, hx)
 

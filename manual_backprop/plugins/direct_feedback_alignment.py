@@ -333,20 +333,34 @@ def _like(holder: torch.nn.Module) -> torch.Tensor:
 # ------------------------------------------------------------------ recurrent layers
 
 
-def project_error(e: torch.Tensor, B: torch.Tensor, shape: tuple, time_dim: int) -> torch.Tensor:
+def project_error(e: torch.Tensor, B: torch.Tensor, shape: tuple, time_dim) -> torch.Tensor:
     """e B shaped like a recurrent layer's output or input (`shape`): row for row where e has a row per step
-    and sample (an output layer applied at every step), else one row per sample sent to every step."""
+    and sample (an output layer applied at every step), else one row per sample sent to every step: along
+    `time_dim` of a padded batch, or, for a PackedSequence's data, to the rows `time_dim` (the sample of
+    each packed row, `packed_samples`) names."""
     eB = e.reshape(-1, B.shape[0]) @ B.to(e.dtype)
     if eB.numel() == math.prod(shape):
         return eB.reshape(shape)
-    per_sample = list(shape)
-    per_sample[time_dim] = 1
-    if eB.numel() != math.prod(per_sample):
-        raise RuntimeError(
-            f"direct_feedback_alignment: the output error e of shape {tuple(e.shape)} has neither a row per step "
-            f"and sample nor one per sample of the recurrent layer's {tuple(shape)}"
-        )
-    return eB.reshape(per_sample).expand(shape)
+    if isinstance(time_dim, torch.Tensor):
+        if eB.shape[0] * shape[-1] == eB.numel() and eB.shape[0] == int(time_dim.max()) + 1:
+            return eB[time_dim.to(eB.device)]
+        per_sample = (int(time_dim.max()) + 1, shape[-1])
+    else:
+        per_sample = list(shape)
+        per_sample[time_dim] = 1
+        if eB.numel() == math.prod(per_sample):
+            return eB.reshape(per_sample).expand(shape)
+    raise RuntimeError(
+        f"direct_feedback_alignment: the output error e of shape {tuple(e.shape)} has neither a row per step "
+        f"and sample nor one per sample of the recurrent layer's {tuple(shape)} ({tuple(per_sample)} per sample)"
+    )
+
+
+def packed_samples(packed: PackedSequence) -> torch.Tensor:
+    """The sample (its index in the batch before packing) of each row of a PackedSequence's data."""
+    N = int(packed.batch_sizes[0])
+    order = torch.arange(N) if packed.sorted_indices is None else packed.sorted_indices.cpu()
+    return torch.cat([order[:B] for B in packed.batch_sizes.tolist()])
 
 
 class DirectFeedbackError(torch.autograd.Function):
@@ -377,7 +391,7 @@ class _DirectFeedbackRecurrent(_DirectFeedback):
     """RNN, LSTM or GRU trained by DFA, a hidden layer: its output's δ at every step t is e B (B: (K, output
     width), drawn when a DFA layer lies above), its input gets e B(below) when a DFA layer lies below (the
     lowest DFA layer sends backprop's δ W_ih), and inside the layer δ runs back in time through W_hh, the
-    notes' recursion. Padded batches only (a PackedSequence raises)."""
+    notes' recursion. A PackedSequence's data gets e B row for row, or each sample's row at its own steps."""
 
     hidden_only = True
 
@@ -386,16 +400,21 @@ class _DirectFeedbackRecurrent(_DirectFeedback):
 
     def forward(self, input, hx=None):
         link = self._dfa_link()
-        if isinstance(input, PackedSequence):
-            raise RuntimeError("direct_feedback_alignment: a recurrent layer takes a padded batch, not a PackedSequence")
-        time_dim = 1 if self.batch_first and input.dim() == 3 else 0
+        packed = isinstance(input, PackedSequence)
+        time_dim = packed_samples(input) if packed else 1 if self.batch_first and input.dim() == 3 else 0
+
+        def feedback(x, B):  # x → x, its δ replaced by e B; on a PackedSequence, on its data
+            if not packed:
+                return apply_rule(DirectFeedbackError, x, B.detach(), link, time_dim)
+            return x._replace(data=apply_rule(DirectFeedbackError, x.data, B.detach(), link, time_dim))
+
         B_below = link.B_below()
         if B_below is not None:
-            input = apply_rule(DirectFeedbackError, input, B_below.detach(), link, time_dim)
+            input = feedback(input, B_below)
         output, state = super().forward(input, hx)
         B = self._buffers.get("feedback")
         if B is not None:
-            output = apply_rule(DirectFeedbackError, output, B.detach(), link, time_dim)
+            output = feedback(output, B)
         return output, state
 
 

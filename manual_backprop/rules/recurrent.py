@@ -131,7 +131,7 @@ class RNNLayer(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, delta_out, delta_hn):
-        x, h0, W_ih, W_hh, a = ctx.saved_tensors
+        x, h0, W_ih, W_hh, a, delta_out, delta_hn = in_float32(*ctx.saved_tensors, delta_out, delta_hn)
         W_ih, W_hh = transport(ctx, W_ih, W_hh)
         sigma_prime = (a > 0).to(a.dtype) if ctx.relu else 1 - a * a
         delta_h, delta_z = _plus(delta_hn, h0.new_zeros(h0.shape)), [None] * len(ctx.batch_sizes)
@@ -144,43 +144,63 @@ class RNNLayer(torch.autograd.Function):
         return _input_and_weight_grads(ctx, ctx.needs_input_grad[:6], delta_z, delta_z, x, h_prev, W_ih, delta_h) + (None,) * 5
 
 
+LOWER_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def in_float32(*tensors) -> tuple:
+    """The tensors, those in a lower precision (what autocast ran forward in) as float32: backward runs its
+    δ recursion and sums Σ_t Σ_n in float32, as oneDNN's LSTM does inside; autograd casts each gradient back
+    to its input's dtype. Float32 and float64 pass through untouched."""
+    return tuple(t.float() if t is not None and t.dtype in LOWER_PRECISION else t for t in tensors)
+
+
 def transport(ctx, *Ws) -> tuple:
     """The matrices δ travels back through: the weights themselves (backprop), or the B a learning rule put
     in their place, one per weight (`feedback`: feedback alignment's fixed B, sign symmetry's sign(W), …)."""
     if ctx.feedback is None:
         return Ws
-    return tuple(ctx.feedback) + (None,) * (len(Ws) - len(ctx.feedback))  # no W_hr: no B_hr
+    return in_float32(*ctx.feedback) + (None,) * (len(Ws) - len(ctx.feedback))  # no W_hr: no B_hr
 
 
 def _input_and_weight_grads(ctx, needs, delta_zx, delta_zh, x, h_prev, W_ih, delta_h0) -> tuple:
     """(∂J/∂x, ∂J/∂h0, ∂J/∂W_ih, ∂J/∂W_hh, ∂J/∂b_ih, ∂J/∂b_hh) from the δz of every step at once:
     ∂J/∂x = δz^x W_ih, ∂J/∂W_ih = Σ δz^x xᵀ, ∂J/∂W_hh = Σ δz^h h_{t−1}ᵀ; reported to `observe` if watched."""
     need_x, need_h0, need_W_ih, need_W_hh, need_b_ih, need_b_hh = needs  # which of them autograd asks for
+    # under autocast a layer's input (the layer below's projected h) may be in the lower precision, δ not
+    x, h_prev = x.to(delta_zx.dtype), h_prev.to(delta_zh.dtype)
     if ctx.call is not None:
         see(ctx, delta_zx, x, *ctx.params[:2], "ih")
         see(ctx, delta_zh, h_prev, *ctx.params[2:4], "hh")
     grad_x = delta_zx @ W_ih if need_x else None
     grad_W_ih, grad_b_ih = weight_and_bias_grads(delta_zx, x, need_W_ih, need_b_ih)
-    grad_W_hh, grad_b_hh = weight_and_bias_grads(delta_zh, h_prev, need_W_hh, need_b_hh)
+    shared = delta_zh is delta_zx and grad_b_ih is not None  # RNN, LSTM: one δz, so Σ δz once for both biases
+    grad_W_hh, grad_b_hh = weight_and_bias_grads(delta_zh, h_prev, need_W_hh, need_b_hh and not shared)
+    if shared and need_b_hh:
+        grad_b_hh = grad_b_ih.clone()
     return grad_x, (delta_h0 if need_h0 else None), grad_W_ih, grad_W_hh, grad_b_ih, grad_b_hh
 
 
 def see(ctx, delta, a, W, b, kind: str) -> None:
     """Report one weight of this layer and direction to `observe` as a Linear over (T, N, ·) (samples on
-    dim 1), named like its parameter: "ih_l0", "hh_l0_reverse", "hr_l1". Packed rows of unequal
-    lengths have no (T, N) layout: their per-sample functions refuse."""
-    N, T = ctx.batch_sizes[0], len(ctx.batch_sizes)
-    layer = kind + ctx.suffix
-    if all(B == N for B in ctx.batch_sizes):
-        seen = linear_seen(ctx.call, delta.view(T, N, -1), a.view(T, N, -1), W, b, layer=layer)
-        ctx.call.see(replace(seen, batch_dim=1))
-        return
-    refuse = observe.mixes_samples(
-        "a PackedSequence of unequal lengths: per-sample gradients need the padded (T, N) layout; "
-        "pass the padded batch (δ past each sequence's end is zero) instead"
-    )
-    ctx.call.see(observe.Seen(ctx.call, delta, a, (W, b), refuse, refuse, layer=layer,
-                              grads=lambda d, x: weight_and_bias_grads(d, x, True, b is not None)))
+    dim 1), named like its parameter: "ih_l0", "hh_l0_reverse", "hr_l1". Its output, if an observer asks
+    (the tape's keep="output"), is that Linear's z = a Wᵀ + b (x W_ihᵀ + b_ih, h_{t−1} W_hhᵀ + b_hh, W_hr m_t),
+    formed again here from the saved a rather than kept from forward for every step."""
+    rows = (ctx.batch_sizes, ctx.call.packed_order)
+    z = padded(F.linear(a.to(W.dtype), W, b), *rows) if ctx.call.keep_output else None
+    seen = linear_seen(ctx.call, padded(delta, *rows), padded(a, *rows), W, b, output=z, layer=kind + ctx.suffix)
+    ctx.call.see(replace(seen, batch_dim=1))
+
+
+def padded(packed: torch.Tensor, batch_sizes: tuple, order: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed rows (Σ_t B_t, ·) laid out as (T, N, ·), zero past each sequence's end, sample order[n] at
+    the packed position n (order: the PackedSequence's sorted_indices; None: as packed). Zero rows add
+    nothing to Σ_t δ_t a_tᵀ, so sample n's sum runs over its own steps."""
+    T, N = len(batch_sizes), batch_sizes[0]
+    if order is None and all(B == N for B in batch_sizes):
+        return packed.view(T, N, -1)
+    sample = torch.arange(N, device=packed.device) if order is None else order.to(packed.device)
+    index = torch.cat([t * N + sample[:B] for t, B in enumerate(batch_sizes)])
+    return packed.new_zeros(T * N, packed.shape[1]).index_copy_(0, index, packed).view(T, N, -1)
 
 
 class LSTMLayer(torch.autograd.Function):
@@ -192,8 +212,9 @@ class LSTMLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, batch_sizes, reverse, name, feedback):
-        zx = _input_part(x, W_ih, b_ih, b_hh)
-        return loops(zx).lstm_forward(zx, h0, c0, W_hh, W_hr, batch_sizes, reverse)
+        if c0.dtype in LOWER_PRECISION and x.dtype == c0.dtype:  # all of it in bfloat16 (autocast's lstm)
+            return _lstm_in_float32(x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, batch_sizes, reverse)
+        return loops(x).lstm_forward(x, W_ih, _plus(b_ih, b_hh), h0, c0, W_hh, W_hr, batch_sizes, reverse)
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
@@ -206,7 +227,8 @@ class LSTMLayer(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, delta_out, delta_hn, delta_cn, grad_gates, grad_cells):
-        x, h0, c0, W_ih, W_hh, W_hr, out, a, cells = ctx.saved_tensors
+        saved = in_float32(*ctx.saved_tensors, delta_out, delta_hn, delta_cn)
+        x, h0, c0, W_ih, W_hh, W_hr, out, a, cells, delta_out, delta_hn, delta_cn = saved
         B_ih, B_hh, B_hr = transport(ctx, W_ih, W_hh, W_hr)
         c_prev = previous(cells, c0, ctx.batch_sizes, ctx.reverse)
         delta_hn, delta_cn = _plus(delta_hn, h0.new_zeros(h0.shape)), _plus(delta_cn, c0.new_zeros(c0.shape))
@@ -218,13 +240,25 @@ class LSTMLayer(torch.autograd.Function):
         grads = _input_and_weight_grads(ctx, needs[:2] + needs[3:7], delta_z, delta_z, x, h_prev, B_ih, delta_h)
         grad_W_hr = None
         if W_hr is not None and (ctx.needs_input_grad[7] or ctx.call is not None):
-            m = a[:, 3 * c0.shape[1] :] * cells.tanh()  # m_t = o ⊙ tanh(c_t)
+            m = (a[:, 3 * c0.shape[1] :] * cells.tanh()).to(delta_hs.dtype)  # m_t = o ⊙ tanh(c_t)
             if ctx.call is not None:
                 see(ctx, delta_hs, m, W_hr, None, "hr")
             grad_W_hr = delta_hs.T @ m  # ∂J/∂W_hr = Σ_t Σ_n δh_t m_tᵀ
         grad_x, grad_h0, grad_W_ih, grad_W_hh, grad_b_ih, grad_b_hh = grads
         grad_c0 = delta_c if ctx.needs_input_grad[2] else None
         return grad_x, grad_h0, grad_c0, grad_W_ih, grad_W_hh, grad_b_ih, grad_b_hh, grad_W_hr, None, None, None, None
+
+
+def _lstm_in_float32(x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, batch_sizes, reverse):
+    """LSTMLayer's forward on inputs all in a lower precision, as oneDNN's LSTM runs it: the low-precision
+    values' products summed, the gates and c updated, in float32; h and the final states rounded back. The
+    gates and cells stay float32 for backward (which `in_float32` runs in float32 too)."""
+    low = x.dtype
+    x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr = in_float32(x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr)
+    with torch.autocast(x.device.type, enabled=False):
+        out, h_n, c_n, gates, cells = loops(x).lstm_forward(x, W_ih, _plus(b_ih, b_hh), h0, c0, W_hh, W_hr,
+                                                            batch_sizes, reverse)
+    return out.to(low), h_n.to(low), c_n.to(low), gates, cells
 
 
 class GRULayer(torch.autograd.Function):
@@ -249,7 +283,7 @@ class GRULayer(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, delta_out, delta_hn, grad_kept):
-        x, h0, W_ih, W_hh, out, kept = ctx.saved_tensors
+        x, h0, W_ih, W_hh, out, kept, delta_out, delta_hn = in_float32(*ctx.saved_tensors, delta_out, delta_hn)
         B_ih, B_hh = transport(ctx, W_ih, W_hh)
         h_prev = previous(out, h0, ctx.batch_sizes, ctx.reverse)
         extra = () if grad_kept is None else (grad_kept,)
@@ -267,8 +301,9 @@ class GRULayer(torch.autograd.Function):
 
 def loops(*tensors, double: bool = False):
     """Where the loops over time run: the native ones (`_native_recurrent`) where they may (CPU, float32/64,
-    no transform or tracing, and not a backward that double backward differentiates), else these."""
-    if double or torch.is_grad_enabled():
+    no transform or tracing, not under autocast, and not a backward that double backward differentiates), else
+    these (under autocast their products take autocast's dtype, as torch's do)."""
+    if double or torch.is_grad_enabled() or torch.is_autocast_enabled(tensors[0].device.type):
         return PythonLoops
     return _native_recurrent.loops_now(*tensors) or PythonLoops
 
@@ -277,8 +312,9 @@ class PythonLoops:
     """The loops over time in Python: the reference the native ones (csrc/recurrent.cpp) are tested against."""
 
     @staticmethod
-    def lstm_forward(zx, h0, c0, W_hh, W_hr, batch_sizes, reverse):
-        """(h packed, h_n, c_n, gates packed, c packed) from zx = x W_ihᵀ + b_ih + b_hh of every step."""
+    def lstm_forward(x, W_ih, b, h0, c0, W_hh, W_hr, batch_sizes, reverse):
+        """(h packed, h_n, c_n, gates packed, c packed); b = b_ih + b_hh."""
+        zx = F.linear(x, W_ih, b)  # what of z_t does not wait for h_{t−1}, every step at once
         H, h, c, T = c0.shape[1], h0, c0, len(batch_sizes)
         out, gates, cells = [None] * T, [None] * T, [None] * T
         for t, start, B in steps(batch_sizes, reverse):
