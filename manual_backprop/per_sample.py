@@ -104,9 +104,16 @@ class per_sample_grads:
     strict:          a parameter of a module left on stock autograd raises an error naming it; with
                      strict=False it is skipped and listed in `ps.skipped`.
     batch_first:     samples along dim 0 of the model's data; False for sequence-first (L, N, E) data.
+    bookkeeping:     for a private step (needs materialize=False). True: backward forms no batch-summed
+                     gradient for the parameters on our rules, so `p.grad` is left as it was (None after
+                     `zero_grad()`); `privacy.clip_and_noise_` then writes it, the clipped sum Σₙ cₙ gₙ
+                     formed once per rule from the kept δ and a (one weight-gradient product of the
+                     reweighted δ). Read `.grad` only after `clip_and_noise_` (or take `weighted_sum` of
+                     ones for the unclipped sum). False (the default): `p.grad` accumulates the unclipped
+                     gradient as in any backward, for readers of `.grad` who do not clip.
 
     N is the size of the batch dimension; dimensions after it (sequence positions) are summed inside
-    each sample. `p.grad` accumulates as usual. A parameter used twice in one forward gets the sum of
+    each sample. `p.grad` accumulates as usual (unless `bookkeeping`). A parameter used twice in one forward gets the sum of
     its per-sample contributions. A second forward/backward inside one context does what Opacus does:
     `p.grad_sample` becomes a list, one (N, *p.shape) tensor per backward, and `ps.norms` grows by the
     second batch's norms (DPOptimizer concatenates the list as more samples). Entering the context
@@ -117,10 +124,14 @@ class per_sample_grads:
     keep_output = False
 
     def __init__(self, model: torch.nn.Module, loss_reduction: str = "mean", materialize: bool = True,
-                 strict: bool = True, batch_first: bool = True) -> None:
+                 strict: bool = True, batch_first: bool = True, bookkeeping: bool = False) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise InputError(f'per_sample_grads: loss_reduction must be "mean" or "sum", got {loss_reduction!r}')
+        if bookkeeping and materialize:
+            raise InputError("per_sample_grads: bookkeeping=True keeps δ and a instead of per-sample gradients: "
+                             "pass materialize=False with it")
         self.model, self.loss_reduction, self.materialize, self.strict = model, loss_reduction, materialize, strict
+        self.bookkeeping = bookkeeping
         self._batch_dim = 0 if batch_first else 1
         self._watch = observe.watch(model, self, batch_dim=self._batch_dim)
         self._names = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
@@ -187,6 +198,9 @@ class per_sample_grads:
                 if source is None or g is None:
                     continue
                 p, view = source[1], source[2]
+                if p not in out and _is_whole(p, view):  # a fresh product: no zeros to add it to
+                    out[p] = g.to(p.dtype).reshape(p.shape)
+                    continue
                 total = out.setdefault(p, torch.zeros_like(p))
                 if _is_whole(p, view):
                     total += g.to(p.dtype).reshape(p.shape)
@@ -216,6 +230,13 @@ class per_sample_grads:
             source = call.source(tensor)
             if source is not None and source[1].requires_grad:
                 step.uses.setdefault(source[1], []).append(source[2])
+
+    def forms_grad(self, call: observe.Call, p: torch.Tensor) -> bool:
+        """Book-keeping: whether `weighted_sum` forms p's gradient from δ and a, so its rule's backward need not."""
+        if not self.bookkeeping:
+            return False
+        source = call.source(p)
+        return source is not None and source[1].requires_grad
 
     def _check_coverage(self, module, args, output) -> None:
         """After the model's forward: every parameter of a module that ran should have been kept by a rule."""
