@@ -96,21 +96,24 @@ def noise_only_(params: list[torch.Tensor], max_grad_norm: float, noise_multipli
 
 def _noisy_mean_(params, sums, max_grad_norm, noise_multiplier, generator, B, count_globally, distributed, device):
     """p.grad = (Σₙ cₙ gₙ + 𝒩(0, (σC)²)) / B for each p; under `distributed` the sums (and, with
-    `count_globally`, B) are summed over the processes and the noise is drawn on rank 0 only."""
+    `count_globally`, B) are summed over the processes and the noise is drawn on rank 0 only.
+
+    The sums are fresh tensors of ours (`weighted_sum`'s): the noise is added and B divided out in place, the
+    same arithmetic as (sum + noise) / B without two more parameter-sized tensors per step."""
     noisy = noise_multiplier > 0 and (not distributed or dist.get_rank() == 0)  # once per step, not per process
     totals = []
     for p, total in zip(params, sums):
         if noisy:
             noise = torch.normal(0.0, noise_multiplier * max_grad_norm, p.shape, generator=generator,
                                  device=p.device, dtype=p.dtype)
-            total = total + noise
+            total = total.add_(noise) if total.dtype == p.dtype and total.shape == p.shape else total + noise
         totals.append(total)
     if distributed:
         _all_reduce_sum_(totals)
         if count_globally:
             B = _global_count(B, device)
     for p, total in zip(params, totals):
-        p.grad = total / B
+        p.grad = total.div_(B) if total.is_floating_point() else total / B
 
 
 def _all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
