@@ -232,21 +232,19 @@ class per_sample_grads:
             self._steps.append(_Step())
         return self._steps[-1]
 
-    def keeps(self, call: observe.Call, params: tuple) -> None:
-        """A rule kept `params` in forward: count each parameter's uses (views of one, too)."""
+    def keeps(self, call: observe.Call, params: tuple) -> list | None:
+        """A rule kept `params` in forward: count each parameter's uses (views of one, too). Book-keeping:
+        which of them `weighted_sum` forms the gradient of (from δ and a), so that the rule's backward need not."""
         step = self._step()
         self._step_of[id(call)] = step
+        formed = []
         for tensor in params:
             source = call.source(tensor)
-            if source is not None and source[1].requires_grad:
+            ours = source is not None and source[1].requires_grad
+            if ours:
                 step.uses.setdefault(source[1], []).append(source[2])
-
-    def forms_grad(self, call: observe.Call, p: torch.Tensor) -> bool:
-        """Book-keeping: whether `weighted_sum` forms p's gradient from δ and a, so its rule's backward need not."""
-        if not self.bookkeeping:
-            return False
-        source = call.source(p)
-        return source is not None and source[1].requires_grad
+            formed.append(ours)
+        return formed if self.bookkeeping else None
 
     def _check_coverage(self, module, args, output) -> None:
         """After the model's forward: every parameter of a module that ran should have been kept by a rule."""
