@@ -110,9 +110,11 @@ class per_sample_grads:
                      `p.grad_sample[n]` is the gradient of sample n's own loss), "sum" otherwise.
     materialize:     True: set `p.grad_sample` (N, *p.shape). False: only `ps.norms`, from the rules'
                      norm identities, forming no (N, *p.shape) tensor (except for a parameter two uses
-                     of which overlap in one forward, a tied weight, whose per-sample sum must be formed);
-                     each rule's δ and a are kept (until the context object goes) so that
-                     `weighted_sum` / `privacy.clip_and_noise_` can reweight them.
+                     of which overlap in one forward, a tied weight, whose per-sample sum must be formed,
+                     and for a rule whose per-sample gradients are no larger than its δ and a, such as a
+                     convolution over many positions or a normalisation's γ, β: those are formed once
+                     and kept in place of δ and a); each rule's δ and a are kept (until the context
+                     object goes) so that `weighted_sum` / `privacy.clip_and_noise_` can reweight them.
     strict:          a parameter of a module left on stock autograd raises an error naming it; with
                      strict=False it is skipped and listed in `ps.skipped`.
     batch_first:     samples along dim 0 of the model's data; False for sequence-first (L, N, E) data.
