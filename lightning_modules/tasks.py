@@ -217,12 +217,14 @@ class TaskModule(pl.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         if self.hparams.get("dp_noise_multiplier") is None:
             return self._step(batch, self.train_metrics, "train")
-        # DP-SGD: the forward runs watched, so that backward hands each rule's δ and a to the context;
-        # `on_after_backward` then clips each sample's gradient by its norm and adds noise.
+        # DP-SGD: the forward runs watched, so that backward hands each rule's δ and a to the context and
+        # forms no unclipped weight gradient (book-keeping); `on_after_backward` then forms each parameter's
+        # clipped sum Σₙ cₙ gₙ once, from δ and a, and adds noise.
         if len(batch[0]) == 0:  # Poisson sampling drew no row: the step is the noise alone (on_after_backward)
             self._private = EMPTY_BATCH
             return torch.stack([p.sum() for p in self.net.parameters()]).sum() * 0.0  # .grad for every parameter
-        with manual_backprop.per_sample_grads(self.net, loss_reduction="mean", materialize=False) as self._private:
+        with manual_backprop.per_sample_grads(self.net, loss_reduction="mean", materialize=False,
+                                              bookkeeping=True) as self._private:
             return self._step(batch, self.train_metrics, "train")
 
     # ------------------------------------------------------------ DP-SGD, and DDP
@@ -271,6 +273,11 @@ class TaskModule(pl.LightningModule):
         """DP-SGD's step on the gradients: each sample clipped to dp_max_grad_norm by its per-sample norm
         (no per-sample gradient formed: a reweighted sum of each rule's δ and a), Gaussian noise of std
         σ·C, the mean over the batch; then one accountant step at sample rate 1 / (batches per epoch).
+
+        Backward formed no unclipped gradient of the network's parameters (`per_sample_grads(bookkeeping=True)`):
+        their `.grad` is written here, so a callback's `on_after_backward`, which Lightning runs before this
+        one, finds none (the normalisation layers' small γ, β gradients excepted); `on_before_optimizer_step`
+        sees the private gradient.
 
         Under DDP (several processes) this is the step one process would take on the global batch: each
         process clips its own samples, the clipped sums are summed over the processes, the noise is drawn

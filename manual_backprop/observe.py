@@ -24,7 +24,11 @@ same two tensors, so there is one mechanism, here:
 - A rule may be handed a view of a parameter (multi-head attention's in_proj_weight
   chunks): `Call.source` maps it back to the parameter, and the view tells where in it.
 - Observers may also define `keeps(call, params)`: called in forward, each time a rule
-  keeps its parameters (per-sample norms use it to find parameters used twice).
+  keeps its parameters (per-sample norms use it to find parameters used twice). An observer
+  that forms some of those parameters' gradients itself from the δ and a it is handed
+  (book-keeping DP-SGD: Σₙ cₙ δₙ aₙᵀ once the clip factors cₙ are known) returns one bool per
+  parameter, True for those; the rule's backward then does not form their summed gradient
+  (`needs`), and `.grad` is left as it was. Returning None: it forms none.
 
 Hooks are installed only by `watch`, so ordinary training pays nothing. Under
 torch.compile the rules' Python backward does not run per step, so watching a
@@ -196,18 +200,31 @@ def current() -> Call | None:
 def keep(ctx, *params: torch.Tensor | None) -> Call | None:
     """In a parametric rule's setup_context: the watching call (None: nobody watches, nothing kept).
 
-    Keeps the rule's parameter tensors as `ctx.params` for `Seen.params`.
+    Keeps the rule's parameter tensors as `ctx.params` for `Seen.params`, and as `ctx.formed` which of
+    them a watcher forms the gradient of itself (None: none; see `needs`).
     """
     if not _watching:  # nobody watches: every rule asks this, every step
         return None
     call = current()
     if call is not None:
-        ctx.params = params
+        ctx.params, formed = params, None
         for each in call.all():
             for observer in each.observers:
-                if hasattr(observer, "keeps"):
-                    observer.keeps(each, params)
+                mine = observer.keeps(each, params) if hasattr(observer, "keeps") else None
+                if mine is not None:
+                    formed = mine if formed is None else [f or m for f, m in zip(formed, mine)]
+        ctx.formed = formed
     return call
+
+
+def needs(ctx, *need: bool) -> tuple:
+    """In a watched rule's backward: its `needs_input_grad` flags for the parameters it gave `keep` (same
+    order), False where a watcher forms that gradient itself from δ and a (`keeps`), so that backward
+    does not compute a summed gradient the watcher would overwrite. Unwatched: the flags unchanged."""
+    formed = getattr(ctx, "formed", None)
+    if formed is None:
+        return need
+    return tuple(n and not f for n, f in zip(need, formed))
 
 
 def samples_in(dim: int) -> None:

@@ -59,6 +59,18 @@ def _add_into(current: dict, p: torch.Tensor, view: torch.Tensor, grad: torch.Te
     current[p].view(N, -1).index_add_(1, _index_in(p, view).reshape(-1), grad.reshape(N, -1))
 
 
+def _add_to_sum(out: dict, p: torch.Tensor, view: torch.Tensor, g: torch.Tensor) -> None:
+    """out[p] += g, the summed gradient of a view of p (a fresh tensor: the first one for p is kept as it is)."""
+    if p not in out and _is_whole(p, view):  # no zeros to add it to
+        out[p] = g.to(p.dtype).reshape(p.shape)
+        return
+    total = out.setdefault(p, torch.zeros_like(p))
+    if _is_whole(p, view):
+        total += g.to(p.dtype).reshape(p.shape)
+    else:
+        total.view(-1).index_add_(0, _index_in(p, view).reshape(-1), g.to(p.dtype).reshape(-1))
+
+
 class _Step:
     """One forward (and the backward that follows): which parameters its rules used, and what came back."""
 
@@ -98,15 +110,24 @@ class per_sample_grads:
                      `p.grad_sample[n]` is the gradient of sample n's own loss), "sum" otherwise.
     materialize:     True: set `p.grad_sample` (N, *p.shape). False: only `ps.norms`, from the rules'
                      norm identities, forming no (N, *p.shape) tensor (except for a parameter two uses
-                     of which overlap in one forward, a tied weight, whose per-sample sum must be formed);
-                     each rule's δ and a are kept (until the context object goes) so that
-                     `weighted_sum` / `privacy.clip_and_noise_` can reweight them.
+                     of which overlap in one forward, a tied weight, whose per-sample sum must be formed,
+                     and for a rule whose per-sample gradients are no larger than its δ and a, such as a
+                     convolution over many positions or a normalisation's γ, β: those are formed once
+                     and kept in place of δ and a); each rule's δ and a are kept (until the context
+                     object goes) so that `weighted_sum` / `privacy.clip_and_noise_` can reweight them.
     strict:          a parameter of a module left on stock autograd raises an error naming it; with
                      strict=False it is skipped and listed in `ps.skipped`.
     batch_first:     samples along dim 0 of the model's data; False for sequence-first (L, N, E) data.
+    bookkeeping:     for a private step (needs materialize=False). True: backward forms no batch-summed
+                     gradient for the parameters on our rules, so `p.grad` is left as it was (None after
+                     `zero_grad()`); `privacy.clip_and_noise_` then writes it, the clipped sum Σₙ cₙ gₙ
+                     formed once per rule from the kept δ and a (one weight-gradient product of the
+                     reweighted δ). Read `.grad` only after `clip_and_noise_` (or take `weighted_sum` of
+                     ones for the unclipped sum). False (the default): `p.grad` accumulates the unclipped
+                     gradient as in any backward, for readers of `.grad` who do not clip.
 
     N is the size of the batch dimension; dimensions after it (sequence positions) are summed inside
-    each sample. `p.grad` accumulates as usual. A parameter used twice in one forward gets the sum of
+    each sample. `p.grad` accumulates as usual (unless `bookkeeping`). A parameter used twice in one forward gets the sum of
     its per-sample contributions. A second forward/backward inside one context does what Opacus does:
     `p.grad_sample` becomes a list, one (N, *p.shape) tensor per backward, and `ps.norms` grows by the
     second batch's norms (DPOptimizer concatenates the list as more samples). Entering the context
@@ -117,10 +138,14 @@ class per_sample_grads:
     keep_output = False
 
     def __init__(self, model: torch.nn.Module, loss_reduction: str = "mean", materialize: bool = True,
-                 strict: bool = True, batch_first: bool = True) -> None:
+                 strict: bool = True, batch_first: bool = True, bookkeeping: bool = False) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise InputError(f'per_sample_grads: loss_reduction must be "mean" or "sum", got {loss_reduction!r}')
+        if bookkeeping and materialize:
+            raise InputError("per_sample_grads: bookkeeping=True keeps δ and a instead of per-sample gradients: "
+                             "pass materialize=False with it")
         self.model, self.loss_reduction, self.materialize, self.strict = model, loss_reduction, materialize, strict
+        self.bookkeeping = bookkeeping
         self._batch_dim = 0 if batch_first else 1
         self._watch = observe.watch(model, self, batch_dim=self._batch_dim)
         self._names = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
@@ -130,6 +155,7 @@ class per_sample_grads:
         self._handles: list = []
         self._ran: list = []
         self._kept: list = []  # materialize=False: (step, seen, sources, δ, a, scale) for `privacy.clip_and_noise_`
+        self._kept_grads: list = []  # materialize=False, where smaller than δ and a: (step, source, (N, *view))
 
     # ---------------------------------------------------------------- the context
 
@@ -162,13 +188,16 @@ class per_sample_grads:
     def parameters(self) -> list:
         """The parameters that got per-sample gradients (or norms), in the model's order."""
         got = {s[1] for *_, sources, _d, _a, _s in self._kept for s in sources if s is not None}
+        got |= {source[1] for _, source, _ in self._kept_grads}
         return [p for p in dict.fromkeys(self._names) if p.requires_grad and (
             getattr(p, "grad_sample", None) is not None or p in got)]
 
     def weighted_sum(self, weights: torch.Tensor) -> dict:
         """{p: Σₙ wₙ gₙ} over every sample of every backward in the context (`norms`' order), where gₙ is
         sample n's gradient of p; without forming any gₙ when materialize=False: each rule's own summed
-        gradient of the reweighted δ, Σₙ wₙ δₙ aₙᵀ (its backward's pure function, `Seen.grads`)."""
+        gradient of the reweighted δ, Σₙ wₙ δₙ aₙᵀ (its backward's pure function, `Seen.grads`), or, for a
+        rule whose per-sample gradients were no larger than its δ and a and so were kept instead (a convolution
+        over many positions), Σₙ wₙ gₙ of those."""
         if self.materialize:
             out = {}
             for p in self.parameters():
@@ -184,14 +213,11 @@ class per_sample_grads:
             w = weights[offsets[step]: offsets[step] + delta.shape[0]].to(delta.dtype) * scale
             grads = seen.summed(delta * w.view(-1, *[1] * (delta.dim() - 1)), a)
             for source, g in zip(sources, grads):
-                if source is None or g is None:
-                    continue
-                p, view = source[1], source[2]
-                total = out.setdefault(p, torch.zeros_like(p))
-                if _is_whole(p, view):
-                    total += g.to(p.dtype).reshape(p.shape)
-                else:
-                    total.view(-1).index_add_(0, _index_in(p, view).reshape(-1), g.to(p.dtype).reshape(-1))
+                if source is not None and g is not None:
+                    _add_to_sum(out, source[1], source[2], g)
+        for step, (_, p, view), g in self._kept_grads:
+            w = weights[offsets[step]: offsets[step] + g.shape[0]].to(g.dtype)
+            _add_to_sum(out, p, view, torch.tensordot(w, g, dims=1))
         return out
 
     # ---------------------------------------------------------------- forward: what each step uses
@@ -208,14 +234,19 @@ class per_sample_grads:
             self._steps.append(_Step())
         return self._steps[-1]
 
-    def keeps(self, call: observe.Call, params: tuple) -> None:
-        """A rule kept `params` in forward: count each parameter's uses (views of one, too)."""
+    def keeps(self, call: observe.Call, params: tuple) -> list | None:
+        """A rule kept `params` in forward: count each parameter's uses (views of one, too). Book-keeping:
+        which of them `weighted_sum` forms the gradient of (from δ and a), so that the rule's backward need not."""
         step = self._step()
         self._step_of[id(call)] = step
+        formed = []
         for tensor in params:
             source = call.source(tensor)
-            if source is not None and source[1].requires_grad:
+            ours = source is not None and source[1].requires_grad
+            if ours:
                 step.uses.setdefault(source[1], []).append(source[2])
+            formed.append(ours)
+        return formed if self.bookkeeping else None
 
     def _check_coverage(self, module, args, output) -> None:
         """After the model's forward: every parameter of a module that ran should have been kept by a rule."""
@@ -269,10 +300,20 @@ class per_sample_grads:
             # detached: a kept `a` with a grad_fn would hold the graph, whose nodes hold their call and so
             # this context, a cycle through autograd's C++ nodes that Python's collector cannot free
             delta, a = delta.detach(), a.detach()
-            kept = replace(seen, delta=seen.delta.detach(), input=seen.input.detach(), output=None)
-            self._kept.append((step, kept, sources, delta, a, scale))
+            keep_grads = self._keeps_grads(step, sources, delta, a)
+            if not keep_grads:
+                kept = replace(seen, delta=seen.delta.detach(), input=seen.input.detach(), output=None)
+                self._kept.append((step, kept, sources, delta, a, scale))
         try:
-            if self.materialize or any(s is not None and step.overlaps(s[1]) for s in sources):
+            if not self.materialize and keep_grads:
+                grads = seen.per_sample(delta * scale if scale != 1 else delta, a)
+                for source, g in zip(sources, grads):
+                    if source is not None and g is not None:
+                        g = g.to(source[1].dtype)
+                        step.add_sq(_sq(g))
+                        self._count(step, source[1])
+                        self._kept_grads.append((step, source, g))
+            elif self.materialize or any(s is not None and step.overlaps(s[1]) for s in sources):
                 # every rule's gradient is linear in δ: undo the 1/N on δ, not on the larger gradients
                 grads = seen.per_sample(delta * scale if scale != 1 else delta, a)
                 for source, g in zip(sources, grads):
@@ -293,6 +334,16 @@ class per_sample_grads:
         except observe.MixesSamples as error:
             raise InputError(f"per_sample_grads: {seen.name or type(seen.call.module).__name__} "
                              f"({type(seen.call.module).__name__}): {error}") from None
+
+    @staticmethod
+    def _keeps_grads(step: _Step, sources: list, delta: torch.Tensor, a: torch.Tensor) -> bool:
+        """materialize=False: whether to keep a rule's per-sample gradients instead of its δ and a, because they
+        are no larger (a convolution over many positions, whose norm identity would form them anyway). Their
+        norms are then read off them and the clipped sum Σₙ cₙ gₙ is a weighted sum of them, where reweighting
+        δ would cost one more weight-gradient product. Never for a parameter two uses of which overlap."""
+        used = [s for s in sources if s is not None]
+        size = delta.shape[0] * sum(s[2].numel() for s in used)
+        return size <= delta.numel() + a.numel() and not any(step.overlaps(s[1]) for s in used)
 
     def _count(self, step: _Step, p: torch.Tensor) -> None:
         """One more use of p reported; after its last use in this step, promote its per-sample sum."""

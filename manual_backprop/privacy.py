@@ -10,6 +10,13 @@ own summed gradient of the reweighted δ, Σₙ (cₙ δₙ) aₙᵀ (the "rewei
 `per_sample_grads.weighted_sum`). With materialize=True the (N, *p.shape) `grad_sample`s are
 weighted instead, as Opacus does.
 
+Book-keeping: backward need not form the unclipped Σₙ gₙ that this step overwrites. Under
+`per_sample_grads(model, materialize=False, bookkeeping=True)` the rules skip their parameter
+gradients, keep δ and a (their norms come from them), and `clip_and_noise_` forms each rule's
+clipped sum once: a private step costs about one ordinary backward, plus the norms and the noise.
+`.grad` is then written only here; without book-keeping (the default) backward accumulates the
+unclipped gradient into `.grad` as usual, for readers who do not clip.
+
 Under torch.distributed (DDP: `distributed=True`) every process clips its own samples, and the step is
 the one a single process would take on the global batch (Opacus's `DistributedDPOptimizer` does the same):
 
@@ -43,7 +50,8 @@ def clip_and_noise_(ps: per_sample_grads, max_grad_norm: float, noise_multiplier
                     distributed: bool = False) -> torch.Tensor:
     """Replace each parameter's `.grad` by its DP-SGD gradient (Σₙ cₙ gₙ + 𝒩(0, (σC)²)) / B, in place.
 
-    ps:               a `per_sample_grads` context after its backward (either materialize setting).
+    ps:               a `per_sample_grads` context after its backward (either materialize setting; with
+                      `bookkeeping=True` its backward left `.grad` alone and this writes it).
     max_grad_norm:    C, the per-sample clipping norm.
     noise_multiplier: σ; the noise's standard deviation is σC (0: clipping only).
     generator:        for the noise (torch's global RNG if None; under `distributed`, rank 0's).
@@ -53,8 +61,11 @@ def clip_and_noise_(ps: per_sample_grads, max_grad_norm: float, noise_multiplier
                       (DDP): Σₙ cₙ gₙ is summed over the processes, the noise drawn once (on rank 0) and
                       B is the global batch, so every process gets the same `.grad`. The `.grad`s found
                       are ignored (DDP's average of unclipped gradients): skip DDP's own all-reduce with
-                      `skip_gradient_sync` rather than pay for it. Every process must privatise the same
-                      parameters (as DDP requires).
+                      `skip_gradient_sync` rather than pay for it, and use book-keeping, so that no unclipped
+                      gradient is formed at all (DDP's reducer does not wait for one: a rule that returns
+                      none still fires the parameter's hook, and the reducer fills that `.grad` with zeros,
+                      which this replaces). Only the clipped sums cross the processes. Every process must
+                      privatise the same parameters (as DDP requires).
 
     Returns the clip factors cₙ (this process's samples). Parameters on stock autograd (`ps.skipped`) cannot
     be privatised: error.
@@ -96,21 +107,24 @@ def noise_only_(params: list[torch.Tensor], max_grad_norm: float, noise_multipli
 
 def _noisy_mean_(params, sums, max_grad_norm, noise_multiplier, generator, B, count_globally, distributed, device):
     """p.grad = (Σₙ cₙ gₙ + 𝒩(0, (σC)²)) / B for each p; under `distributed` the sums (and, with
-    `count_globally`, B) are summed over the processes and the noise is drawn on rank 0 only."""
+    `count_globally`, B) are summed over the processes and the noise is drawn on rank 0 only.
+
+    The sums are fresh tensors of ours (`weighted_sum`'s): the noise is added and B divided out in place, the
+    same arithmetic as (sum + noise) / B without two more parameter-sized tensors per step."""
     noisy = noise_multiplier > 0 and (not distributed or dist.get_rank() == 0)  # once per step, not per process
     totals = []
     for p, total in zip(params, sums):
         if noisy:
             noise = torch.normal(0.0, noise_multiplier * max_grad_norm, p.shape, generator=generator,
                                  device=p.device, dtype=p.dtype)
-            total = total + noise
+            total = total.add_(noise) if total.dtype == p.dtype and total.shape == p.shape else total + noise
         totals.append(total)
     if distributed:
         _all_reduce_sum_(totals)
         if count_globally:
             B = _global_count(B, device)
     for p, total in zip(params, totals):
-        p.grad = total / B
+        p.grad = total.div_(B) if total.is_floating_point() else total / B
 
 
 def _all_reduce_sum_(tensors: list[torch.Tensor]) -> None:

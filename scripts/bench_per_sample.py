@@ -3,14 +3,22 @@
     .venv/bin/python scripts/bench_per_sample.py [--quick] [--rounds N] [--device cpu|cuda] [--only NAME]
 
 The models: an MLP 784→512→512→10 at batch 256, a transformer-style block (embedding,
-one TransformerEncoderLayer, a linear head; sequences of 32 at batch 32), a small CNN
-(two 3×3 convolutions on 28×28 images at batch 64), and an LSTM with a linear head on its last
-step at three sizes (steps T, batch N, width H) = (40, 100, 64), (100, 32, 128), (20, 256, 256).
+one TransformerEncoderLayer, a linear head; sequences of 32 at batch 32), two small CNNs
+(two 3×3 convolutions and a pooled head; two 5×5 convolutions and a linear head on their flattened
+output; 28×28 images at batch 64), and an LSTM with a linear head on its last step at three sizes
+(steps T, batch N, width H) = (40, 100, 64), (100, 32, 128), (20, 256, 256).
 `--only lstm` runs the models whose name contains "lstm". Each contender does one training step's
 worth of work: forward, backward, and every sample's gradient norm, and
 
+    stock step            the stock model's ordinary (non-private) forward and backward: the baseline
+                          of the "× stock step" column, beside every per-sample and DP-SGD contender
     ours materialize      manual_backprop.per_sample_grads: p.grad_sample (N, *p.shape) and ps.norms
     ours norms only       materialize=False: ps.norms from the norm identities, no (N, *p.shape)
+    ours DP-SGD           the whole private step: per_sample_grads(materialize=False, bookkeeping=True)
+                          (backward forms no unclipped weight gradient), then privacy.clip_and_noise_
+                          (σ = 1, C = 1): each rule's clipped sum Σₙ cₙ gₙ formed once, plus noise
+    opacus DP-SGD         Opacus's private step: GradSampleModule's grad_sample, then DPOptimizer's
+                          pre_step (per-sample clipping, the clipped sum, noise; σ = 1, C = 1)
     opacus hooks          GradSampleModule: p.grad_sample, norms from them (Opacus's clipping does this);
                           ModuleValidator.fix first, as Opacus users do: nn.LSTM becomes its DPLSTM with
                           the same weights (DPLSTM names its parameters as torch does, weight_ih_l0 …)
@@ -87,8 +95,13 @@ def models(quick: bool):
            lambda: nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)),
            lambda g: torch.randn(64 // s, 1, 28, 28, generator=g))
+    side = 14 if quick else 28
+    cnn5 = ("cnn 2 conv5 + linear %dx%d, batch %d" % (side, side, 64 // s),
+            lambda: nn.Sequential(nn.Conv2d(1, 16, 5), nn.ReLU(), nn.Conv2d(16, 32, 5), nn.ReLU(), nn.Flatten(),
+                                  nn.Linear(32 * (side - 8) ** 2, 10)),
+            lambda g: torch.randn(64 // s, 1, side, side, generator=g))
     lstms = [lstm_model(5, 8, 16)] if quick else [lstm_model(*size) for size in LSTM_SIZES]
-    return [mlp, block, cnn, *lstms]
+    return [mlp, block, cnn, cnn5, *lstms]
 
 
 LSTM_SIZES = [(40, 100, 64), (100, 32, 128), (20, 256, 256)]
@@ -113,6 +126,48 @@ def ours(materialize: bool):
         return step, lambda: _clear(model)
 
     return build
+
+
+def stock_step(stock, x, y):
+    """The baseline: the stock model's ordinary training step, no per-sample anything."""
+    model = copy.deepcopy(stock)
+
+    def step():
+        loss_fn(model(x), y).backward()
+
+    step.comparable, step.note = False, "n/a (no norms: not private)"
+    return step, lambda: _clear(model)
+
+
+MAX_GRAD_NORM, NOISE_MULTIPLIER = 1.0, 1.0
+
+
+def ours_dp(stock, x, y):
+    model = manual_backprop.convert(copy.deepcopy(stock))
+
+    def step():
+        with manual_backprop.per_sample_grads(model, materialize=False, bookkeeping=True) as ps:
+            loss_fn(model(x), y).backward()
+        manual_backprop.privacy.clip_and_noise_(ps, MAX_GRAD_NORM, NOISE_MULTIPLIER)
+        return ps.norms
+
+    return step, lambda: _clear(model)
+
+
+def opacus_dp(stock, x, y):
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    model = GradSampleModule(_opacus_ready(stock))
+    optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=NOISE_MULTIPLIER,
+                            max_grad_norm=MAX_GRAD_NORM, expected_batch_size=len(x))
+
+    def step():
+        loss_fn(model(x), y).backward()
+        optimizer.pre_step()  # clip each sample, sum, add noise, average: the step's gradient in p.grad
+
+    step.comparable, step.note = False, "n/a (DPOptimizer keeps its norms)"
+    return step, lambda: optimizer.zero_grad(set_to_none=True)
 
 
 def _clear(model):
@@ -202,12 +257,15 @@ def backpack(stock, x, y):
 
 
 CONTENDERS = [
+    ("stock step", stock_step),
     ("ours materialize", ours(True)),
     ("ours norms only", ours(False)),
     ("opacus hooks", opacus_hooks),
     ("opacus ghost", opacus_ghost),
     ("torch.func vmap(grad)", torch_func),
     ("backpack", backpack),
+    ("ours DP-SGD", ours_dp),
+    ("opacus DP-SGD", opacus_dp),
 ]
 
 
@@ -262,10 +320,9 @@ def run(quick: bool, rounds: int, device: str, only: str = "") -> list[dict]:
             except Exception as error:  # noqa: BLE001 (a peer that cannot run this model: say why)
                 rows.append(dict(model=name, contender=contender, error=f"{type(error).__name__}: {str(error)[:80]}"))
                 continue
-            if reference is None:
-                reference = norms
-            agrees = None  # a different model (Opacus's swapped attention): nothing to compare
+            agrees = None  # a different model (Opacus's swapped attention), or no norms: nothing to compare
             if getattr(step, "comparable", True):
+                reference = norms if reference is None else reference
                 agrees = torch.allclose(norms.float(), reference.float(), rtol=1e-3, atol=1e-5)
             steps[contender] = (step, reset, agrees, peak_bytes(step, reset, device))  # before the next is built
         times = {c: [] for c in steps}
@@ -274,30 +331,33 @@ def run(quick: bool, rounds: int, device: str, only: str = "") -> list[dict]:
                 times[contender].append(timed(step, reset, device))
         for contender, (step, reset, agrees, peak) in steps.items():
             rows.append(dict(model=name, contender=contender, seconds=statistics.median(times[contender]),
-                             peak=peak, agrees=agrees))
+                             peak=peak, agrees=agrees, note=getattr(step, "note", "n/a (DPMultiheadAttention)")))
     return rows
 
 
-def _agreement(agrees) -> str:
-    return "n/a (DPMultiheadAttention)" if agrees is None else "yes" if agrees else "NO"
+def _agreement(row) -> str:
+    return row["note"] if row["agrees"] is None else "yes" if row["agrees"] else "NO"
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: per model, each contender's time and peak memory, and both as ratios to Opacus's hooks."""
-    lines = ["| model | contender | step ms | × opacus hooks | peak MiB | × opacus hooks | norms agree |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    """Markdown: per model, each contender's time and peak memory, as ratios to Opacus's hooks, and its time
+    as a ratio to the stock (non-private) step."""
+    lines = ["| model | contender | step ms | × opacus hooks | × stock step | peak MiB | × opacus hooks | norms agree |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         order = [c for c, _ in CONTENDERS]
         group = sorted((r for r in rows if r["model"] == model), key=lambda r: order.index(r["contender"]))
         base = next((r for r in group if r["contender"] == "opacus hooks" and "error" not in r), None)
+        stock = next((r for r in group if r["contender"] == "stock step" and "error" not in r), None)
         for r in group:
             if "error" in r:
-                lines.append(f"| {model} | {r['contender']} | n/a | | | | {r['error']} |")
+                lines.append(f"| {model} | {r['contender']} | n/a | | | | | {r['error']} |")
                 continue
             t_ratio = f"{r['seconds'] / base['seconds']:.2f}" if base else ""
+            s_ratio = f"{r['seconds'] / stock['seconds']:.2f}" if stock else ""
             m_ratio = f"{r['peak'] / base['peak']:.2f}" if base and base["peak"] > 0 else ""
-            lines.append(f"| {model} | {r['contender']} | {r['seconds'] * 1e3:.1f} | {t_ratio} | "
-                         f"{r['peak'] / 2**20:.1f} | {m_ratio} | {_agreement(r['agrees'])} |")
+            lines.append(f"| {model} | {r['contender']} | {r['seconds'] * 1e3:.1f} | {t_ratio} | {s_ratio} | "
+                         f"{r['peak'] / 2**20:.1f} | {m_ratio} | {_agreement(r)} |")
     return "\n".join(lines)
 
 

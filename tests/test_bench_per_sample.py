@@ -16,9 +16,10 @@ def test_quick_benchmark_runs_and_contenders_agree(capsys):
     bench = load_script("bench_per_sample")
     assert bench.main(["--quick", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    for model in ("mlp", "transformer block", "cnn"):
-        for contender in ("ours materialize", "ours norms only", "opacus hooks", "torch.func vmap(grad)"):
-            assert any(line.startswith(f"| {model}") and f"| {contender} | " in line and "n/a |" not in line.split("|")[3]
+    for model in ("mlp", "transformer block", "cnn 2 conv 28", "cnn 2 conv5"):
+        for contender in ("stock step", "ours materialize", "ours norms only", "opacus hooks", "torch.func vmap(grad)",
+                          "ours DP-SGD", "opacus DP-SGD"):
+            assert any(line.startswith(f"| {model}") and f"| {contender} | " in line and line.split("|")[3].strip() != "n/a"
                        for line in out.splitlines()), (model, contender)
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 import manual_backprop
 from manual_backprop import privacy
-from tests.test_per_sample import CASES, F64, _models, reference
+from tests.test_per_sample import CASES, F64, Case, _models, _xy, reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 
@@ -169,3 +169,79 @@ def test_a_finished_private_step_leaves_nothing_behind(materialize):
     del ps
     gc.collect()
     assert gone() is None
+
+
+# ------------------------------------------------------------------ book-keeping: no unclipped gradient formed
+
+
+class Recurrent(nn.Module):
+    """An LSTM (with a projection) and a GRU over (N, T, ·), a linear head on the last step."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 5, batch_first=True, proj_size=4)
+        self.gru = nn.GRU(4, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.gru(self.lstm(x)[0])[0][:, -1])
+
+
+def _normalisation_parameters(model: nn.Module) -> set:
+    """The γ, β of normalisation layers, whose rules form their (small) gradients even under book-keeping."""
+    norms = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+    return {f"{m}.{n}" if m else n for m, module in model.named_modules() if isinstance(module, norms)
+            for n, _ in module.named_parameters(recurse=False)}
+
+
+BOOKKEEPING_CASES = [*CASES, Case("lstm_gru", Recurrent, _xy((4, 6, 3), (4, 2)))]
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.8], ids=["clip_only", "seeded_noise"])
+@pytest.mark.parametrize("case", BOOKKEEPING_CASES, ids=repr)
+def test_bookkeeping_step_equals_the_materialising_step(case, sigma):
+    """Book-keeping (backward forms no unclipped gradient; Σₙ cₙ gₙ is each rule's summed gradient of cₙδₙ)
+    gives the gradient that clipping the materialised per-sample gradients gives, noise included."""
+    _, materialising = _models(case)
+    bookkeeping = copy.deepcopy(materialising)
+    x, y = case.inputs(torch.Generator().manual_seed(1))
+    reduction = "sum" if case.loss.__name__ == "mse_sum" else "mean"
+    grads, clipped = {}, {}
+    for model, kwargs in ((materialising, {}), (bookkeeping, dict(materialize=False, bookkeeping=True))):
+        with manual_backprop.per_sample_grads(model, loss_reduction=reduction, batch_first=case.batch_first,
+                                              **kwargs) as ps:
+            case.loss(model(x), y).backward()
+        grads[model] = {n for n, p in model.named_parameters() if p.grad is not None}
+        C = float(ps.norms.min() + ps.norms.max()) / 2
+        factors = privacy.clip_and_noise_(ps, C, sigma, generator=torch.Generator().manual_seed(2))
+        clipped[model] = factors
+    assert (clipped[materialising] < 1).any() or case.name == "linear_batch_1"  # clipping happened
+    torch.testing.assert_close(clipped[bookkeeping], clipped[materialising], rtol=1e-12, atol=0)
+    # the unclipped gradient was not formed: `.grad` was left alone by backward (normalisation's γ, β aside)
+    assert grads[bookkeeping] <= _normalisation_parameters(bookkeeping)
+    assert grads[materialising] == {n for n, p in materialising.named_parameters() if p.requires_grad}
+    for (name, p), q in zip(materialising.named_parameters(), bookkeeping.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-15, msg=lambda m: f"{name}: {m}")
+
+
+def test_bookkeeping_forms_no_weight_gradient_in_backward(monkeypatch):
+    """Counted: under book-keeping, backward calls no weight-gradient product; `clip_and_noise_` calls one per
+    layer (the clipped sum), and nothing is formed for a reader of `.grad` before it."""
+    from manual_backprop.rules import linear
+
+    calls = []
+    product = linear.weight_and_bias_grads
+    monkeypatch.setattr(linear, "weight_and_bias_grads",
+                        lambda delta, a, need_W, need_b: calls.append(need_W) or product(delta, a, need_W, need_b))
+    model = manual_backprop.convert(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)))
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    with manual_backprop.per_sample_grads(model, materialize=False, bookkeeping=True) as ps:
+        nn.functional.cross_entropy(model(x), y).backward()
+    assert calls.count(True) == 0 and all(p.grad is None for p in model.parameters())
+    privacy.clip_and_noise_(ps, 1.0, 0.0)
+    assert calls.count(True) == 2 and all(p.grad is not None for p in model.parameters())
+
+
+def test_bookkeeping_needs_materialize_false():
+    with pytest.raises(manual_backprop.InputError, match="materialize=False"):
+        manual_backprop.per_sample_grads(nn.Linear(2, 2), bookkeeping=True)

@@ -414,6 +414,7 @@ class PReLU(torch.autograd.Function):
                 sq_norms=lambda d, x: per_sample_prelu_weight_grads(d, x, alpha).square().flatten(1).sum(1),
                 output=output[0] if output else None, batch_dim=0,  # (N, C, *): channels in dim 1
             ))
+            (need_weight,) = observe.needs(ctx, need_weight)  # book-keeping DP-SGD forms it clipped
         alpha = prelu_slopes(weight, z)
         grad_z = torch.where(z > 0, delta, delta * alpha) if need_z else None
         grad_weight = prelu_weight_grad(delta, z, weight) if need_weight else None

@@ -287,6 +287,7 @@ class Convolution(torch.autograd.Function):
             delta, a = delta.unsqueeze(0), None if a is None else a.unsqueeze(0)
         if ctx.call is not None:
             see_convolution(ctx, delta, a, output, transposed=False)
+            need_W, need_b = observe.needs(ctx, need_W, need_b)  # book-keeping DP-SGD forms them clipped
         grad_a = transposed_convolution(delta, W, ctx.a_size, stride, padding, dilation, groups) if need_a else None
         grad_W = conv_weight_grad(delta, a, ctx.kernel_size, stride, padding, dilation, groups) if need_W else None
         grad_b = bias_grad(delta) if need_b else None
@@ -330,6 +331,7 @@ class ConvTranspose(torch.autograd.Function):
             delta, a = delta.unsqueeze(0), None if a is None else a.unsqueeze(0)
         if ctx.call is not None:
             see_convolution(ctx, delta, a, output, transposed=True)
+            need_W, need_b = observe.needs(ctx, need_W, need_b)  # book-keeping DP-SGD forms them clipped
         grad_a = grad_W = grad_b = None
         if need_a:  # output_padding may leave δ room for one more position than a has: cut it
             grad_a = torch.convolution(delta, W, None, stride, padding, dilation, False, [0] * len(stride), groups)

@@ -47,10 +47,12 @@ class Embedding(torch.autograd.Function):
     @without_autocast
     def backward(ctx, delta):
         x, *output = ctx.saved_tensors
+        need_E = ctx.needs_input_grad[1]
         if ctx.call is not None:
             ctx.call.see(embedding_seen(ctx, delta, x, *output))
+            (need_E,) = observe.needs(ctx, need_E)  # book-keeping DP-SGD forms it clipped
         grad_E = None
-        if ctx.needs_input_grad[1]:
+        if need_E:
             grad_E = embedding_weight_grad(delta, x, ctx.num_embeddings, ctx.padding_idx, ctx.scale_grad_by_freq)
         return None, grad_E, None, None
 

@@ -49,6 +49,7 @@ class Linear(torch.autograd.Function):
         need_a, need_W, need_b = ctx.needs_input_grad
         if ctx.call is not None:
             ctx.call.see(linear_seen(ctx.call, delta, a, *ctx.params, *output))
+            need_W, need_b = observe.needs(ctx, need_W, need_b)  # book-keeping DP-SGD forms them clipped
         grad_a = delta @ W if need_a else None
         return grad_a, *weight_and_bias_grads(delta, a, need_W, need_b)
 

@@ -121,6 +121,8 @@ class MLP(torch.autograd.Function):
         z, grad_z = _by_layer(layers, saved[2 * L - 1 :]), _by_layer(layers, grad_kept[L - 1 :])
         grad_hidden = [*grad_kept[: L - 1], None]  # gradients that reached a(l+1) directly (double backward)
         need_a0, _, *need = ctx.needs_input_grad
+        if ctx.call is not None:  # book-keeping DP-SGD forms the parameters' gradients clipped
+            need = observe.needs(ctx, *need)
 
         grads = [None] * (2 * L)
         grad_a = None if grad_out is None else _rows(grad_out)  # ∂J/∂a(L)

@@ -171,6 +171,8 @@ def _input_and_weight_grads(ctx, needs, delta_zx, delta_zh, x, h_prev, W_ih, del
     if ctx.call is not None:
         see(ctx, delta_zx, x, *ctx.params[:2], "ih")
         see(ctx, delta_zh, h_prev, *ctx.params[2:4], "hh")
+        # book-keeping DP-SGD forms them clipped (`keep`'s order: W_ih, b_ih, W_hh, b_hh)
+        need_W_ih, need_b_ih, need_W_hh, need_b_hh = observe.needs(ctx, need_W_ih, need_b_ih, need_W_hh, need_b_hh)
     grad_x = delta_zx @ W_ih if need_x else None
     grad_W_ih, grad_b_ih = weight_and_bias_grads(delta_zx, x, need_W_ih, need_b_ih)
     shared = delta_zh is delta_zx and grad_b_ih is not None  # RNN, LSTM: one δz, so Σ δz once for both biases
@@ -243,7 +245,8 @@ class LSTMLayer(torch.autograd.Function):
             m = (a[:, 3 * c0.shape[1] :] * cells.tanh()).to(delta_hs.dtype)  # m_t = o ⊙ tanh(c_t)
             if ctx.call is not None:
                 see(ctx, delta_hs, m, W_hr, None, "hr")
-            grad_W_hr = delta_hs.T @ m  # ∂J/∂W_hr = Σ_t Σ_n δh_t m_tᵀ
+            if observe.needs(ctx, *[True] * 4, True)[4]:  # W_hr is `keep`'s fifth; book-keeping forms it clipped
+                grad_W_hr = delta_hs.T @ m  # ∂J/∂W_hr = Σ_t Σ_n δh_t m_tᵀ
         grad_x, grad_h0, grad_W_ih, grad_W_hh, grad_b_ih, grad_b_hh = grads
         grad_c0 = delta_c if ctx.needs_input_grad[2] else None
         return grad_x, grad_h0, grad_c0, grad_W_ih, grad_W_hh, grad_b_ih, grad_b_hh, grad_W_hr, None, None, None, None
