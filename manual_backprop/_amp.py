@@ -142,6 +142,17 @@ def autocast_nested(op: str, device: torch.device, args: tuple) -> tuple:
 F = TypeVar("F", bound=Callable)
 
 
+def recurrent_autocast_name(op: str, args: tuple) -> str:
+    """The name `_amp`'s policy knows torch's call `op(*args)` by: "lstm_packed" for a PackedSequence's data
+    (the overload whose fourth argument is the params list), "lstm_proj" for lstm with proj_size (h0 and c0
+    of different widths), else `op`."""
+    if len(args) > 3 and isinstance(args[3], (list, tuple)):
+        return op + "_packed"
+    if op == "lstm" and len(args) > 1 and args[1][0].shape[-1] != args[1][1].shape[-1]:
+        return "lstm_proj"
+    return op
+
+
 def without_autocast(backward: F) -> F:
     """Run a rule's backward with autocast off for the gradient's device."""
 

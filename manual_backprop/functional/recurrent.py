@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from manual_backprop import _checks, rules
-from manual_backprop._amp import autocast_nested
+from manual_backprop._amp import autocast_nested, recurrent_autocast_name
 from manual_backprop._checks import InputError, shape
 from manual_backprop.functional.dropout import dropout
 from manual_backprop.rules._apply import apply_rule
@@ -80,24 +80,13 @@ def _recurrent(op: str, input, batch_sizes, hx, params, has_biases, num_layers, 
     return (x, torch.stack(h_n), torch.stack(c_n)) if lstm else (x, torch.stack(h_n))
 
 
-def autocast_name(op: str, args: tuple) -> str:
-    """The name `_amp`'s policy knows torch's call `op(*args)` by: "lstm_packed" for a PackedSequence's data
-    (the overload whose fourth argument is the params list), "lstm_proj" for lstm with proj_size (h0 and c0
-    of different widths), else `op`."""
-    if len(args) > 3 and isinstance(args[3], (list, tuple)):
-        return op + "_packed"
-    if op == "lstm" and len(args) > 1 and args[1][0].shape[-1] != args[1][1].shape[-1]:
-        return "lstm_proj"
-    return op
-
-
 def _recurrent_overloads(op: str):
     def call(*args, **kwargs):
         # torch's two overloads: (input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
         # batch_first) and, for a PackedSequence, (data, batch_sizes, hx, params, has_biases, num_layers,
         # dropout, train, bidirectional); the fourth argument (has_biases or params) tells them apart.
         packed = not isinstance(args[3], bool)
-        args = autocast_nested(autocast_name(op, args), args[0].device, args)  # torch's autocast policy for the op
+        args = autocast_nested(recurrent_autocast_name(op, args), args[0].device, args)  # torch's autocast policy for the op
         if not packed:
             return _recurrent(op, args[0], None, *args[1:], **kwargs)
         return _recurrent(op, *args, False, **kwargs)

@@ -16,8 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 from manual_backprop import functional as F
 from manual_backprop import observe
-from manual_backprop._amp import autocast_nested, autocast_on
-from manual_backprop.functional.recurrent import autocast_name
+from manual_backprop._amp import autocast_nested, autocast_on, recurrent_autocast_name
 
 # The calls torch's recurrent modules end in (`torch._VF.x` is `torch.x`), and our twins.
 RECURRENT_CALLS = {
@@ -44,7 +43,7 @@ class _OnOurRules(TorchFunctionMode):
         if ours is None:
             return func(*args, **(kwargs or {}))
         if autocast_on():  # cast as autocast casts torch's op (a cast is a no-op on a tensor cast already)
-            args = autocast_nested(autocast_name(func.__name__, args), args[0].device, args)
+            args = autocast_nested(recurrent_autocast_name(func.__name__, args), args[0].device, args)
         return ours(*args, **(kwargs or {}))
 
 
