@@ -158,9 +158,8 @@ class Case:
         return statistics.median(t / u for t, u in zip(self.rounds[name], self.rounds[to]))
 
 
-def build(case: Case, compile_backend: str, our_loss_for_ours: bool = False):
-    """Every contender's step function and parameters, all from one stock network's parameters."""
-    device, sizes, act = case.device, case.sizes, case.activation
+def stock_and_per_layer(sizes, act: str, device) -> tuple[nn.Sequential, nn.Sequential]:
+    """A stock Sequential(Linear, act, …, Linear) seeded with 0, and the same network of our modules, same parameters."""
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for k, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
@@ -168,10 +167,16 @@ def build(case: Case, compile_backend: str, our_loss_for_ours: bool = False):
         if k < len(sizes) - 2:
             layers.append(ACTIVATIONS[act].stock())
     stock = nn.Sequential(*layers).to(device)
-    per_layer = nn.Sequential(
-        *[mnn.Linear(m.in_features, m.out_features) if isinstance(m, nn.Linear) else ACTIVATIONS[act].module() for m in stock]
-    ).to(device)
-    per_layer.load_state_dict(stock.state_dict())
+    ours = nn.Sequential(*[mnn.Linear(m.in_features, m.out_features) if isinstance(m, nn.Linear)
+                           else ACTIVATIONS[act].module() for m in stock]).to(device)
+    ours.load_state_dict(stock.state_dict())
+    return stock, ours
+
+
+def build(case: Case, compile_backend: str, our_loss_for_ours: bool = False):
+    """Every contender's step function and parameters, all from one stock network's parameters."""
+    device, sizes, act = case.device, case.sizes, case.activation
+    stock, per_layer = stock_and_per_layer(sizes, act, device)
     fused = mnn.MLP.from_sequential(stock)
     compiled_model = mnn.MLP.from_sequential(stock)
     peers = PeerNet(copy.deepcopy(stock), act)  # its own copy of the parameters
@@ -915,16 +920,7 @@ def per_layer_rows(device: str, quick: bool, samples: int, activations) -> tuple
     for sizes, batch in sizes_list:
         for act in activations:
             case = Case(device, sizes, batch, act, False)
-            torch.manual_seed(0)
-            layers: list[nn.Module] = []
-            for k, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
-                layers.append(nn.Linear(n_in, n_out))
-                if k < len(sizes) - 2:
-                    layers.append(ACTIVATIONS[act].stock())
-            stock = nn.Sequential(*layers).to(device)
-            ours = nn.Sequential(*[mnn.Linear(m.in_features, m.out_features) if isinstance(m, nn.Linear)
-                                   else ACTIVATIONS[act].module() for m in stock]).to(device)
-            ours.load_state_dict(stock.state_dict())
+            stock, ours = stock_and_per_layer(sizes, act, device)
             x = torch.randn(batch, sizes[0], device=device)
             if sizes[-1] == 1:
                 y = torch.randint(0, 2, (batch, 1), device=device).float()
