@@ -83,6 +83,27 @@ Tensor final_state(const std::vector<Step>& order, const Tensor& seq, const Tens
   return last;
 }
 
+// One step's cell, row by row: g = tanh(z_g) = 2σ(2 z_g) − 1 in place, c_t = f ⊙ c_{t−1} + i ⊙ g, c2 = 2 c_t.
+template <typename scalar_t>
+WIDE_VECTORS void lstm_cell(scalar_t* __restrict__ a, const scalar_t* __restrict__ cp, scalar_t* __restrict__ c,
+                            scalar_t* __restrict__ c2, int64_t B, int64_t H) {
+  for (int64_t n = 0; n < B; ++n, a += 4 * H, cp += H, c += H, c2 += H)
+    for (int64_t j = 0; j < H; ++j) {
+      const scalar_t g = 2 * a[2 * H + j] - 1;
+      a[2 * H + j] = g;
+      c[j] = a[H + j] * cp[j] + a[j] * g;
+      c2[j] = 2 * c[j];
+    }
+}
+
+// m_t = o ⊙ tanh(c_t), s2c = σ(2 c_t)
+template <typename scalar_t>
+WIDE_VECTORS void lstm_output(const scalar_t* __restrict__ a, const scalar_t* __restrict__ s2c, scalar_t* __restrict__ m,
+                              int64_t B, int64_t H) {
+  for (int64_t n = 0; n < B; ++n, a += 4 * H, s2c += H, m += H)
+    for (int64_t j = 0; j < H; ++j) m[j] = a[3 * H + j] * (2 * s2c[j] - 1);
+}
+
 // Returns (h packed, h_n, c_n, gates i|f|g|o packed, c packed). The gates buffer starts as x W_ihᵀ + b (one
 // product over every step); each step adds h_{t−1} W_hhᵀ to its rows in place.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Tensor& x, const Tensor& W_ih, const c10::optional<Tensor>& b,
@@ -122,7 +143,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Tensor& x,
     for (size_t k = 0; k < order.size(); ++k) {
       const Step& s = order[k];
       Tensor z = rows(gates, s);
-      scalar_t* __restrict__ a = z.data_ptr<scalar_t>();
+      scalar_t* a = z.data_ptr<scalar_t>();
       const scalar_t* h_prev = state_before(order, k, out.const_data_ptr<scalar_t>(), h0.const_data_ptr<scalar_t>(),
                                             h_buffer.data_ptr<scalar_t>(), Hr);
       if (bias_per_step) {
@@ -132,22 +153,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Tensor& x,
       }
       product(h_prev, Wt.const_data_ptr<scalar_t>(), a, s.B, Hr, 4 * H, true, gates);  // z_t += h_{t−1} W_hhᵀ
       z.sigmoid_();                                                                       // i, f, o = σ(z); σ(2 z_g) for g
-      const scalar_t* __restrict__ cp = state_before(order, k, cells.const_data_ptr<scalar_t>(),
+      const scalar_t* cp = state_before(order, k, cells.const_data_ptr<scalar_t>(),
                                                      c0.const_data_ptr<scalar_t>(), c_buffer.data_ptr<scalar_t>(), H);
-      scalar_t* __restrict__ c = cells.data_ptr<scalar_t>() + s.start * H;
-      scalar_t* __restrict__ c2 = tanh_c.data_ptr<scalar_t>();
-      for (int64_t n = 0; n < s.B; ++n)
-        for (int64_t j = 0; j < H; ++j) {
-          scalar_t* an = a + n * 4 * H;
-          const scalar_t g = 2 * an[2 * H + j] - 1;  // g = tanh(z_g)
-          an[2 * H + j] = g;
-          c[n * H + j] = an[H + j] * cp[n * H + j] + an[j] * g;  // c_t = f ⊙ c_{t−1} + i ⊙ g
-          c2[n * H + j] = 2 * c[n * H + j];
-        }
+      scalar_t* c2 = tanh_c.data_ptr<scalar_t>();
+      lstm_cell(a, cp, cells.data_ptr<scalar_t>() + s.start * H, c2, s.B, H);
       first(tanh_c, s.B).sigmoid_();  // σ(2 c_t)
-      scalar_t* __restrict__ h_t = proj ? m.data_ptr<scalar_t>() : out.data_ptr<scalar_t>() + s.start * Hr;
-      for (int64_t n = 0; n < s.B; ++n)
-        for (int64_t j = 0; j < H; ++j) h_t[n * H + j] = a[n * 4 * H + 3 * H + j] * (2 * c2[n * H + j] - 1);  // m_t = o ⊙ tanh(c_t)
+      scalar_t* h_t = proj ? m.data_ptr<scalar_t>() : out.data_ptr<scalar_t>() + s.start * Hr;
+      lstm_output(a, c2, h_t, s.B, H);
       if (proj) product(h_t, W_hr_t.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + s.start * Hr, s.B, H, Hr,
                         false, gates);  // h_t = W_hr m_t
     }
