@@ -1,6 +1,7 @@
 // The loops over time of rules/recurrent.py (the readable reference), in C++: one step's gate arithmetic
-// as plain passes over its rows, the products and the vectorised σ and tanh by ATen (the LSTM's tanh as
-// 2σ(2z) − 1, and its input product x W_ihᵀ over every step here too). The Python rules call these for their
+// as plain passes over its rows, the vectorised σ and tanh by ATen (the LSTM's tanh as 2σ(2z) − 1). The
+// products: the GRU's by ATen; the LSTM's (its per-step ones and its input product x W_ihᵀ over every step)
+// straight to torch's BLAS through direct.h where found, else ATen. The Python rules call these for their
 // forward and backward loops (CPU, float32/float64, no double backward, no autocast); everything else (the
 // products over all steps for the weight gradients, observe, feedback) stays in the Python rule.
 //
@@ -18,13 +19,6 @@
 #include <vector>
 
 using at::Tensor;
-
-// The per-step passes built also for AVX2 and AVX-512, picked at load by the CPU (the build's baseline is SSE2)
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && defined(__ELF__)
-#define WIDE_VECTORS __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define WIDE_VECTORS
-#endif
 
 namespace {
 
@@ -85,8 +79,8 @@ Tensor final_state(const std::vector<Step>& order, const Tensor& seq, const Tens
 
 // One step's cell, row by row: g = tanh(z_g) = 2σ(2 z_g) − 1 in place, c_t = f ⊙ c_{t−1} + i ⊙ g, c2 = 2 c_t.
 template <typename scalar_t>
-WIDE_VECTORS void lstm_cell(scalar_t* __restrict__ a, const scalar_t* __restrict__ cp, scalar_t* __restrict__ c,
-                            scalar_t* __restrict__ c2, int64_t B, int64_t H) {
+void lstm_cell(scalar_t* __restrict__ a, const scalar_t* __restrict__ cp, scalar_t* __restrict__ c,
+               scalar_t* __restrict__ c2, int64_t B, int64_t H) {
   for (int64_t n = 0; n < B; ++n, a += 4 * H, cp += H, c += H, c2 += H)
     for (int64_t j = 0; j < H; ++j) {
       const scalar_t g = 2 * a[2 * H + j] - 1;
@@ -98,8 +92,8 @@ WIDE_VECTORS void lstm_cell(scalar_t* __restrict__ a, const scalar_t* __restrict
 
 // m_t = o ⊙ tanh(c_t), s2c = σ(2 c_t)
 template <typename scalar_t>
-WIDE_VECTORS void lstm_output(const scalar_t* __restrict__ a, const scalar_t* __restrict__ s2c, scalar_t* __restrict__ m,
-                              int64_t B, int64_t H) {
+void lstm_output(const scalar_t* __restrict__ a, const scalar_t* __restrict__ s2c, scalar_t* __restrict__ m,
+                 int64_t B, int64_t H) {
   for (int64_t n = 0; n < B; ++n, a += 4 * H, s2c += H, m += H)
     for (int64_t j = 0; j < H; ++j) m[j] = a[3 * H + j] * (2 * s2c[j] - 1);
 }
@@ -171,7 +165,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Tensor& x,
 // compiler vectorises the inner loop): δc_t, δz_t = (δi, δf, δg, δo) pre-activation, δc_{t−1} into dc.
 // add_above: δm_t = dm + up (δ from above, without proj_size), else dm.
 template <typename scalar_t, bool add_above>
-WIDE_VECTORS void lstm_delta(const scalar_t* __restrict__ a, const scalar_t* __restrict__ s2c, const scalar_t* __restrict__ cp,
+void lstm_delta(const scalar_t* __restrict__ a, const scalar_t* __restrict__ s2c, const scalar_t* __restrict__ cp,
                 const scalar_t* __restrict__ dm, const scalar_t* __restrict__ up, scalar_t* __restrict__ dc,
                 scalar_t* __restrict__ dz, int64_t B, int64_t H) {
   for (int64_t n = 0; n < B; ++n, a += 4 * H, s2c += H, cp += H, dm += H, dc += H, dz += 4 * H) {
