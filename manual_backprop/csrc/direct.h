@@ -1,14 +1,74 @@
 // What mlp.cpp (the fused MLP) and layers.cpp (the per-layer rules) share: the activation codes, σ and δ ⊙ σ'
-// in ATen ops, and the direct CPU path (BLAS products and plain loops on raw memory). Defined in mlp.cpp.
+// in ATen ops, and the direct CPU path (BLAS products and plain loops on raw memory), defined in mlp.cpp. The BLAS
+// lookup and `gemm` are inline here: recurrent.cpp, a library of its own, calls them for its per-step products.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
+#endif
+
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace manual_backprop {
 
 using at::Tensor;
+
+// Fortran BLAS (32-bit integers), looked up in torch's own CPU library: the BLAS torch's at::mm calls, whatever
+// else the process has loaded (another library's sgemm_ could take 64-bit integers). Where it is not found (a torch
+// without exported BLAS symbols, a platform without dladdr), the ATen path runs.
+using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+using DgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+                         const int*, const double*, const int*, const double*, double*, const int*);
+struct Blas {
+  SgemmFn sgemm = nullptr;
+  DgemmFn dgemm = nullptr;
+};
+
+inline const Blas& blas() {
+  static const Blas found = [] {
+    Blas b;
+#if defined(__unix__) || defined(__APPLE__)
+    Dl_info torch_cpu;  // the shared library that defines ATen's operators
+    if (dladdr(reinterpret_cast<void*>(&at::_ops::mm::call), &torch_cpu) && torch_cpu.dli_fname != nullptr) {
+      if (void* library = dlopen(torch_cpu.dli_fname, RTLD_LAZY | RTLD_NOLOAD)) {  // already loaded: no new copy
+        b.sgemm = reinterpret_cast<SgemmFn>(dlsym(library, "sgemm_"));
+        b.dgemm = reinterpret_cast<DgemmFn>(dlsym(library, "dgemm_"));
+        dlclose(library);  // drops the reference dlopen took; torch keeps the library loaded
+      }
+    }
+#endif
+    return b;
+  }();
+  return found;
+}
+
+inline bool has_blas() { return blas().sgemm != nullptr && blas().dgemm != nullptr; }
+
+// C = op(A) op(B) + β C for row-major contiguous A, B, C, op(X) = Xᵀ where asked; C is (m, n). A column-major
+// BLAS reads row-major C as Cᵀ = op(B)ᵀ op(A)ᵀ: hence B before A.
+template <typename T>
+inline void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, const T* A, const T* B, T beta, T* C) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // an empty sum; BLAS refuses the zero leading dimensions that come with it
+    if (beta == T(0)) std::fill(C, C + m * n, T(0));
+    return;
+  }
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int ldb = static_cast<int>(transpose_b ? k : n), lda = static_cast<int>(transpose_a ? m : k);
+  const char op_b = transpose_b ? 'T' : 'N', op_a = transpose_a ? 'T' : 'N';
+  const T one = 1;
+  if constexpr (std::is_same_v<T, float>) {
+    blas().sgemm(&op_b, &op_a, &M, &N, &K, &one, B, &ldb, A, &lda, &beta, C, &M);
+  } else {
+    blas().dgemm(&op_b, &op_a, &M, &N, &K, &one, B, &ldb, A, &lda, &beta, C, &M);
+  }
+}
+
 
 // Activation codes; the Python side (rules/_native.py, _ACTIVATION_CODES) maps Elementwise rules to them.
 enum Kind : int64_t {

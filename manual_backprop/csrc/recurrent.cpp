@@ -1,11 +1,14 @@
 // The loops over time of rules/recurrent.py (the readable reference), in C++: one step's gate arithmetic
-// as plain passes over its rows, the products and the vectorised σ and tanh by ATen (the LSTM's tanh as
-// 2σ(2z) − 1, and its input product x W_ihᵀ over every step here too). The Python rules call these for their
+// as plain passes over its rows, the vectorised σ and tanh by ATen (the LSTM's tanh as 2σ(2z) − 1). The
+// products: the GRU's by ATen; the LSTM's (its per-step ones and its input product x W_ihᵀ over every step)
+// straight to torch's BLAS through direct.h where found, else ATen. The Python rules call these for their
 // forward and backward loops (CPU, float32/float64, no double backward, no autocast); everything else (the
 // products over all steps for the weight gradients, observe, feedback) stays in the Python rule.
 //
 // Layout as there: step t owns rows [start_t, start_t + B_t) of the packed tensors, the B_t sequences
 // still running first; a full (N, ·) state whose first B_t rows the step updates.
+
+#include "direct.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -38,17 +41,30 @@ std::vector<Step> steps(at::IntArrayRef sizes, bool reverse) {
 Tensor rows(const Tensor& t, const Step& s) { return t.narrow(0, s.start, s.B); }
 Tensor first(const Tensor& t, int64_t B) { return t.narrow(0, 0, B); }
 
-// The state step k (in the order the recursion runs) starts from, rows [0, B): the previous step's rows where
-// they cover all B (no copy), else those rows then `init`'s for the sequences that start here, gathered in `buffer`.
-Tensor state_before(const std::vector<Step>& order, size_t k, const Tensor& seq, const Tensor& init, Tensor& buffer) {
+// The state step k (in the order the recursion runs) starts from, B rows of `width`: the previous step's rows
+// where they cover all B (no copy), else those rows then `init`'s for the sequences that start here, gathered in
+// `buffer`. Raw row-major memory, as the step's products and passes read it.
+template <typename T>
+const T* state_before(const std::vector<Step>& order, size_t k, const T* seq, const T* init, T* buffer, int64_t width) {
   const int64_t B = order[k].B;
-  if (k == 0) return first(init, B);
+  if (k == 0) return init;
   const Step& p = order[k - 1];
-  if (p.B >= B) return rows(seq, p).narrow(0, 0, B);
-  Tensor into = first(buffer, B);
-  first(into, p.B).copy_(rows(seq, p));
-  into.narrow(0, p.B, B - p.B).copy_(init.narrow(0, p.B, B - p.B));
-  return into;
+  if (p.B >= B) return seq + p.start * width;
+  std::copy(seq + p.start * width, seq + (p.start + p.B) * width, buffer);
+  std::copy(init + p.B * width, init + B * width, buffer + p.B * width);
+  return buffer;
+}
+
+// C = A B (+ C where accumulate) for row-major contiguous A (m, k), B (k, n), C (m, n): BLAS straight, as the
+// direct path of mlp.cpp, where torch's is found (an ATen product costs a few µs of dispatch, every step), else ATen.
+template <typename T>
+void product(const T* A, const T* B, T* C, int64_t m, int64_t k, int64_t n, bool accumulate, const Tensor& like) {
+  if (manual_backprop::has_blas()) return manual_backprop::gemm<T>(false, false, m, n, k, A, B, T(accumulate), C);
+  const auto options = like.options();
+  Tensor a = at::from_blob(const_cast<T*>(A), {m, k}, options), b = at::from_blob(const_cast<T*>(B), {k, n}, options);
+  Tensor c = at::from_blob(C, {m, n}, options);
+  if (accumulate) at::addmm_out(c, c, a, b);
+  else at::mm_out(c, a, b);
 }
 
 // Each sequence's last state (h_n): after step k, the rows the next step no longer runs.
@@ -61,6 +77,27 @@ Tensor final_state(const std::vector<Step>& order, const Tensor& seq, const Tens
   return last;
 }
 
+// One step's cell, row by row: g = tanh(z_g) = 2σ(2 z_g) − 1 in place, c_t = f ⊙ c_{t−1} + i ⊙ g, c2 = 2 c_t.
+template <typename scalar_t>
+void lstm_cell(scalar_t* __restrict__ a, const scalar_t* __restrict__ cp, scalar_t* __restrict__ c,
+               scalar_t* __restrict__ c2, int64_t B, int64_t H) {
+  for (int64_t n = 0; n < B; ++n, a += 4 * H, cp += H, c += H, c2 += H)
+    for (int64_t j = 0; j < H; ++j) {
+      const scalar_t g = 2 * a[2 * H + j] - 1;
+      a[2 * H + j] = g;
+      c[j] = a[H + j] * cp[j] + a[j] * g;
+      c2[j] = 2 * c[j];
+    }
+}
+
+// m_t = o ⊙ tanh(c_t), s2c = σ(2 c_t)
+template <typename scalar_t>
+void lstm_output(const scalar_t* __restrict__ a, const scalar_t* __restrict__ s2c, scalar_t* __restrict__ m,
+                 int64_t B, int64_t H) {
+  for (int64_t n = 0; n < B; ++n, a += 4 * H, s2c += H, m += H)
+    for (int64_t j = 0; j < H; ++j) m[j] = a[3 * H + j] * (2 * s2c[j] - 1);
+}
+
 // Returns (h packed, h_n, c_n, gates i|f|g|o packed, c packed). The gates buffer starts as x W_ihᵀ + b (one
 // product over every step); each step adds h_{t−1} W_hhᵀ to its rows in place.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Tensor& x, const Tensor& W_ih, const c10::optional<Tensor>& b,
@@ -70,66 +107,71 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Tensor& x,
   const Tensor h0 = h0_.contiguous(), c0 = c0_.contiguous();
   const int64_t H = c0.size(1), N = h0.size(0);
   const bool proj = W_hr.has_value() && W_hr->defined();
-  Tensor gates = b.has_value() && b->defined() ? at::addmm(*b, x, W_ih.t()) : at::mm(x, W_ih.t());
   // tanh(z) = 2σ(2z) − 1: ATen's σ runs several times faster than its tanh here, and doubling is exact. So the
-  // g rows of W_hh and of x W_ihᵀ + b are doubled once, one σ pass covers all four gates, and g = 2σ − 1.
+  // g rows of W_ih, b and W_hh are doubled once (in copies), one σ pass covers all four gates, and g = 2σ − 1.
   // W_hhᵀ laid out (Hr, 4H) row-major once, so that each step's h_{t−1} W_hhᵀ is a plain product, no transpose.
-  gates.narrow(1, 2 * H, H).mul_(2);
-  const Tensor Wt = W_hh.t().contiguous();
-  Wt.narrow(1, 2 * H, H).mul_(2);
-  const int64_t total = gates.size(0);
-  Tensor cells = at::empty({total, H}, gates.options()), out = at::empty({total, h0.size(1)}, gates.options());
+  auto doubled_g = [&](const Tensor& W, int64_t dim) {
+    Tensor copy = W.contiguous().clone();
+    copy.narrow(dim, 2 * H, H).mul_(2);
+    return copy;
+  };
+  const bool bias = b.has_value() && b->defined();
+  const Tensor W_in = doubled_g(W_ih.t(), 1), b_in = bias ? doubled_g(*b, 0) : Tensor(), Wt = doubled_g(W_hh.t(), 1);
+  const Tensor input = x.contiguous();
+  const int64_t total = input.size(0);
+  Tensor gates = at::empty({total, 4 * H}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_input", [&] {  // x W_ihᵀ + b, every step at once
+    if (!manual_backprop::has_blas()) return void(bias ? at::addmm_out(gates, b_in, input, W_in) : at::mm_out(gates, input, W_in));
+    manual_backprop::gemm<scalar_t>(false, false, total, 4 * H, input.size(1), input.const_data_ptr<scalar_t>(),
+                                    W_in.const_data_ptr<scalar_t>(), scalar_t(0), gates.data_ptr<scalar_t>());
+  });
+  // b is added step by step, to rows about to be read anyway: not one more pass over every step's gates
+  const bool bias_per_step = bias && manual_backprop::has_blas();
+  const int64_t Hr = h0.size(1);
+  Tensor cells = at::empty({total, H}, gates.options()), out = at::empty({total, Hr}, gates.options());
   Tensor h_buffer = at::empty_like(h0), c_buffer = at::empty_like(c0), tanh_c = at::empty({N, H}, gates.options());
   Tensor m = proj ? at::empty({N, H}, gates.options()) : Tensor();
+  const Tensor W_hr_t = proj ? W_hr->t().contiguous() : Tensor();  // (H, Hr): h_t = m_t W_hrᵀ, a plain product
   const std::vector<Step> order = steps(batch_sizes, reverse);
-  for (size_t k = 0; k < order.size(); ++k) {
-    const Step& s = order[k];
-    Tensor z = rows(gates, s);
-    at::addmm_out(z, z, state_before(order, k, out, h0, h_buffer), Wt);  // z_t = x_t W_ihᵀ + b + h_{t−1} W_hhᵀ
-    z.sigmoid_();                                                         // i, f, o = σ(z); σ(2 z_g) for g
-    const Tensor c_prev = state_before(order, k, cells, c0, c_buffer);
-    Tensor tc = first(tanh_c, s.B);
-    Tensor h_t = proj ? first(m, s.B) : rows(out, s);
-    AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_cell", [&] {
-      scalar_t* __restrict__ a = z.data_ptr<scalar_t>();
-      const scalar_t* __restrict__ cp = c_prev.data_ptr<scalar_t>();
-      scalar_t* __restrict__ c = cells.data_ptr<scalar_t>() + s.start * H;
-      scalar_t* __restrict__ c2 = tc.data_ptr<scalar_t>();
-      for (int64_t n = 0; n < s.B; ++n, a += 4 * H, cp += H, c += H, c2 += H)
-        for (int64_t j = 0; j < H; ++j) {
-          const scalar_t g = 2 * a[2 * H + j] - 1;  // g = tanh(z_g)
-          a[2 * H + j] = g;
-          c[j] = a[H + j] * cp[j] + a[j] * g;  // c_t = f ⊙ c_{t−1} + i ⊙ g
-          c2[j] = 2 * c[j];
-        }
-    });
-    tc.sigmoid_();  // σ(2 c_t)
-    AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_output", [&] {
-      const scalar_t* __restrict__ a = z.data_ptr<scalar_t>();
-      const scalar_t* __restrict__ sc = tc.data_ptr<scalar_t>();
-      scalar_t* __restrict__ o = h_t.data_ptr<scalar_t>();
-      for (int64_t n = 0; n < s.B; ++n, a += 4 * H, sc += H, o += H)
-        for (int64_t j = 0; j < H; ++j) o[j] = a[3 * H + j] * (2 * sc[j] - 1);  // m_t = o ⊙ tanh(c_t)
-    });
-    if (proj) {
-      Tensor o = rows(out, s);
-      at::mm_out(o, h_t, W_hr->t());  // h_t = W_hr m_t
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_forward", [&] {
+    for (size_t k = 0; k < order.size(); ++k) {
+      const Step& s = order[k];
+      Tensor z = rows(gates, s);
+      scalar_t* a = z.data_ptr<scalar_t>();
+      const scalar_t* h_prev = state_before(order, k, out.const_data_ptr<scalar_t>(), h0.const_data_ptr<scalar_t>(),
+                                            h_buffer.data_ptr<scalar_t>(), Hr);
+      if (bias_per_step) {
+        const scalar_t* __restrict__ bp = b_in.const_data_ptr<scalar_t>();
+        for (int64_t n = 0; n < s.B; ++n)
+          for (int64_t j = 0; j < 4 * H; ++j) a[n * 4 * H + j] += bp[j];
+      }
+      product(h_prev, Wt.const_data_ptr<scalar_t>(), a, s.B, Hr, 4 * H, true, gates);  // z_t += h_{t−1} W_hhᵀ
+      z.sigmoid_();                                                                       // i, f, o = σ(z); σ(2 z_g) for g
+      const scalar_t* cp = state_before(order, k, cells.const_data_ptr<scalar_t>(),
+                                                     c0.const_data_ptr<scalar_t>(), c_buffer.data_ptr<scalar_t>(), H);
+      scalar_t* c2 = tanh_c.data_ptr<scalar_t>();
+      lstm_cell(a, cp, cells.data_ptr<scalar_t>() + s.start * H, c2, s.B, H);
+      first(tanh_c, s.B).sigmoid_();  // σ(2 c_t)
+      scalar_t* h_t = proj ? m.data_ptr<scalar_t>() : out.data_ptr<scalar_t>() + s.start * Hr;
+      lstm_output(a, c2, h_t, s.B, H);
+      if (proj) product(h_t, W_hr_t.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + s.start * Hr, s.B, H, Hr,
+                        false, gates);  // h_t = W_hr m_t
     }
-  }
+  });
   return {out, final_state(order, out, h0), final_state(order, cells, c0), gates, cells};
 }
 
-// One step of the LSTM's δs, row by row (a function of its own, with restrict pointers, so that the
+// One step of the LSTM's δs, row by row, s2c = σ(2 c_t) (a function of its own, with restrict pointers, so that the
 // compiler vectorises the inner loop): δc_t, δz_t = (δi, δf, δg, δo) pre-activation, δc_{t−1} into dc.
 // add_above: δm_t = dm + up (δ from above, without proj_size), else dm.
 template <typename scalar_t, bool add_above>
-void lstm_delta(const scalar_t* __restrict__ a, const scalar_t* __restrict__ c, const scalar_t* __restrict__ cp,
+void lstm_delta(const scalar_t* __restrict__ a, const scalar_t* __restrict__ s2c, const scalar_t* __restrict__ cp,
                 const scalar_t* __restrict__ dm, const scalar_t* __restrict__ up, scalar_t* __restrict__ dc,
                 scalar_t* __restrict__ dz, int64_t B, int64_t H) {
-  for (int64_t n = 0; n < B; ++n, a += 4 * H, c += H, cp += H, dm += H, dc += H, dz += 4 * H) {
+  for (int64_t n = 0; n < B; ++n, a += 4 * H, s2c += H, cp += H, dm += H, dc += H, dz += 4 * H) {
     for (int64_t j = 0; j < H; ++j) {
       const scalar_t i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
-      const scalar_t tc = c[j], d_m = add_above ? dm[j] + up[n * H + j] : dm[j];
+      const scalar_t tc = 2 * s2c[j] - 1, d_m = add_above ? dm[j] + up[n * H + j] : dm[j];
       const scalar_t d_c = dc[j] + d_m * o * (1 - tc * tc);  // δc_t
       dz[j] = d_c * g * i * (1 - i);
       dz[H + j] = d_c * cp[j] * f * (1 - f);
@@ -154,28 +196,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(const c10::optional<Ten
   Tensor delta_z = at::empty({total, 4 * H}, gates.options());
   Tensor delta_hs = proj ? at::empty({total, delta_h.size(1)}, gates.options()) : at::empty({0}, gates.options());
   Tensor dm_buffer = proj ? at::empty({delta_h.size(0), H}, gates.options()) : Tensor();
-  const Tensor tanh_cells = at::sigmoid(cells * 2).mul_(2).sub_(1);  // tanh(c) = 2σ(2c) − 1, every row at once
+  Tensor s2c = at::empty({delta_h.size(0), H}, gates.options());  // σ(2 c_t), a step's rows at a time, in cache
+  const Tensor B_hh_ = B_hh.contiguous(), B_hr_ = proj ? B_hr->contiguous() : Tensor();
+  const int64_t Hr = delta_h.size(1);
   std::vector<Step> order = steps(batch_sizes, reverse);
-  for (auto s = order.rbegin(); s != order.rend(); ++s) {
-    Tensor dh = first(delta_h, s->B);
-    Tensor dm = dh;  // δm_t = δh_t (+ δ from above, added in the pass below), or B_hrᵀ δh_t with proj_size
-    if (proj) {
-      Tensor dh_t = rows(delta_hs, *s);
-      if (from_above) at::add_out(dh_t, dh, rows(delta_out, *s));  // δh_t: from above + from t+1
-      else dh_t.copy_(dh);
-      dm = first(dm_buffer, s->B);
-      at::mm_out(dm, dh_t, *B_hr);
-    }
-    AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_backward", [&] {
+    scalar_t* dh = delta_h.data_ptr<scalar_t>();
+    for (auto s = order.rbegin(); s != order.rend(); ++s) {
       const int64_t row = s->start;
-      const scalar_t* up = from_above && !proj ? delta_out.data_ptr<scalar_t>() + row * H : nullptr;
+      const scalar_t* dm = dh;  // δm_t = δh_t (+ δ from above, added in lstm_delta), or δh_t B_hr with proj_size
+      if (proj) {
+        scalar_t* dh_t = delta_hs.data_ptr<scalar_t>() + row * Hr;  // δh_t: from t+1 (+ from above)
+        const scalar_t* above = from_above ? delta_out.const_data_ptr<scalar_t>() + row * Hr : nullptr;
+        for (int64_t i = 0; i < s->B * Hr; ++i) dh_t[i] = above ? dh[i] + above[i] : dh[i];
+        product(dh_t, B_hr_.const_data_ptr<scalar_t>(), dm_buffer.data_ptr<scalar_t>(), s->B, Hr, H, false, gates);
+        dm = dm_buffer.data_ptr<scalar_t>();
+      }
+      const scalar_t* up = from_above && !proj ? delta_out.const_data_ptr<scalar_t>() + row * H : nullptr;
+      scalar_t* dz = delta_z.data_ptr<scalar_t>() + row * 4 * H;
+      scalar_t* sc = s2c.data_ptr<scalar_t>();
+      const scalar_t* c = cells.const_data_ptr<scalar_t>() + row * H;
+      for (int64_t i = 0; i < s->B * H; ++i) sc[i] = 2 * c[i];
+      first(s2c, s->B).sigmoid_();  // tanh(c_t) = 2σ(2c_t) − 1: ATen's σ, several times faster than its tanh
       (up ? lstm_delta<scalar_t, true> : lstm_delta<scalar_t, false>)(
-          gates.data_ptr<scalar_t>() + row * 4 * H, tanh_cells.data_ptr<scalar_t>() + row * H,
-          c_prev.data_ptr<scalar_t>() + row * H, dm.data_ptr<scalar_t>(), up, delta_c.data_ptr<scalar_t>(),
-          delta_z.data_ptr<scalar_t>() + row * 4 * H, s->B, H);
-    });
-    at::mm_out(dh, rows(delta_z, *s), B_hh);  // δh_{t−1} = B_hhᵀ δz_t
-  }
+          gates.const_data_ptr<scalar_t>() + row * 4 * H, sc,
+          c_prev.const_data_ptr<scalar_t>() + row * H, dm, up, delta_c.data_ptr<scalar_t>(), dz, s->B, H);
+      product(dz, B_hh_.const_data_ptr<scalar_t>(), dh, s->B, 4 * H, Hr, false, gates);  // δh_{t−1} = B_hhᵀ δz_t
+    }
+  });
   return {delta_z, delta_hs, delta_h, delta_c};
 }
 

@@ -32,6 +32,8 @@ _tried = False
 
 def build_directory() -> Path:
     key = hashlib.sha256(SOURCE.read_bytes())
+    for header in _native.HEADERS:  # direct.h: the BLAS lookup and products it shares with the MLP
+        key.update(header.read_bytes())
     key.update(f"{torch.__version__}|{torch.version.cuda}|{sysconfig.get_config_var('SOABI')}|{_native.FLAGS}".encode())
     return _native.build_directory().parent / f"recurrent-{key.hexdigest()[:16]}"
 
