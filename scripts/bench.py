@@ -727,6 +727,22 @@ NORM_QUICK = [("BatchNorm2d(4)", lambda: nn.BatchNorm2d(4), (2, 4, 4, 4)), ("Lay
               ("GroupNorm(2, 4)", lambda: nn.GroupNorm(2, 4), (2, 4, 4, 4))]
 
 
+def stock_native_python(forwards: dict, stock, ours, x, device: str, samples: int, label: str, errors: list):
+    """Stock against ours on its native loops and on its Python rule (`forwards`: name -> loss closure): the
+    gradients checked against stock first (a mismatch is appended to `errors`), then timed in alternating
+    rounds. Returns (median time per contender, median within-round ratio to stock for native and python)."""
+    models = {"stock": stock, "native": ours, "python": ours}
+    grads = {name: torch.autograd.grad(forward(), [x, *models[name].parameters()]) for name, forward in forwards.items()}
+    for name in ("native", "python"):
+        if not all(torch.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in zip(grads[name], grads["stock"])):
+            errors.append(f"{label} {name}: gradients differ from stock")
+    steps = {name: make_step(forwards[name], [x, *models[name].parameters()]) for name in forwards}
+    rounds = time_all(steps, device, samples)
+    times = {name: statistics.median(ts) for name, ts in rounds.items()}
+    ratio = {name: statistics.median(t / u for t, u in zip(rounds[name], rounds["stock"])) for name in ("native", "python")}
+    return times, ratio
+
+
 def norm_layers(device: str, quick: bool, samples: int) -> tuple[list[str], list[str]]:
     """One training step (forward, Σ out·r with r a fixed random tensor, backward) of a normalisation layer alone:
     stock against ours with the native loops (csrc/norm.cpp) and with the Python rule (`_native.python_rule()`).
@@ -751,15 +767,7 @@ def norm_layers(device: str, quick: bool, samples: int) -> tuple[list[str], list
                 return (m(x) * r).sum()
 
         forwards = {"stock": lambda: (stock(x) * r).sum(), "native": lambda: (ours(x) * r).sum(), "python": python}
-        models = {"stock": stock, "native": ours, "python": ours}
-        grads = {name: torch.autograd.grad(forward(), [x, *models[name].parameters()]) for name, forward in forwards.items()}
-        for name in ("native", "python"):
-            if not all(torch.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in zip(grads[name], grads["stock"])):
-                errors.append(f"{device} {label} {name}: gradients differ from stock")
-        steps = {name: make_step(forwards[name], [x, *models[name].parameters()]) for name in forwards}
-        rounds = time_all(steps, device, samples)
-        times = {name: statistics.median(ts) for name, ts in rounds.items()}
-        ratio = {name: statistics.median(t / u for t, u in zip(rounds[name], rounds["stock"])) for name in ("native", "python")}
+        times, ratio = stock_native_python(forwards, stock, ours, x, device, samples, f"{device} {label}", errors)
         worst = max(worst, ratio["native"])
         lines.append(f"| {label} | {'×'.join(map(str, shape))} | {times['stock'] * 1e3:.2f} | {times['native'] * 1e3:.2f} | "
                      f"{times['python'] * 1e3:.2f} | {ratio['native']:.2f} | {ratio['python']:.2f} |")
@@ -869,21 +877,12 @@ def recurrent_layers(device: str, quick: bool, samples: int) -> tuple[list[str],
 
                 forwards = {"stock": lambda: stock(x)[0].square().sum(), "native": lambda: ours(x)[0].square().sum(),
                             "python": python}
-                models = {"stock": stock, "native": ours, "python": ours}
-                grads = {name: torch.autograd.grad(forward(), [x, *models[name].parameters()])
-                         for name, forward in forwards.items()}
-                for name in ("native", "python"):
-                    if not all(torch.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in zip(grads[name], grads["stock"])):
-                        errors.append(f"{device} {kind} {(T, N, H)} {setting} {name}: gradients differ from stock")
-                steps = {name: make_step(forwards[name], [x, *models[name].parameters()]) for name in forwards}
-                rounds = time_all(steps, device, samples)
-                times = {name: statistics.median(ts) for name, ts in rounds.items()}
-                ratio = {name: statistics.median(t / u for t, u in zip(rounds[name], rounds["stock"]))
-                         for name in ("native", "python")}
+                times, ratio = stock_native_python(forwards, stock, ours, x, device, samples,
+                                                   f"{device} {kind} {(T, N, H)} {setting}", errors)
                 for name in ratios:
                     ratios[name].append(ratio[name])
-                saved = {name: count_saved_bytes(forwards[name], list(models[name].parameters()))
-                         for name in ("stock", "native")}
+                saved = {name: count_saved_bytes(forwards[name], list(model.parameters()))
+                         for name, model in (("stock", stock), ("native", ours))}
                 saved_ok &= saved["native"] <= saved["stock"]
                 layers = f"{setting['num_layers']}" + (" bidirectional" if setting.get("bidirectional") else "")
                 lines.append(f"| {kind} | {T}, {N}, {H} | {layers} | {times['stock'] * 1e3:.2f} | "

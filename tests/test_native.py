@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import manual_backprop.nn as mnn
-from manual_backprop import observe, rules
+from manual_backprop import observe, rules, testing
 from manual_backprop._checks import InputError
 from manual_backprop.rules import _native
 from manual_backprop.rules.mlp import activation as layer_activation
@@ -393,6 +393,29 @@ def test_without_a_compiler_one_warning_and_the_python_rule(monkeypatch, tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
         assert node_name(model(torch.randn(2, 3)).grad_fn) == "MLPBackward"
+
+
+@pytest.mark.parametrize("library", ["recurrent", "norm"])
+def test_the_other_native_loops_without_a_compiler_warn_once_and_the_python_rules_run(library, monkeypatch, tmp_path):
+    from manual_backprop.rules import _native_norm, _native_recurrent
+
+    module = {"recurrent": _native_recurrent, "norm": _native_norm}[library]
+    fresh = _native.Library(module.SOURCE, module.NAME, library, module.LIBRARY.what, module.LIBRARY.flags)
+    monkeypatch.setattr(module, "LIBRARY", fresh)
+    monkeypatch.setenv("MANUAL_BACKPROP_BUILD_DIR", str(tmp_path))  # nothing built there
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert fresh.build_directory().parent == tmp_path
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    now = (lambda: _native_recurrent.loops_now(x)) if library == "recurrent" else (lambda: _native_norm.rows_now(x))
+    with pytest.warns(RuntimeWarning, match=f"native {fresh.what} are unavailable.*no C\\+\\+ compiler"):
+        assert now() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert now() is None
+    model = {"recurrent": lambda: mnn.LSTM(4, 3, batch_first=True), "norm": lambda: mnn.LayerNorm(4)}[library]()
+    out = model.double()(x)
+    out = out[0] if isinstance(out, tuple) else out
+    assert {"LSTMLayerBackward", "LayerNormBackward"} & set(testing.rule_nodes(out.sum()))  # the Python rule ran
 
 
 def test_parameters_are_read_as_the_linears_hold_them_parametrized_or_substituted():

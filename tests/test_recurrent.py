@@ -432,6 +432,17 @@ def _per_sample_reference(stock: torch.nn.Module, x, y) -> dict:
     return {name: torch.stack([g[i] for g in grads]) for i, (name, _) in enumerate(stock.named_parameters())}
 
 
+def assert_per_sample_equal(model, ps, expected: dict, materialize: bool) -> None:
+    """ps.norms, each p.grad_sample (materialized) and p.grad (the mean: loss_reduction "mean") against the
+    per-sample gradients `expected` (name -> (N, *p.shape)), float64 to 1e-12."""
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in expected.values()]).sum(0).sqrt()
+    assert relative(ps.norms, norms) <= 1e-12
+    for pname, p in model.named_parameters():
+        if materialize:
+            assert relative(p.grad_sample, expected[pname]) <= 1e-12, pname
+        assert relative(p.grad, expected[pname].mean(0)) <= 1e-12, pname
+
+
 @pytest.mark.parametrize("materialize", [True, False], ids=["materialize", "norms_only"])
 @pytest.mark.parametrize("name,stock_cls,kwargs", PER_SAMPLE, ids=[c[0] for c in PER_SAMPLE])
 def test_per_sample_grads_match_stock_sample_by_sample(name, stock_cls, kwargs, materialize):
@@ -443,12 +454,7 @@ def test_per_sample_grads_match_stock_sample_by_sample(name, stock_cls, kwargs, 
     expected = _per_sample_reference(stock, x, y)
     with mb.per_sample_grads(model, materialize=materialize) as ps:
         torch.nn.functional.cross_entropy(model(x), y).backward()
-    norms = torch.stack([g.flatten(1).square().sum(1) for g in expected.values()]).sum(0).sqrt()
-    assert relative(ps.norms, norms) <= 1e-12
-    for pname, p in model.named_parameters():
-        if materialize:
-            assert relative(p.grad_sample, expected[pname]) <= 1e-12, pname
-        assert relative(p.grad, expected[pname].mean(0)) <= 1e-12, pname
+    assert_per_sample_equal(model, ps, expected, materialize)
 
 
 class PackedReadout(torch.nn.Module):
@@ -493,12 +499,7 @@ def test_per_sample_grads_of_packed_sequences_of_unequal_lengths(name, stock_cls
         packed = pack_padded_sequence(x, LENGTHS, enforce_sorted=False)
         torch.nn.functional.cross_entropy(model(packed), y).backward()
     assert OUR_NODES & set(graph_nodes(model(packed)))
-    norms = torch.stack([g.flatten(1).square().sum(1) for g in expected.values()]).sum(0).sqrt()
-    assert relative(ps.norms, norms) <= 1e-12
-    for pname, p in model.named_parameters():
-        if materialize:
-            assert relative(p.grad_sample, expected[pname]) <= 1e-12, pname
-        assert relative(p.grad, expected[pname].mean(0)) <= 1e-12, pname
+    assert_per_sample_equal(model, ps, expected, materialize)
 
 
 @pytest.mark.parametrize("stock_cls,kwargs", [(nn.LSTM, dict(proj_size=3)), (nn.GRU, {}), (nn.RNN, {})],

@@ -326,3 +326,57 @@ def _written_backwards() -> dict:
 
 
 _WRITTEN = _written_backwards()
+
+
+class Library:
+    """Another C++ source beside the MLP's (the recurrent and normalisation loops), built on first use into a
+    folder of its own beside the MLP's, keyed like it (the source, the headers it includes, the flags, torch and
+    the Python ABI), and loaded. `now()` is its `torch.ops` namespace, or None where it cannot be built: then one
+    warning says why, and the Python rules run."""
+
+    def __init__(self, source: Path, name: str, kind: str, what: str, flags: list, headers: tuple = ()) -> None:
+        self.source, self.name, self.kind, self.what, self.flags, self.headers = source, name, kind, what, flags, headers
+        self._lock, self._ops, self._tried = threading.Lock(), None, False
+
+    def build_directory(self) -> Path:
+        key = hashlib.sha256(self.source.read_bytes())
+        for header in self.headers:
+            key.update(header.read_bytes())
+        key.update(f"{torch.__version__}|{torch.version.cuda}|{sysconfig.get_config_var('SOABI')}|{self.flags}".encode())
+        return build_directory().parent / f"{self.kind}-{key.hexdigest()[:16]}"
+
+    def now(self):
+        """The ops, loading them on the first call (one attribute read on every later call)."""
+        return self._ops if self._tried else self.load()
+
+    def load(self):
+        """torch.ops.<name>, building it first if needed; None where it cannot be built."""
+        if self._tried:
+            return self._ops
+        with self._lock:
+            if not self._tried:
+                try:
+                    self._ops = self._load()
+                except Exception as error:  # a failed build or load: the Python rules, with one warning
+                    warnings.warn(f"manual_backprop: the native {self.what} are unavailable ({type(error).__name__}: "
+                                  f"{str(error).strip()[-200:]}); the Python rule runs instead. Set "
+                                  "MANUAL_BACKPROP_NATIVE=0 to silence this.", RuntimeWarning, stacklevel=3)
+                self._tried = True
+        return self._ops
+
+    def _load(self):
+        folder = self.build_directory()
+        if not (folder / "built").exists():  # `built` is written after a whole build
+            from torch.utils import cpp_extension
+
+            if shutil.which(os.environ.get("CXX", "c++")) is None or not cpp_extension.is_ninja_available():
+                raise RuntimeError("no C++ compiler or no ninja on PATH")
+            folder.mkdir(parents=True, exist_ok=True)
+            print(f"manual_backprop: building the native {self.what} once (about 20-60 s) in {folder}",
+                  file=sys.stderr, flush=True)
+            cpp_extension.load(self.name, [str(self.source)], build_directory=str(folder), is_python_module=False,
+                               extra_cflags=self.flags, verbose=False)
+            (folder / "built").touch()
+        else:
+            torch.ops.load_library(str(folder / f"{self.name}.so"))
+        return getattr(torch.ops, self.name)
