@@ -224,7 +224,8 @@ def python_rule(forward):
 
 
 def native_layers(forward):
-    """`forward` with the per-layer native rules switched on (`rules._native.native_layers`; they are opt-in)."""
+    """`forward` with the per-layer native rules switched on (`rules._native.native_layers`), even where the
+    environment switched them off (MANUAL_BACKPROP_NATIVE_LAYERS=0)."""
 
     def run():
         with _native.native_layers():
