@@ -276,7 +276,7 @@ class TaskModule(pl.LightningModule):
 
         Backward formed no unclipped gradient of the network's parameters (`per_sample_grads(bookkeeping=True)`):
         their `.grad` is written here, so a callback's `on_after_backward`, which Lightning runs before this
-        one, finds none (the normalisation layers' small γ, β gradients excepted); `on_before_optimizer_step`
+        one, finds none; `on_before_optimizer_step`
         sees the private gradient.
 
         Under DDP (several processes) this is the step one process would take on the global batch: each

@@ -145,6 +145,7 @@ class LlamaRMSNorm(_RMSNormRule):
         if ctx.call is not None:
             x_hat_of = lambda a: normalize(a.float(), [-1], ctx.eps, centered=False)[0].to(a.dtype)  # noqa: E731
             ctx.call.see(norm_seen(ctx.call, delta, x, ctx.params, _per_sample_gamma(x_hat_of, weight), *output))
+        (need_gamma,) = observe.needs(ctx, need_gamma)  # book-keeping DP-SGD forms it clipped
         if torch.is_grad_enabled():  # double backward: 1/rms as a function of x
             rstd = normalize(x.float(), [-1], ctx.eps, centered=False)[2]
         grad_x = delta_through_rms((delta * weight).float(), x.float(), rstd).to(x.dtype) if need_x else None
@@ -173,6 +174,7 @@ class T5LayerNorm(_RMSNormRule):
         if ctx.call is not None:
             x_hat_of = lambda a: _t5_x_hat(a, weight, _t5_rstd(a, ctx.eps))  # noqa: E731
             ctx.call.see(norm_seen(ctx.call, delta, x, ctx.params, _per_sample_gamma(x_hat_of, weight), *output))
+        (need_gamma,) = observe.needs(ctx, need_gamma)  # book-keeping DP-SGD forms it clipped
         if torch.is_grad_enabled():  # double backward: 1/rms as a function of x
             rstd = _t5_rstd(x, ctx.eps)
         grad_x = delta_through_rms(delta * weight, x, rstd).to(x.dtype) if need_x else None

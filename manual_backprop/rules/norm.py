@@ -347,6 +347,7 @@ class BatchNormEval(torch.autograd.Function):
                 return per_sample_affine_grads(d, x_hat, [1], weight, bias)
 
             ctx.call.see(norm_seen(ctx.call, delta, x, ctx.params, per_sample, *output, batch_dim=0))
+        need_gamma, need_beta = observe.needs(ctx, need_gamma, need_beta)  # book-keeping DP-SGD forms them clipped
         delta32 = opmath(delta)
         rstd = _channel_view(torch.rsqrt(running_var + ctx.eps), delta)
         grad_x = None
@@ -407,7 +408,8 @@ class LayerNorm(torch.autograd.Function):
             return None, None, None, None, None
         if ctx.call is not None:
             _see_last_dims(ctx, delta, x, True, output)
-        native = _native_backward(delta, x, weight, bias, mean, rstd, 1, 1, [ctx.needs_input_grad[i] for i in (0, 2, 3)])
+        native = _native_backward(delta, x, weight, bias, mean, rstd, 1, 1,
+                                  (ctx.needs_input_grad[0], *observe.needs(ctx, *ctx.needs_input_grad[2:4])))
         if native is not None:
             return native[0], None, native[1], native[2], None
         grad_x, grad_gamma, grad_beta = _normalization_backward(
@@ -468,6 +470,8 @@ def _normalization_backward(ctx, delta, x, weight, bias, mean, rstd, centered):
     """LayerNorm's and RMSNorm's backward: the shared δ, then γ's and β's sums over the leading dims."""
     need_x, _, need_gamma, need_beta = ctx.needs_input_grad[:4]
     need_beta = need_beta and centered  # RMSNorm's 4th input is eps
+    # book-keeping DP-SGD forms γ's and β's gradients clipped (RMSNorm keeps γ alone)
+    need_gamma, need_beta = observe.needs(ctx, need_gamma, need_beta) if centered else (*observe.needs(ctx, need_gamma), False)
     x32, delta32 = opmath(x), opmath(delta)
     dims = last_dims(x, ctx.normalized_shape)
     if torch.is_grad_enabled():  # double backward: statistics as functions of x
@@ -530,6 +534,7 @@ class GroupNorm(torch.autograd.Function):
                 return per_sample_affine_grads(d, x_hat, [1], weight, bias)
 
             ctx.call.see(norm_seen(ctx.call, delta, x, ctx.params, per_sample, *output, batch_dim=0))
+        need_gamma, need_beta = observe.needs(ctx, need_gamma, need_beta)  # book-keeping DP-SGD forms them clipped
         native = _native_backward(delta, x, weight, bias, mean, rstd, ctx.num_groups, math.prod(x.shape[2:]),
                                   (need_x, need_gamma, need_beta))
         if native is not None:
