@@ -13,6 +13,7 @@ import manual_backprop as mb
 import manual_backprop.functional as MF
 import manual_backprop.nn as mnn
 from manual_backprop._checks import InputError
+from manual_backprop.plugins.feedback_alignment import feedback_buffers
 from tests.cases import DEVICES
 
 OUR_NODES = {"RNNLayerBackward", "LSTMLayerBackward", "GRULayerBackward"}
@@ -609,94 +610,212 @@ def test_feedback_rules_send_delta_through_B_in_time_and_to_the_input(stock_cls,
     backprop = torch.autograd.grad((mb.restore(model)[0](x)[0] * upstream).sum(), [x])[0]
     assert relative(ours[0], backprop) > 1e-3  # δ really went through B
     assert list(layer.state_dict()) == list(stock_cls(I, H).state_dict())  # B is no part of the checkpoint
+    assert set(feedback_buffers(model)) == {f"0.{name}" for name, _ in layer.named_buffers()}  # what DDP gets rank 0's of
+    assert rule_set != "feedback_alignment" or set(feedback_buffers(model)) == {"0.feedback_ih_l0", "0.feedback_hh_l0"}
 
 
 class Stacked(torch.nn.Module):
-    """Linear → recurrent layer → Linear: read out at the last step, or at every step."""
+    """Linear → recurrent layer → Linear, read out at every step or at each sequence's last step. The recurrent
+    layer reads a padded batch (batch_first), one unbatched sequence, or a PackedSequence of LENGTHS."""
 
-    def __init__(self, stock: type, every_step: bool, **kwargs):
+    def __init__(self, stock: type, every_step: bool, layout: str = "padded", **kwargs):
         super().__init__()
-        self.every_step = every_step
+        self.every_step, self.layout = every_step, layout
         self.inp = nn.Linear(4, I)
         self.rnn = stock(I, H, batch_first=True, **kwargs)
         self.head = nn.Linear((kwargs.get("proj_size") or H) * (1 + kwargs.get("bidirectional", False)), 3)
 
     def forward(self, x):
-        out = self.rnn(self.inp(x))[0]
-        return self.head(out if self.every_step else out[:, -1])
-
-
-@pytest.mark.parametrize("every_step", [False, True], ids=["last_step", "every_step"])
-@pytest.mark.parametrize("stock_cls,kwargs", [(nn.LSTM, dict(num_layers=2, bidirectional=True)), (nn.GRU, {}),
-                                              (nn.RNN, dict(nonlinearity="relu"))], ids=["lstm", "gru", "rnn"])
-def test_direct_feedback_alignment_sends_e_B_to_every_step(stock_cls, kwargs, every_step):
-    """The recurrent layer's output gets δ = e B at every step, its input e B(below); inside the layer
-    δ runs back in time through W_hh. Expected gradients from stock autograd fed exactly those δs."""
-    torch.manual_seed(0)
-    stock = Stacked(stock_cls, every_step, **kwargs).double()
-    model = mb.convert(stock, registry="direct_feedback_alignment")
-    assert type(model.rnn).__module__.endswith("direct_feedback_alignment")
-    B_rnn, B_inp = model.rnn.feedback, model.inp.feedback
-    x = torch.randn(N, T, 4, dtype=torch.float64)
-    out = model(x)
-    e = torch.randn_like(out)  # the output layer's δ
-    out.backward(e)
-    a = stock.inp(x)
-    h = stock.rnn(a)[0]
-    eB = (e @ B_rnn).expand_as(h) if every_step else (e @ B_rnn).unsqueeze(1).expand_as(h)
-    want_rnn = torch.autograd.grad(h, list(stock.rnn.parameters()), eB)  # the notes' recursion in time
-    for (name, p), want in zip(model.rnn.named_parameters(), want_rnn):
-        assert relative(p.grad, want) <= 1e-12, name
-    delta_inp = (e @ B_inp).expand_as(a) if every_step else (e @ B_inp).unsqueeze(1).expand_as(a)
-    assert relative(model.inp.weight.grad, delta_inp.reshape(-1, I).T @ x.reshape(-1, 4)) <= 1e-12
-    last = h if every_step else h[:, -1]
-    assert relative(model.head.weight.grad, e.reshape(-1, 3).T @ last.reshape(-1, last.shape[-1])) <= 1e-12
-
-
-class PackedStacked(torch.nn.Module):
-    """Linear → recurrent layer on a PackedSequence → Linear: read out at every packed row, or at each
-    sequence's last step."""
-
-    def __init__(self, stock: type, every_step: bool, **kwargs):
-        super().__init__()
-        self.every_step = every_step
-        self.inp = nn.Linear(4, I)
-        self.rnn = stock(I, H, batch_first=True, **kwargs)
-        self.head = nn.Linear(H * (1 + kwargs.get("bidirectional", False)), 3)
-
-    def forward(self, x):
-        out = self.rnn(pack_padded_sequence(self.inp(x), LENGTHS, batch_first=True, enforce_sorted=False))[0]
+        a = self.inp(x)
+        if self.layout != "packed":
+            out = self.rnn(a)[0]
+            return self.head(out if self.every_step else out[..., -1, :])
+        out = self.rnn(pack_padded_sequence(a, LENGTHS, batch_first=True, enforce_sorted=False))[0]
         if self.every_step:
             return self.head(out.data)
         padded = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True)[0]
         return self.head(padded[torch.arange(N), torch.tensor(LENGTHS) - 1])
 
 
+def _one_layer_each(stock: nn.RNNBase) -> list[nn.RNNBase]:
+    """A stacked stock recurrent module as one single-layer stock module per layer, with its weights."""
+    import re
+
+    options = dict(hidden_size=stock.hidden_size, bias=stock.bias, batch_first=stock.batch_first,
+                   bidirectional=stock.bidirectional)
+    options.update(dict(proj_size=stock.proj_size) if isinstance(stock, nn.LSTM) else {})
+    options.update(dict(nonlinearity=stock.nonlinearity) if type(stock) is nn.RNN else {})
+    width = (stock.proj_size or stock.hidden_size) * (1 + stock.bidirectional)
+    layers = []
+    for layer in range(stock.num_layers):
+        one = type(stock)(stock.input_size if layer == 0 else width, **options).to(stock.weight_ih_l0.dtype)
+        own = {re.sub(rf"_l{layer}(_reverse)?$", r"_l0\1", name): p for name, p in stock.state_dict().items()
+               if re.search(rf"_l{layer}(_reverse)?$", name)}
+        one.load_state_dict(own)
+        layers.append(one)
+    return layers
+
+
+def _dfa_expected(stock: Stacked, x: torch.Tensor, e: torch.Tensor, Bs: list, train: bool, seed: int) -> list[torch.Tensor]:
+    """Stock autograd's gradients of the recurrent layer's weights (in its parameter order) when the output of
+    its layer l gets δ = e Bs[l] at every step (after the dropout layer l + 1 reads it through), the top layer
+    e Bs[-1], and no δ passes from a layer to the one below: DFA, one layer at a time. Dropout is drawn as torch
+    draws it between layers (on the sequence-first output), from torch's RNG seeded with `seed`."""
+    packed = stock.layout == "packed"
+    samples = None
+    if packed:  # the sample of each packed row: step by step, the sequences still running, longest first
+        longest_first = sorted(range(N), key=lambda n: -LENGTHS[n])
+        samples = torch.tensor([n for t in range(T) for n in longest_first if LENGTHS[n] > t])
+
+    def delta(B, h):  # e B: row for row, or each sample's row at all its steps
+        eB = e @ B
+        if stock.every_step:
+            return eB.reshape(h.shape)
+        return eB[samples] if packed else eB.unsqueeze(-2).expand(h.shape)
+
+    def dropped(h):  # torch's dropout between layers, drawn on the sequence-first layout
+        if not train or packed or h.dim() == 2:
+            return torch.nn.functional.dropout(h, stock.rnn.dropout, train)
+        return torch.nn.functional.dropout(h.transpose(0, 1).contiguous(), stock.rnn.dropout, True).transpose(0, 1)
+
+    a = stock.inp(x).detach()
+    inp = pack_padded_sequence(a, LENGTHS, batch_first=True, enforce_sorted=False) if packed else a
+    grads = {}
+    layers = _one_layer_each(stock.rnn)
+    torch.manual_seed(seed)  # after the layers' own initialisation drew from it
+    for layer, (one, B) in enumerate(zip(layers, Bs)):
+        h = one(inp)[0]
+        h = h.data if packed else h
+        top = layer == len(layers) - 1
+        read = h if top else dropped(h)
+        for (name, _), g in zip(one.named_parameters(), torch.autograd.grad(read, list(one.parameters()), delta(B, h))):
+            grads[name.replace("_l0", f"_l{layer}")] = g
+        nxt = read.detach()
+        inp = inp._replace(data=nxt) if packed else nxt
+    return [grads[name] for name, _ in stock.rnn.named_parameters()]
+
+
+DFA_CASES = [  # (recurrent layer, its options, layout, dropout active)
+    (nn.LSTM, dict(num_layers=2, bidirectional=True), "padded", False),
+    (nn.GRU, {}, "padded", False),
+    (nn.RNN, dict(nonlinearity="relu"), "padded", False),
+    (nn.GRU, dict(num_layers=3, dropout=0.4), "padded", True),
+    (nn.RNN, dict(num_layers=2, bidirectional=True), "unbatched", False),
+    (nn.LSTM, dict(num_layers=2, proj_size=2), "unbatched", False),
+    (nn.LSTM, dict(num_layers=2, bidirectional=True), "packed", False),
+    (nn.GRU, {}, "packed", False),
+    (nn.LSTM, dict(num_layers=3, proj_size=2, dropout=0.3), "packed", True),
+]
+
+
 @pytest.mark.parametrize("every_step", [False, True], ids=["last_step", "every_step"])
-@pytest.mark.parametrize("stock_cls,kwargs", [(nn.LSTM, dict(num_layers=2, bidirectional=True)), (nn.GRU, {})],
-                         ids=["lstm", "gru"])
-def test_direct_feedback_alignment_on_packed_sequences(stock_cls, kwargs, every_step):
-    """On a PackedSequence of unequal lengths, each packed row's δ is e B: the output layer's own row, or its
-    sample's row at every one of that sample's steps (and none past its end); the layer below gets e B(below)
-    the same way. Expected gradients from stock autograd fed exactly those δs."""
+@pytest.mark.parametrize("stock_cls,kwargs,layout,train", DFA_CASES,
+                         ids=[f"{c.__name__.lower()}_{k.get('num_layers', 1)}layers{'_bi' if k.get('bidirectional') else ''}"
+                              f"{'_proj' if 'proj_size' in k else ''}_{layout}{'_dropout' if train else ''}"
+                              for c, k, layout, train in DFA_CASES])
+def test_direct_feedback_alignment_sends_e_B_to_every_step_of_every_layer(stock_cls, kwargs, layout, train, every_step):
+    """Each layer of the recurrent module gets δ = e B(l) at its output at every step (the top layer e B), its
+    input e B(below); inside each layer δ runs back in time through W_hh. On a PackedSequence each packed row's
+    δ is its own row of e B, or its sample's row at that sample's steps (none past its end). Expected gradients
+    from stock autograd fed exactly those δs, one layer at a time."""
     torch.manual_seed(0)
-    stock = PackedStacked(stock_cls, every_step, **kwargs).double()
+    stock = Stacked(stock_cls, every_step, layout, **kwargs).double()
+    stock.train(train)
     model = mb.convert(stock, registry="direct_feedback_alignment")
-    B_rnn, B_inp = model.rnn.feedback, model.inp.feedback
-    x = torch.randn(N, T, 4, dtype=torch.float64)
+    assert type(model.rnn).__module__.endswith("direct_feedback_alignment")
+    layers = kwargs.get("num_layers", 1)
+    Bs = [getattr(model.rnn, f"feedback_l{layer}") for layer in range(layers - 1)] + [model.rnn.feedback]
+    assert all(B.shape == Bs[-1].shape for B in Bs)  # (K, each layer's output width)
+    assert {name for name, _ in model.rnn.named_buffers()} == {"feedback"} | {f"feedback_l{k}" for k in range(layers - 1)}
+    assert set(feedback_buffers(model)) == {"inp.feedback", "rnn.feedback"} | {f"rnn.feedback_l{k}" for k in range(layers - 1)}
+    x = torch.randn(*(() if layout == "unbatched" else (N,)), T, 4, dtype=torch.float64)
+    torch.manual_seed(1)
     out = model(x)
     e = torch.randn_like(out)  # the output layer's δ
     out.backward(e)
-    packed_x = pack_padded_sequence(x, LENGTHS, batch_first=True, enforce_sorted=False)
-    longest_first = sorted(range(N), key=lambda n: -LENGTHS[n])
-    # the sample of each packed row: step by step, the sequences still running, longest first
-    samples = torch.tensor([n for t in range(T) for n in longest_first if LENGTHS[n] > t])
-    h = stock.rnn(pack_padded_sequence(stock.inp(x), LENGTHS, batch_first=True, enforce_sorted=False))[0].data
-    rows = (lambda eB: eB) if every_step else (lambda eB: eB[samples])  # noqa: E731
-    want_rnn = torch.autograd.grad(h, list(stock.rnn.parameters()), rows(e @ B_rnn))
+    want_rnn = _dfa_expected(stock, x, e, Bs, train, seed=1)
     for (name, p), want in zip(model.rnn.named_parameters(), want_rnn):
         assert relative(p.grad, want) <= 1e-12, name
-    assert relative(model.inp.weight.grad, rows(e @ B_inp).T @ packed_x.data) <= 1e-12
+    torch.manual_seed(1)
+    h = stock.rnn(stock.inp(x) if layout != "packed" else
+                  pack_padded_sequence(stock.inp(x), LENGTHS, batch_first=True, enforce_sorted=False))[0]
+    if layers > 1:  # and not backprop's through the layers: its gradients of layer 0 differ
+        h = h.data if layout == "packed" else h
+        backprop = torch.autograd.grad(h, stock.rnn.weight_ih_l0, _dfa_delta_of_top(stock, e, Bs[-1], h))[0]
+        assert relative(model.rnn.weight_ih_l0.grad, backprop) > 1e-3
+    assert list(model.rnn.state_dict()) == list(stock.rnn.state_dict())  # the Bs are no part of the checkpoint
+    x_rows = x.reshape(-1, 4) if layout != "packed" else pack_padded_sequence(x, LENGTHS, batch_first=True,
+                                                                               enforce_sorted=False).data
+    delta_inp = _dfa_delta_of_top(stock, e, model.inp.feedback, h if layout != "packed" else x_rows)
+    assert relative(model.inp.weight.grad, delta_inp.reshape(-1, I).T @ x_rows) <= 1e-12
+    restored = mb.restore(model)
+    assert not any(name.startswith("feedback") for name, _ in restored.rnn.named_buffers())
+
+
+def _dfa_delta_of_top(stock: Stacked, e: torch.Tensor, B: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """e B laid out like `like` (a padded output, or packed rows): row for row, or each sample's row at its steps."""
+    eB = e @ B
+    if stock.every_step:
+        return eB.reshape(*like.shape[:-1], B.shape[1])
+    if stock.layout == "packed":
+        longest_first = sorted(range(N), key=lambda n: -LENGTHS[n])
+        return eB[torch.tensor([n for t in range(T) for n in longest_first if LENGTHS[n] > t])]
+    return eB.unsqueeze(-2).expand(*like.shape[:-1], B.shape[1])
+
+
+class FlattenedOverTime(torch.nn.Module):
+    """A recurrent layer whose output at every step, flattened over time, feeds one Linear (as MNIST-1D's GRU
+    does), run batch-first or sequence-first. Input: (N, T, I)."""
+
+    def __init__(self, stock: type, batch_first: bool, **kwargs):
+        super().__init__()
+        self.rnn = stock(I, H, batch_first=batch_first, **kwargs)
+        self.head = nn.Linear(T * H * (1 + kwargs.get("bidirectional", False)), 3)
+
+    def forward(self, x):
+        out = self.rnn(x if self.rnn.batch_first else x.transpose(0, 1))[0]
+        return self.head((out if self.rnn.batch_first else out.transpose(0, 1)).flatten(1))
+
+
+@pytest.mark.parametrize("stock_cls,kwargs,batch_first", [(nn.GRU, dict(bidirectional=True), True), (nn.LSTM, {}, False),
+                                                          (nn.RNN, {}, False)], ids=["gru_bi_batch_first", "lstm", "rnn"])
+def test_direct_feedback_alignment_through_an_output_flattened_over_time(stock_cls, kwargs, batch_first):
+    """B covers every step, (K, T · width): step t of sample n gets its own slice of e_n B, laid out as
+    flatten(1) read it. Expected gradients from stock autograd fed exactly that δ."""
+    torch.manual_seed(0)
+    stock = FlattenedOverTime(stock_cls, batch_first, **kwargs).double()
+    model = mb.convert(stock, registry="direct_feedback_alignment")
+    B = model.rnn.feedback
+    assert B.shape == (3, stock.head.in_features)
+    x = torch.randn(N, T, I, dtype=torch.float64)
+    out = model(x)
+    e = torch.randn_like(out)
+    out.backward(e)
+    h = stock.rnn(x if batch_first else x.transpose(0, 1))[0]
+    eB = (e @ B).reshape(N, T, -1)  # sample n's steps, in flatten(1)'s order
+    want = torch.autograd.grad(h, list(stock.rnn.parameters()), eB if batch_first else eB.transpose(0, 1))
+    for (name, p), w in zip(model.rnn.named_parameters(), want):
+        assert relative(p.grad, w) <= 1e-12, name
+
+
+def test_mnist1d_gru_trains_by_direct_feedback_alignment():
+    """MNIST-1D's GRU (every step's output flattened into its Linear) converts to DFA; one step lowers the loss."""
+    from lightning_modules.mnist1d import MNIST1DGRU
+
+    torch.manual_seed(0)
+    model = mb.convert(MNIST1DGRU(), registry="direct_feedback_alignment")
+    assert model.gru.feedback.shape == (10, 480)
+    x, y = torch.randn(32, 40), torch.randint(0, 10, (32,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[1] < losses[0]
+    assert mb.testing.rule_nodes(model(x).sum()).get("DirectFeedbackErrorBackward", 0) == 1
 
 
 def test_direct_feedback_alignment_refuses_a_recurrent_output_layer():

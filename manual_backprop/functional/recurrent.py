@@ -31,10 +31,13 @@ def _recurrent_checks(op: str, x: torch.Tensor, h0: torch.Tensor, params: list, 
 
 
 def _recurrent(op: str, input, batch_sizes, hx, params, has_biases, num_layers, dropout_p, train, bidirectional,
-               batch_first, feedback=None):
+               batch_first, feedback=None, between=None):
     """Every layer and direction of torch's `_VF.<op>` on our rules (`rules.recurrent`): layer l + 1 reads
     layer l's output (both directions side by side), with dropout between layers drawn as torch draws it.
-    feedback: None (backprop), or a learning rule's B for each weight in `params` (None for biases)."""
+    feedback: None (backprop), or a learning rule's B for each weight in `params` (None for biases).
+    between: None, or `between(l, x) → x` applied to what layer l + 1 reads (layer l's output after dropout),
+    laid out as the call's output is ((T, N, ·), (N, T, ·) if batch_first, or a PackedSequence's data rows):
+    where direct feedback alignment sends e B(l) to each inner layer."""
     lstm = op == "lstm"
     h0, c0 = hx if lstm else (hx, None)
     proj = lstm and h0.shape[-1] != c0.shape[-1]
@@ -74,10 +77,22 @@ def _recurrent(op: str, input, batch_sizes, hx, params, has_biases, num_layers, 
         x = outputs[0] if D == 1 else torch.cat(outputs, 1)
         if dropout_p and train and layer < num_layers - 1:  # torch: at::dropout on the layer's whole output
             x = dropout(x, dropout_p, True)
+        if between is not None and layer < num_layers - 1:
+            x = _between(between, layer, x, None if batch_sizes is not None else (T, N), batch_first)
     if batch_sizes is None:
         x = x.view(T, N, x.shape[1])
         x = x.transpose(0, 1) if batch_first else x
     return (x, torch.stack(h_n), torch.stack(c_n)) if lstm else (x, torch.stack(h_n))
+
+
+def _between(between, layer: int, x: torch.Tensor, steps_and_batch: tuple | None, batch_first: bool):
+    """`between(layer, x)` on x laid out as the call's output (rows of a PackedSequence's data as they are)."""
+    if steps_and_batch is None:
+        return between(layer, x)
+    T, N = steps_and_batch
+    y = x.view(T, N, x.shape[1])
+    y = between(layer, y.transpose(0, 1) if batch_first else y)
+    return (y.transpose(0, 1) if batch_first else y).reshape(T * N, y.shape[-1])
 
 
 def _recurrent_overloads(op: str):

@@ -50,14 +50,14 @@ class _OnOurRules(TorchFunctionMode):
 class _Recurrent:
     """forward = torch's forward on our rules; flatten_parameters does nothing (no cuDNN buffer)."""
 
-    def recurrent_calls(self) -> dict:
-        """torch's recurrent call → ours (a learning rule's module sends its B along here)."""
+    def recurrent_calls(self, input) -> dict:
+        """torch's recurrent call → ours, for this input (a learning rule's module sends its B along here)."""
         return RECURRENT_CALLS
 
     def forward(self, input, hx=None):
         if isinstance(input, PackedSequence):  # which sample each packed row is, for per-sample gradients
             observe.packed_samples(input.sorted_indices)
-        with _OnOurRules(self.recurrent_calls()):
+        with _OnOurRules(self.recurrent_calls(input)):
             return super().forward(input, hx)
 
     def flatten_parameters(self) -> None:

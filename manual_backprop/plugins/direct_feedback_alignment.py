@@ -40,10 +40,16 @@ Under torch.compile the output error cannot pass between backward nodes: run DFA
 
 Recurrent layers (RNN, LSTM, GRU; hidden layers only) get e B at their output at every step,
 e B(below) at their input, and run the notes' recursion in time through W_hh inside the layer.
+Where the layer above reads the output flattened over time (N, T · width), as MNIST-1D's GRU does, B
+is (K, T · width): each step gets its own e B. A stacked one (num_layers > 1) is one hidden layer per
+layer: layer l's output gets e B(l) at every step (B(l): (K, its output width), the non-persistent
+buffer ``feedback_l{l}``; after the dropout between layers, whose mask then applies to it, as to any
+dropout between DFA layers).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -255,6 +261,9 @@ class _DirectFeedback:
     def _fans(self) -> tuple[int, int]:
         return self.in_features, self.out_features
 
+    def _draw_inner(self, K: int) -> None:
+        """Draw the B of layers inside this module that no other module links (a stacked recurrent layer's)."""
+
 
 class Linear(_DirectFeedback, torch.nn.Linear):
     """torch.nn.Linear trained by direct feedback alignment. Input: (*, H_in); output: (*, H_out).
@@ -335,12 +344,17 @@ def _like(holder: torch.nn.Module) -> torch.Tensor:
 
 def project_error(e: torch.Tensor, B: torch.Tensor, shape: tuple, time_dim) -> torch.Tensor:
     """e B shaped like a recurrent layer's output or input (`shape`): row for row where e has a row per step
-    and sample (an output layer applied at every step), else one row per sample sent to every step: along
-    `time_dim` of a padded batch, or, for a PackedSequence's data, to the rows `time_dim` (the sample of
-    each packed row, `packed_samples`) names."""
+    and sample (an output layer applied at every step); each sample's row over all its steps where B covers
+    them all (B: (K, T · width), the output flattened over time into the next layer); else one row per sample
+    sent to every step: along `time_dim` of a padded batch, or, for a PackedSequence's data, to the rows
+    `time_dim` (the sample of each packed row, `packed_samples`) names."""
     eB = e.reshape(-1, B.shape[0]) @ B.to(e.dtype)
-    if eB.numel() == math.prod(shape):
+    width = shape[-1]
+    if eB.numel() == math.prod(shape) and eB.shape[-1] == width:
         return eB.reshape(shape)
+    if eB.numel() == math.prod(shape) and not isinstance(time_dim, torch.Tensor):
+        steps = eB.reshape(eB.shape[0], -1, width)  # (N, T, width): sample n's steps, as flatten(1) laid them
+        return (steps if time_dim == 1 else steps.transpose(0, 1)).reshape(shape)
     if isinstance(time_dim, torch.Tensor):
         if eB.shape[0] * shape[-1] == eB.numel() and eB.shape[0] == int(time_dim.max()) + 1:
             return eB[time_dim.to(eB.device)]
@@ -391,12 +405,47 @@ class _DirectFeedbackRecurrent(_DirectFeedback):
     """RNN, LSTM or GRU trained by DFA, a hidden layer: its output's δ at every step t is e B (B: (K, output
     width), drawn when a DFA layer lies above), its input gets e B(below) when a DFA layer lies below (the
     lowest DFA layer sends backprop's δ W_ih), and inside the layer δ runs back in time through W_hh, the
-    notes' recursion. A PackedSequence's data gets e B row for row, or each sample's row at its own steps."""
+    notes' recursion. Stacked (num_layers > 1), each layer l below the top one gets e B(l) at its output
+    (buffer ``feedback_l{l}``), not layer l + 1's δ W_ih. A PackedSequence's data gets e B row for row, or
+    each sample's row at its own steps."""
 
     hidden_only = True
 
     def _fans(self) -> tuple[int, int]:
-        return self.input_size, (self.proj_size or self.hidden_size) * (1 + self.bidirectional)
+        return self.input_size, self._width()
+
+    def _width(self) -> int:
+        """The output width of each layer: (proj_size or hidden_size) per direction."""
+        return (self.proj_size or self.hidden_size) * (1 + self.bidirectional)
+
+    def _draw_inner(self, K: int) -> None:
+        for layer in range(self.num_layers - 1):  # B(l) for layer l's output, read by layer l + 1
+            B = self._buffers.get(f"feedback_l{layer}")
+            if B is None or tuple(B.shape) != (K, self._width()):
+                self.register_buffer(f"feedback_l{layer}", _draw_B(K, self._width(), self.weight_ih_l0), persistent=False)
+
+    def before_restore(self) -> None:
+        super().before_restore()
+        for layer in range(self.num_layers - 1):
+            self._buffers.pop(f"feedback_l{layer}", None)
+
+    def recurrent_calls(self, input) -> dict:
+        """torch's stacked recurrent calls → ours with layer l's output δ replaced by e B(l), l < num_layers − 1."""
+        calls = super().recurrent_calls(input)
+        if self.num_layers == 1:
+            return calls
+        link = self._dfa_link()
+        # where a sample's one row of e goes: a PackedSequence's row samples, else the time dimension of the
+        # call's 3-d layout (torch gives an unbatched input its batch dimension before the call)
+        time_dim = packed_samples(input) if isinstance(input, PackedSequence) else 1 if self.batch_first else 0
+        Bs = [self._buffers[f"feedback_l{layer}"].detach() for layer in range(self.num_layers - 1)]
+
+        def between(layer: int, x: torch.Tensor) -> torch.Tensor:
+            return apply_rule(DirectFeedbackError, x, Bs[layer], link, time_dim)
+
+        stacked = (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)
+        return {stock: functools.partial(ours, between=between) if stock in stacked else ours
+                for stock, ours in calls.items()}
 
     def forward(self, input, hx=None):
         link = self._dfa_link()
@@ -459,6 +508,9 @@ def link_layers(model: torch.nn.Module, output: str | None = None) -> None:
     below = None
     for name, module in chain:
         fan_in, below_out = module._fans()[0], None if below is None else below[1]._fans()[1]
+        flattened = below is not None and isinstance(below[1], _DirectFeedbackRecurrent) and fan_in is not None
+        if flattened and fan_in % below_out == 0:
+            below_out = fan_in  # its output flattened over fan_in / below_out steps: its B covers every step
         if below_out is not None and fan_in is not None and below_out != fan_in:
             raise ConversionError(
                 f"direct_feedback_alignment: {name or '(root)'!r} takes {fan_in} features, but the DFA "
@@ -471,6 +523,7 @@ def link_layers(model: torch.nn.Module, output: str | None = None) -> None:
             B = holder._buffers.get("feedback")
             if B is None or tuple(B.shape) != (K, holder.out_features):
                 holder.register_buffer("feedback", _draw_B(K, holder.out_features, holder.weight), persistent=False)
+        module._draw_inner(K)
         if is_output:  # the output's own top layer carries nothing down
             holders[-1]._buffers.pop("feedback", None)
         link = Link(name, error, is_output, None if below is None else below[1], K)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -240,16 +241,23 @@ class FeedbackMLP(MLPRule):
         return (*_mlp_backward(ctx, *grads), None)  # autocast off: _mlp_backward is the decorated backward
 
 
+def feedback_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's feedback state, by qualified name: each buffer ``feedback`` (M here, B of direct feedback
+    alignment) or ``feedback_*``: a recurrent layer's M per weight (``feedback_ih_l0``, …), direct feedback
+    alignment's B of layer k inside a stacked recurrent module (``feedback_l{k}``) and ``feedback_seed``
+    (the seed of a B that direct feedback alignment draws at a convolution's first forward)."""
+    return {name: buffer for name, buffer in model.named_buffers()
+            if re.fullmatch(r"feedback(_\w+)?", name.rsplit(".", 1)[-1])}
+
+
 def broadcast_feedback(model: torch.nn.Module, src: int = 0) -> None:
-    """Give every process of the default torch.distributed group rank `src`'s feedback state, in place:
-    each buffer ``feedback`` (M here, B of direct feedback alignment) and ``feedback_seed`` (the seed of a B
-    that direct feedback alignment draws at a convolution's first forward). Every process calls it, with
-    the same model; a model with no such buffers broadcasts nothing."""
+    """Give every process of the default torch.distributed group rank `src`'s feedback state
+    (`feedback_buffers`), in place. Every process calls it, with the same model; a model with no such
+    buffers broadcasts nothing."""
     import torch.distributed as dist
 
-    for name, buffer in model.named_buffers():
-        if name.rsplit(".", 1)[-1] in ("feedback", "feedback_seed"):
-            dist.broadcast(buffer, src)
+    for buffer in feedback_buffers(model).values():
+        dist.broadcast(buffer, src)
 
 
 # ------------------------------------------------------------------ modules
@@ -386,7 +394,7 @@ class _FeedbackRecurrent(FeedbackModule):
     def feedback_pairs(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         return [(f"weight_{suffix}", W.detach(), self._B(suffix, W)) for suffix, W in self._weights()]
 
-    def recurrent_calls(self) -> dict:
+    def recurrent_calls(self, input) -> dict:
         """torch's recurrent calls → ours with a B for each weight (made from the current W at each forward)."""
         if isinstance(self, torch.nn.RNNCellBase):
             feedback = (self._B("ih", self.weight_ih), self._B("hh", self.weight_hh))
