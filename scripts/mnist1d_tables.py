@@ -1,8 +1,9 @@
 """MNIST-1D on our rules: the published table reproduced, and two tables nobody has published for it.
 
     1. published   logistic regression, MLP, CNN and GRU: the authors' figures beside ours (mean ± std over seeds)
-    2. rules       BP, FA, DFA, uSF, brSF, frSF on the MLP and the CNN (and the GRU where the rule set covers
-                   it): test accuracy and the final angle between each rule's update and backprop's
+    2. rules       BP, FA, DFA, uSF, brSF, frSF on the MLP, the CNN and the GRU: test accuracy and the final
+                   angle between each rule's update and backprop's (a model a rule set cannot convert is
+                   marked "not run", with the reason)
     3. private     DP-SGD on the MLP and the CNN at ε = 1, 2, 4, 8 (δ = 1e-5), σ from the accountant, beside
                    the non-private accuracy
 
@@ -192,7 +193,7 @@ def write_docs(results: dict, seeds, out: Path, settings: dict, seconds: float) 
                      + (f", FA/DFA at best {bp - max(feedback):.1f} points behind." if feedback else "."))
     notes = sorted({results[f"{m}:{r}@{seeds[0]}"]["skipped"] for m in ("mlp", "cnn", "gru") for r, _ in RULES
                     if "skipped" in results.get(f"{m}:{r}@{seeds[0]}", {})})
-    lines += [""] + [f"¹ {note}" for note in notes]
+    lines += ([""] + [f"¹ {note}" for note in notes] if notes else [])
     lines += ["", "Rerun a cell: " + command("MODEL:RULE", seeds) + " with MODEL in mlp, cnn, gru and RULE a name "
               "from `manual_backprop.learning_rule_names()`.", "",
               "## 3. DP-SGD", "",
