@@ -157,8 +157,8 @@ MANUAL_BACKPROP_CLONES void lstm_step(scalar_t* __restrict__ a, const scalar_t* 
     }
 }
 
-// Returns (h packed, h_n, c_n, gates i|f|g|o packed, c packed). The gates buffer starts as x W_ihᵀ + b (one
-// product over every step); each step adds h_{t−1} W_hhᵀ to its rows in place.
+// Returns (h packed, h_n, c_n, gates i|f|g|o packed, c packed). The gates buffer starts as x W_ihᵀ (one product
+// over every step); each step adds h_{t−1} W_hhᵀ to its rows in place, then b and the activations in lstm_step.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Tensor& x, const Tensor& W_ih, const c10::optional<Tensor>& b,
                                                                 const Tensor& h0_, const Tensor& c0_,
                                                                 const Tensor& W_hh, const c10::optional<Tensor>& W_hr,
