@@ -1,5 +1,6 @@
 // The loops over time of rules/recurrent.py (the readable reference), in C++: one step's gate arithmetic
-// as plain passes over its rows, the vectorised σ and tanh by ATen (the LSTM's tanh as 2σ(2z) − 1). The
+// as plain passes over its rows; the GRU's σ and tanh by ATen, the LSTM's in the same one pass (σ and tanh
+// below, vectorised by the compiler: one pass, not an ATen call and a pass over memory per function). The
 // products: the GRU's by ATen; the LSTM's (its per-step ones and its input product x W_ihᵀ over every step)
 // straight to torch's BLAS through direct.h where found, else ATen. The Python rules call these for their
 // forward and backward loops (CPU, float32/float64, no double backward, no autocast); everything else (the
@@ -15,6 +16,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -77,29 +80,85 @@ Tensor final_state(const std::vector<Step>& order, const Tensor& seq, const Tens
   return last;
 }
 
-// One step's cell, row by row: g = tanh(z_g) = 2σ(2 z_g) − 1 in place, c_t = f ⊙ c_{t−1} + i ⊙ g, c2 = 2 c_t.
+// σ and tanh one value at a time, written so that a loop over them vectorises (no branch, no call): e^x for x ≤ 0 by
+// Cody–Waite range reduction, x = n ln 2 + r with |r| ≤ ln 2 / 2, then Cephes' polynomial (float) or Padé form (double)
+// for e^r, about 1 ulp, and 2^n written straight into the exponent bits. Below −87 (float) or −708 (double) e^x is
+// held at e^−87, e^−708: σ and tanh there are 0 and ±1 to within those.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float shifter = 12582912.0f;  // 1.5 · 2²³: adding it rounds x log₂e to the integer n, kept in the low bits
+  const float t = x * 1.44269504088896341f + shifter, n = t - shifter;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // ln 2 in two parts: n · 0.693359375 is exact
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &t, sizeof bits);
+  bits = (bits - 0x4B400000 + 127) << 23;  // 2ⁿ
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline double exp_nonpositive(double x) {
+  x = x < -708.0 ? -708.0 : x;
+  const double shifter = 6755399441055744.0;  // 1.5 · 2⁵²
+  const double t = x * 1.4426950408889634 + shifter, n = t - shifter;
+  const double r = (x - n * 6.93145751953125e-1) - n * 1.42860682030941723212e-6;
+  const double rr = r * r;
+  const double px = r * ((1.26177193074810590878e-4 * rr + 3.02994407707441961300e-2) * rr + 9.99999999999999999910e-1);
+  const double q = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr + 2.27265548208155028766e-1) * rr +
+                   2.00000000000000000009e0;
+  const double e = 1.0 + 2.0 * px / (q - px);
+  int64_t bits;
+  std::memcpy(&bits, &t, sizeof bits);
+  bits = (bits - 0x4338000000000000LL + 1023) << 52;
+  double scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return e * scale;
+}
+
+template <typename T>
+inline T sigmoid(T z) {  // 1 / (1 + e^−z), from e^−|z| so that nothing overflows
+  const T e = exp_nonpositive(z < 0 ? z : -z), s = 1 / (1 + e);
+  return z < 0 ? e * s : s;
+}
+
+template <typename T>
+inline T tanh_of(T z) {  // (1 − e^−2|z|) / (1 + e^−2|z|), signed
+  const T e = exp_nonpositive(z < 0 ? 2 * z : -2 * z), t = (1 - e) / (1 + e);
+  return z < 0 ? -t : t;
+}
+
+// The step loops below do a few exponentials per value: AVX2 where the processor has it (GCC picks at load time).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define MANUAL_BACKPROP_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define MANUAL_BACKPROP_CLONES
+#endif
+
+// One step's gates and cell in one pass over its rows, z holding x W_ihᵀ + h_{t−1} W_hhᵀ: i, f, o = σ(z + b),
+// g = tanh(z_g + b_g), in place of z; c_t = f ⊙ c_{t−1} + i ⊙ g; m_t = o ⊙ tanh(c_t).
 template <typename scalar_t>
-void lstm_cell(scalar_t* __restrict__ a, const scalar_t* __restrict__ cp, scalar_t* __restrict__ c,
-               scalar_t* __restrict__ c2, int64_t B, int64_t H) {
-  for (int64_t n = 0; n < B; ++n, a += 4 * H, cp += H, c += H, c2 += H)
+MANUAL_BACKPROP_CLONES void lstm_step(scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                                      const scalar_t* __restrict__ cp, scalar_t* __restrict__ c,
+                                      scalar_t* __restrict__ m, int64_t B, int64_t H) {
+  for (int64_t n = 0; n < B; ++n, a += 4 * H, cp += H, c += H, m += H)
     for (int64_t j = 0; j < H; ++j) {
-      const scalar_t g = 2 * a[2 * H + j] - 1;
-      a[2 * H + j] = g;
-      c[j] = a[H + j] * cp[j] + a[j] * g;
-      c2[j] = 2 * c[j];
+      const scalar_t i = sigmoid(a[j] + b[j]), f = sigmoid(a[H + j] + b[H + j]);
+      const scalar_t g = tanh_of(a[2 * H + j] + b[2 * H + j]), o = sigmoid(a[3 * H + j] + b[3 * H + j]);
+      a[j] = i, a[H + j] = f, a[2 * H + j] = g, a[3 * H + j] = o;
+      c[j] = f * cp[j] + i * g;
+      m[j] = o * tanh_of(c[j]);
     }
 }
 
-// m_t = o ⊙ tanh(c_t), s2c = σ(2 c_t)
-template <typename scalar_t>
-void lstm_output(const scalar_t* __restrict__ a, const scalar_t* __restrict__ s2c, scalar_t* __restrict__ m,
-                 int64_t B, int64_t H) {
-  for (int64_t n = 0; n < B; ++n, a += 4 * H, s2c += H, m += H)
-    for (int64_t j = 0; j < H; ++j) m[j] = a[3 * H + j] * (2 * s2c[j] - 1);
-}
-
-// Returns (h packed, h_n, c_n, gates i|f|g|o packed, c packed). The gates buffer starts as x W_ihᵀ + b (one
-// product over every step); each step adds h_{t−1} W_hhᵀ to its rows in place.
+// Returns (h packed, h_n, c_n, gates i|f|g|o packed, c packed). The gates buffer starts as x W_ihᵀ (one product
+// over every step); each step adds h_{t−1} W_hhᵀ to its rows in place, then b and the activations in lstm_step.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Tensor& x, const Tensor& W_ih, const c10::optional<Tensor>& b,
                                                                 const Tensor& h0_, const Tensor& c0_,
                                                                 const Tensor& W_hh, const c10::optional<Tensor>& W_hr,
@@ -107,53 +166,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Tensor& x,
   const Tensor h0 = h0_.contiguous(), c0 = c0_.contiguous();
   const int64_t H = c0.size(1), N = h0.size(0);
   const bool proj = W_hr.has_value() && W_hr->defined();
-  // tanh(z) = 2σ(2z) − 1: ATen's σ runs several times faster than its tanh here, and doubling is exact. So the
-  // g rows of W_ih, b and W_hh are doubled once (in copies), one σ pass covers all four gates, and g = 2σ − 1.
-  // W_hhᵀ laid out (Hr, 4H) row-major once, so that each step's h_{t−1} W_hhᵀ is a plain product, no transpose.
-  auto doubled_g = [&](const Tensor& W, int64_t dim) {
-    Tensor copy = W.contiguous().clone();
-    copy.narrow(dim, 2 * H, H).mul_(2);
-    return copy;
-  };
+  // W_ihᵀ and W_hhᵀ laid out (in, 4H) row-major once, so that x W_ihᵀ and each step's h_{t−1} W_hhᵀ are plain products
+  const Tensor W_in = W_ih.t().contiguous(), Wt = W_hh.t().contiguous();
   const bool bias = b.has_value() && b->defined();
-  const Tensor W_in = doubled_g(W_ih.t(), 1), b_in = bias ? doubled_g(*b, 0) : Tensor(), Wt = doubled_g(W_hh.t(), 1);
   const Tensor input = x.contiguous();
   const int64_t total = input.size(0);
   Tensor gates = at::empty({total, 4 * H}, input.options());
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_input", [&] {  // x W_ihᵀ + b, every step at once
-    if (!manual_backprop::has_blas()) return void(bias ? at::addmm_out(gates, b_in, input, W_in) : at::mm_out(gates, input, W_in));
+    if (!manual_backprop::has_blas()) return void(bias ? at::addmm_out(gates, *b, input, W_in) : at::mm_out(gates, input, W_in));
     manual_backprop::gemm<scalar_t>(false, false, total, 4 * H, input.size(1), input.const_data_ptr<scalar_t>(),
                                     W_in.const_data_ptr<scalar_t>(), scalar_t(0), gates.data_ptr<scalar_t>());
   });
-  // b is added step by step, to rows about to be read anyway: not one more pass over every step's gates
-  const bool bias_per_step = bias && manual_backprop::has_blas();
+  // b is added step by step, in the pass that reads the step's rows anyway: not one more pass over every step's gates
+  const Tensor b_step = bias && manual_backprop::has_blas() ? b->contiguous() : at::zeros({4 * H}, gates.options());
   const int64_t Hr = h0.size(1);
   Tensor cells = at::empty({total, H}, gates.options()), out = at::empty({total, Hr}, gates.options());
-  Tensor h_buffer = at::empty_like(h0), c_buffer = at::empty_like(c0), tanh_c = at::empty({N, H}, gates.options());
+  Tensor h_buffer = at::empty_like(h0), c_buffer = at::empty_like(c0);
   Tensor m = proj ? at::empty({N, H}, gates.options()) : Tensor();
   const Tensor W_hr_t = proj ? W_hr->t().contiguous() : Tensor();  // (H, Hr): h_t = m_t W_hrᵀ, a plain product
   const std::vector<Step> order = steps(batch_sizes, reverse);
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_forward", [&] {
     for (size_t k = 0; k < order.size(); ++k) {
       const Step& s = order[k];
-      Tensor z = rows(gates, s);
-      scalar_t* a = z.data_ptr<scalar_t>();
+      scalar_t* a = gates.data_ptr<scalar_t>() + s.start * 4 * H;
       const scalar_t* h_prev = state_before(order, k, out.const_data_ptr<scalar_t>(), h0.const_data_ptr<scalar_t>(),
                                             h_buffer.data_ptr<scalar_t>(), Hr);
-      if (bias_per_step) {
-        const scalar_t* __restrict__ bp = b_in.const_data_ptr<scalar_t>();
-        for (int64_t n = 0; n < s.B; ++n)
-          for (int64_t j = 0; j < 4 * H; ++j) a[n * 4 * H + j] += bp[j];
-      }
       product(h_prev, Wt.const_data_ptr<scalar_t>(), a, s.B, Hr, 4 * H, true, gates);  // z_t += h_{t−1} W_hhᵀ
-      z.sigmoid_();                                                                       // i, f, o = σ(z); σ(2 z_g) for g
       const scalar_t* cp = state_before(order, k, cells.const_data_ptr<scalar_t>(),
                                                      c0.const_data_ptr<scalar_t>(), c_buffer.data_ptr<scalar_t>(), H);
-      scalar_t* c2 = tanh_c.data_ptr<scalar_t>();
-      lstm_cell(a, cp, cells.data_ptr<scalar_t>() + s.start * H, c2, s.B, H);
-      first(tanh_c, s.B).sigmoid_();  // σ(2 c_t)
       scalar_t* h_t = proj ? m.data_ptr<scalar_t>() : out.data_ptr<scalar_t>() + s.start * Hr;
-      lstm_output(a, c2, h_t, s.B, H);
+      lstm_step(a, b_step.const_data_ptr<scalar_t>(), cp, cells.data_ptr<scalar_t>() + s.start * H, h_t, s.B, H);
       if (proj) product(h_t, W_hr_t.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + s.start * Hr, s.B, H, Hr,
                         false, gates);  // h_t = W_hr m_t
     }
@@ -161,17 +203,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Tensor& x,
   return {out, final_state(order, out, h0), final_state(order, cells, c0), gates, cells};
 }
 
-// One step of the LSTM's δs, row by row, s2c = σ(2 c_t) (a function of its own, with restrict pointers, so that the
-// compiler vectorises the inner loop): δc_t, δz_t = (δi, δf, δg, δo) pre-activation, δc_{t−1} into dc.
-// add_above: δm_t = dm + up (δ from above, without proj_size), else dm.
+// One step of the LSTM's δs in one pass over its rows, tanh(c_t) formed again from c_t: δc_t, δz_t = (δi, δf, δg, δo)
+// pre-activation, δc_{t−1} into dc. add_above: δm_t = dm + up (δ from above, without proj_size), else dm.
 template <typename scalar_t, bool add_above>
-void lstm_delta(const scalar_t* __restrict__ a, const scalar_t* __restrict__ s2c, const scalar_t* __restrict__ cp,
-                const scalar_t* __restrict__ dm, const scalar_t* __restrict__ up, scalar_t* __restrict__ dc,
-                scalar_t* __restrict__ dz, int64_t B, int64_t H) {
-  for (int64_t n = 0; n < B; ++n, a += 4 * H, s2c += H, cp += H, dm += H, dc += H, dz += 4 * H) {
+MANUAL_BACKPROP_CLONES void lstm_delta(const scalar_t* __restrict__ a, const scalar_t* __restrict__ c,
+                                       const scalar_t* __restrict__ cp, const scalar_t* __restrict__ dm,
+                                       const scalar_t* __restrict__ up, scalar_t* __restrict__ dc,
+                                       scalar_t* __restrict__ dz, int64_t B, int64_t H) {
+  for (int64_t n = 0; n < B; ++n, a += 4 * H, c += H, cp += H, dm += H, dc += H, dz += 4 * H) {
     for (int64_t j = 0; j < H; ++j) {
       const scalar_t i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
-      const scalar_t tc = 2 * s2c[j] - 1, d_m = add_above ? dm[j] + up[n * H + j] : dm[j];
+      const scalar_t tc = tanh_of(c[j]), d_m = add_above ? dm[j] + up[n * H + j] : dm[j];
       const scalar_t d_c = dc[j] + d_m * o * (1 - tc * tc);  // δc_t
       dz[j] = d_c * g * i * (1 - i);
       dz[H + j] = d_c * cp[j] * f * (1 - f);
@@ -182,10 +224,11 @@ void lstm_delta(const scalar_t* __restrict__ a, const scalar_t* __restrict__ s2c
   }
 }
 
-// The LSTM's backward loop: (δz packed, δh packed (proj only), δh0, δc0). B_hh, B_hr: what δ goes back through.
+// The LSTM's backward loop: (δz packed, δh packed (proj only), δh0, δc0). B_hh, B_hr: what δ goes back through;
+// c_{t−1} read from `cells` and c0 as the forward read it.
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(const c10::optional<Tensor>& delta_out_, const Tensor& delta_hn,
                                                          const Tensor& delta_cn, const Tensor& gates, const Tensor& cells,
-                                                         const Tensor& c_prev, const Tensor& B_hh,
+                                                         const Tensor& c0_, const Tensor& B_hh,
                                                          const c10::optional<Tensor>& B_hr, at::IntArrayRef batch_sizes,
                                                          bool reverse) {
   const int64_t total = gates.size(0), H = cells.size(1);
@@ -193,16 +236,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(const c10::optional<Ten
   const bool from_above = delta_out_.has_value() && delta_out_->defined();
   const Tensor delta_out = from_above ? delta_out_->contiguous() : Tensor();
   Tensor delta_h = delta_hn.contiguous().clone(), delta_c = delta_cn.contiguous().clone();
+  const Tensor c0 = c0_.contiguous();
+  Tensor c_buffer = at::empty_like(c0);
   Tensor delta_z = at::empty({total, 4 * H}, gates.options());
   Tensor delta_hs = proj ? at::empty({total, delta_h.size(1)}, gates.options()) : at::empty({0}, gates.options());
   Tensor dm_buffer = proj ? at::empty({delta_h.size(0), H}, gates.options()) : Tensor();
-  Tensor s2c = at::empty({delta_h.size(0), H}, gates.options());  // σ(2 c_t), a step's rows at a time, in cache
   const Tensor B_hh_ = B_hh.contiguous(), B_hr_ = proj ? B_hr->contiguous() : Tensor();
   const int64_t Hr = delta_h.size(1);
   std::vector<Step> order = steps(batch_sizes, reverse);
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_backward", [&] {
     scalar_t* dh = delta_h.data_ptr<scalar_t>();
-    for (auto s = order.rbegin(); s != order.rend(); ++s) {
+    for (size_t k = order.size(); k-- > 0;) {
+      const Step* s = &order[k];
       const int64_t row = s->start;
       const scalar_t* dm = dh;  // δm_t = δh_t (+ δ from above, added in lstm_delta), or δh_t B_hr with proj_size
       if (proj) {
@@ -214,13 +259,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(const c10::optional<Ten
       }
       const scalar_t* up = from_above && !proj ? delta_out.const_data_ptr<scalar_t>() + row * H : nullptr;
       scalar_t* dz = delta_z.data_ptr<scalar_t>() + row * 4 * H;
-      scalar_t* sc = s2c.data_ptr<scalar_t>();
-      const scalar_t* c = cells.const_data_ptr<scalar_t>() + row * H;
-      for (int64_t i = 0; i < s->B * H; ++i) sc[i] = 2 * c[i];
-      first(s2c, s->B).sigmoid_();  // tanh(c_t) = 2σ(2c_t) − 1: ATen's σ, several times faster than its tanh
+      const scalar_t* cp = state_before(order, k, cells.const_data_ptr<scalar_t>(), c0.const_data_ptr<scalar_t>(),
+                                        c_buffer.data_ptr<scalar_t>(), H);
       (up ? lstm_delta<scalar_t, true> : lstm_delta<scalar_t, false>)(
-          gates.const_data_ptr<scalar_t>() + row * 4 * H, sc,
-          c_prev.const_data_ptr<scalar_t>() + row * H, dm, up, delta_c.data_ptr<scalar_t>(), dz, s->B, H);
+          gates.const_data_ptr<scalar_t>() + row * 4 * H, cells.const_data_ptr<scalar_t>() + row * H,
+          cp, dm, up, delta_c.data_ptr<scalar_t>(), dz, s->B, H);
       product(dz, B_hh_.const_data_ptr<scalar_t>(), dh, s->B, 4 * H, Hr, false, gates);  // δh_{t−1} = B_hhᵀ δz_t
     }
   });
@@ -320,7 +363,7 @@ TORCH_LIBRARY(manual_backprop_recurrent, m) {
         "bool reverse)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("lstm_backward(Tensor? delta_out, Tensor delta_hn, Tensor delta_cn, Tensor gates, Tensor cells, "
-        "Tensor c_prev, Tensor B_hh, Tensor? B_hr, int[] batch_sizes, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor c0, Tensor B_hh, Tensor? B_hr, int[] batch_sizes, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gru_forward(Tensor zx, Tensor h0, Tensor W_hh, Tensor? b_hh, int[] batch_sizes, bool reverse)"
         " -> (Tensor, Tensor, Tensor)");
   m.def("gru_backward(Tensor? delta_out, Tensor delta_hn, Tensor kept, Tensor h_prev, Tensor B_hh, int[] batch_sizes, "

@@ -18,7 +18,9 @@ from manual_backprop.rules import _native
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "recurrent.cpp"
 NAME = "manual_backprop_recurrent"
 
-LIBRARY = _native.Library(SOURCE, NAME, "recurrent", "recurrent loops", _native.FLAGS, tuple(_native.HEADERS))
+# -fno-trapping-math (as torch itself builds): lets the step loops' σ and tanh, with their selects, vectorise
+FLAGS = [*_native.FLAGS, "-fno-trapping-math"]
+LIBRARY = _native.Library(SOURCE, NAME, "recurrent", "recurrent loops", FLAGS, tuple(_native.HEADERS))
 load = LIBRARY.load  # the ops, built first if needed; None where they cannot be
 
 

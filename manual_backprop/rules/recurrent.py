@@ -236,11 +236,10 @@ class LSTMLayer(torch.autograd.Function):
         saved = in_float32(*ctx.saved_tensors, delta_out, delta_hn, delta_cn)
         x, h0, c0, W_ih, W_hh, W_hr, out, a, cells, delta_out, delta_hn, delta_cn = saved
         B_ih, B_hh, B_hr = transport(ctx, W_ih, W_hh, W_hr)
-        c_prev = previous(cells, c0, ctx.batch_sizes, ctx.reverse)
         delta_hn, delta_cn = _plus(delta_hn, h0.new_zeros(h0.shape)), _plus(delta_cn, c0.new_zeros(c0.shape))
         extra = () if grad_gates is None and grad_cells is None else (grad_gates, grad_cells)
         delta_z, delta_hs, delta_h, delta_c = loops(a, double=bool(extra)).lstm_backward(
-            delta_out, delta_hn, delta_cn, a, cells, c_prev, B_hh, B_hr, ctx.batch_sizes, ctx.reverse, *extra)
+            delta_out, delta_hn, delta_cn, a, cells, c0, B_hh, B_hr, ctx.batch_sizes, ctx.reverse, *extra)
         h_prev = previous(out, h0, ctx.batch_sizes, ctx.reverse)
         needs = ctx.needs_input_grad
         grads = _input_and_weight_grads(ctx, needs[:2] + needs[3:7], delta_z, delta_z, x, h_prev, B_ih, delta_h)
@@ -336,10 +335,10 @@ class PythonLoops:
         return torch.cat(out), h, c, torch.cat(gates), torch.cat(cells)
 
     @staticmethod
-    def lstm_backward(delta_out, delta_hn, delta_cn, a, cells, c_prev, B_hh, B_hr, batch_sizes, reverse,
+    def lstm_backward(delta_out, delta_hn, delta_cn, a, cells, c0, B_hh, B_hr, batch_sizes, reverse,
                       grad_gates=None, grad_cells=None):
         """(δz packed, δh packed, δh0, δc0); grad_gates, grad_cells: what reached the gates and cells directly."""
-        H = cells.shape[1]
+        H, c_prev = cells.shape[1], previous(cells, c0, batch_sizes, reverse)
         i, f, g, o = a.chunk(4, 1)
         tanh_c = cells.tanh()
         sigma_prime = a * (1 - a)  # sigmoid' for i, f, o; tanh' for g:
