@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -639,8 +640,6 @@ class Stacked(torch.nn.Module):
 
 def _one_layer_each(stock: nn.RNNBase) -> list[nn.RNNBase]:
     """A stacked stock recurrent module as one single-layer stock module per layer, with its weights."""
-    import re
-
     options = dict(hidden_size=stock.hidden_size, bias=stock.bias, batch_first=stock.batch_first,
                    bidirectional=stock.bidirectional)
     options.update(dict(proj_size=stock.proj_size) if isinstance(stock, nn.LSTM) else {})
@@ -656,22 +655,24 @@ def _one_layer_each(stock: nn.RNNBase) -> list[nn.RNNBase]:
     return layers
 
 
+def _eB_like(stock: Stacked, e: torch.Tensor, B: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """e B laid out like `like` (a padded output, or packed rows): row for row, or each sample's row at its steps
+    (on packed rows: the sample of each row, step by step, the sequences still running, longest first)."""
+    eB = e @ B
+    if stock.every_step:
+        return eB.reshape(*like.shape[:-1], B.shape[1])
+    if stock.layout == "packed":
+        longest_first = sorted(range(N), key=lambda n: -LENGTHS[n])
+        return eB[torch.tensor([n for t in range(T) for n in longest_first if LENGTHS[n] > t])]
+    return eB.unsqueeze(-2).expand(*like.shape[:-1], B.shape[1])
+
+
 def _dfa_expected(stock: Stacked, x: torch.Tensor, e: torch.Tensor, Bs: list, train: bool, seed: int) -> list[torch.Tensor]:
     """Stock autograd's gradients of the recurrent layer's weights (in its parameter order) when the output of
     its layer l gets δ = e Bs[l] at every step (after the dropout layer l + 1 reads it through), the top layer
     e Bs[-1], and no δ passes from a layer to the one below: DFA, one layer at a time. Dropout is drawn as torch
     draws it between layers (on the sequence-first output), from torch's RNG seeded with `seed`."""
     packed = stock.layout == "packed"
-    samples = None
-    if packed:  # the sample of each packed row: step by step, the sequences still running, longest first
-        longest_first = sorted(range(N), key=lambda n: -LENGTHS[n])
-        samples = torch.tensor([n for t in range(T) for n in longest_first if LENGTHS[n] > t])
-
-    def delta(B, h):  # e B: row for row, or each sample's row at all its steps
-        eB = e @ B
-        if stock.every_step:
-            return eB.reshape(h.shape)
-        return eB[samples] if packed else eB.unsqueeze(-2).expand(h.shape)
 
     def dropped(h):  # torch's dropout between layers, drawn on the sequence-first layout
         if not train or packed or h.dim() == 2:
@@ -688,7 +689,8 @@ def _dfa_expected(stock: Stacked, x: torch.Tensor, e: torch.Tensor, Bs: list, tr
         h = h.data if packed else h
         top = layer == len(layers) - 1
         read = h if top else dropped(h)
-        for (name, _), g in zip(one.named_parameters(), torch.autograd.grad(read, list(one.parameters()), delta(B, h))):
+        own = torch.autograd.grad(read, list(one.parameters()), _eB_like(stock, e, B, h))
+        for (name, _), g in zip(one.named_parameters(), own):
             grads[name.replace("_l0", f"_l{layer}")] = g
         nxt = read.detach()
         inp = inp._replace(data=nxt) if packed else nxt
@@ -741,26 +743,15 @@ def test_direct_feedback_alignment_sends_e_B_to_every_step_of_every_layer(stock_
                   pack_padded_sequence(stock.inp(x), LENGTHS, batch_first=True, enforce_sorted=False))[0]
     if layers > 1:  # and not backprop's through the layers: its gradients of layer 0 differ
         h = h.data if layout == "packed" else h
-        backprop = torch.autograd.grad(h, stock.rnn.weight_ih_l0, _dfa_delta_of_top(stock, e, Bs[-1], h))[0]
+        backprop = torch.autograd.grad(h, stock.rnn.weight_ih_l0, _eB_like(stock, e, Bs[-1], h))[0]
         assert relative(model.rnn.weight_ih_l0.grad, backprop) > 1e-3
     assert list(model.rnn.state_dict()) == list(stock.rnn.state_dict())  # the Bs are no part of the checkpoint
     x_rows = x.reshape(-1, 4) if layout != "packed" else pack_padded_sequence(x, LENGTHS, batch_first=True,
                                                                                enforce_sorted=False).data
-    delta_inp = _dfa_delta_of_top(stock, e, model.inp.feedback, h if layout != "packed" else x_rows)
+    delta_inp = _eB_like(stock, e, model.inp.feedback, h if layout != "packed" else x_rows)
     assert relative(model.inp.weight.grad, delta_inp.reshape(-1, I).T @ x_rows) <= 1e-12
     restored = mb.restore(model)
     assert not any(name.startswith("feedback") for name, _ in restored.rnn.named_buffers())
-
-
-def _dfa_delta_of_top(stock: Stacked, e: torch.Tensor, B: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """e B laid out like `like` (a padded output, or packed rows): row for row, or each sample's row at its steps."""
-    eB = e @ B
-    if stock.every_step:
-        return eB.reshape(*like.shape[:-1], B.shape[1])
-    if stock.layout == "packed":
-        longest_first = sorted(range(N), key=lambda n: -LENGTHS[n])
-        return eB[torch.tensor([n for t in range(T) for n in longest_first if LENGTHS[n] > t])]
-    return eB.unsqueeze(-2).expand(*like.shape[:-1], B.shape[1])
 
 
 class FlattenedOverTime(torch.nn.Module):
